@@ -1,0 +1,14 @@
+//! The only modules with `#[pyclass]`/`#[pyfunction]`: one file per Python module they serve.
+
+#![forbid(unsafe_code)]
+
+pub(crate) mod blocking;
+pub(crate) mod errors;
+pub(crate) mod logging;
+mod process;
+
+use pyo3::prelude::*;
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    process::register(m)
+}

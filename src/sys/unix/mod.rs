@@ -1,0 +1,6 @@
+//! Linux implementation of the system layer.
+
+pub mod fd;
+pub mod sock;
+pub mod spawn;
+pub mod wait;

@@ -1,0 +1,80 @@
+//! Unix-socket helpers: messages with descriptors attached (`SCM_RIGHTS`).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::error::{Error, Result};
+
+/// Most descriptors one message may carry (the kernel's `SCM_MAX_FD` is 253).
+pub const MAX_FDS: usize = 253;
+
+/// Sends `data` with `fds` attached to its first byte; the rest of `data` follows as plain
+/// stream bytes if the kernel takes it in pieces.
+///
+/// # Errors
+/// EINVAL for more than [`MAX_FDS`] descriptors or empty `data`; the `sendmsg` errno.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result<()> {
+    if fds.len() > MAX_FDS || data.is_empty() {
+        return Err(Errno::EINVAL.into());
+    }
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    let sent = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(data)], cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => break n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let rest = &data[sent..];
+    if !rest.is_empty() {
+        super::fd::write_all(sock, rest)?;
+    }
+    Ok(())
+}
+
+/// Receives exactly `buf.len()` bytes, collecting descriptors sent with them. Received
+/// descriptors are close-on-exec.
+///
+/// # Errors
+/// [`Error::Eof`] if the peer closed first; [`Error::Protocol`] if descriptors were truncated.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Vec<OwnedFd>> {
+    let mut fds = Vec::new();
+    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut got = 0;
+    while got < buf.len() {
+        let mut iov = [IoSliceMut::new(&mut buf[got..])];
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let n = msg.bytes;
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        for c in msg.cmsgs().map_err(Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel installed these descriptors in our table for this
+                    // message; nothing else owns them yet.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if truncated {
+            return Err(Error::Protocol("descriptors were truncated in transit".into()));
+        }
+        if n == 0 {
+            return Err(Error::Eof);
+        }
+        got += n;
+    }
+    Ok(fds)
+}
