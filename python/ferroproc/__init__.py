@@ -17,6 +17,7 @@ from .process import active_children, current_process, parent_process
 __all__ = [
     "AuthenticationError",
     "BufferTooShort",
+    "Pipe",
     "Process",
     "ProcessError",
     "TimeoutError",
@@ -38,6 +39,7 @@ __all__ = [
 
 _ctx = context._default_context
 
+Pipe = _ctx.Pipe
 Process = context.Process
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support

@@ -50,6 +50,12 @@ class BaseContext:
     parent_process = staticmethod(process.parent_process)
     active_children = staticmethod(process.active_children)
 
+    def Pipe(self, duplex=True):  # noqa: N802 - the stdlib's name
+        """Two connected `Connection` ends (see `ferroproc.connection.Pipe`)."""
+        from .connection import Pipe
+
+        return Pipe(duplex)
+
     def cpu_count(self):
         """The number of CPUs in the system."""
         num = os.cpu_count()

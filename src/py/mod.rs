@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod blocking;
+mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
@@ -10,5 +11,6 @@ mod process;
 use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    process::register(m)
+    process::register(m)?;
+    connection::register(m)
 }

@@ -3,4 +3,5 @@
 pub mod fd;
 pub mod sock;
 pub mod spawn;
+pub mod stream;
 pub mod wait;
