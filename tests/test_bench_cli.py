@@ -50,5 +50,7 @@ def test_json_has_both_implementations_and_a_ratio() -> None:
         assert result["median"] > 0
     assert isinstance(record["ratio"], float)
     assert record["ratio"] > 0
-    # The floor this case names is run along with it.
+    # The floor this case names is timed along with it, and on its own.
+    assert record["floor_result"]["median"] > 0
+    assert set(record["floor_multiple"]) == {"stdlib", "ferroproc"}
     assert record["floor"] in by_name

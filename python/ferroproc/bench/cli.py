@@ -70,6 +70,8 @@ def _list_cases(cases: Sequence[Any]) -> str:
     rows = [("case", "ops/repeat", "unit", "description")]
     for case in cases:
         desc = ("[reference] " if case.reference else "") + case.description
+        if case.floor:
+            desc += f" (floor: {case.floor})"
         rows.append((case.name, str(case.n), case.unit, desc))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(

@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ferroproc.bench.runner import REFERENCE
+from ferroproc.bench.runner import FLOOR, REFERENCE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -176,8 +176,17 @@ def format_table(machine: dict[str, Any], repeat: int, records: list[dict[str, A
             return "skipped " + note(f"{record['name']} {label}: {record['skipped'][label]}")
         return _cell(record["results"].get(label), factor)
 
+    def floor_cell(record: dict[str, Any], factor: float) -> str:
+        if record["floor"] is None:
+            return "-"
+        if FLOOR in record["errors"] or FLOOR in record["skipped"]:
+            return status(record, FLOOR, factor)
+        result = record.get("floor_result")
+        return "-" if result is None else _num(result["median"] / factor)
+
     if compared:
-        rows = [["case", "unit", "stdlib", "ferroproc", "ratio fp/std", "std/floor", "fp/floor"]]
+        header = ["case", "unit", "stdlib", "ferroproc", "fp/std", "floor", "std/floor", "fp/floor"]
+        rows = [header]
         for record in compared:
             medians = [r["median"] for r in record["results"].values()]
             factor, unit = _scale_for(min(medians)) if medians else (1e-3, "ms")
@@ -190,14 +199,19 @@ def format_table(machine: dict[str, Any], repeat: int, records: list[dict[str, A
                     status(record, "stdlib", factor),
                     status(record, "ferroproc", factor),
                     "-" if ratio is None else f"{ratio:.2f}",
+                    floor_cell(record, factor),
                     _multiple(mult.get("stdlib")),
                     _multiple(mult.get("ferroproc")),
                 ]
             )
-        out += _render(rows, right={2, 3, 4, 5, 6})
+        out += _render(rows, right={2, 3, 4, 5, 6, 7})
+        out.append(
+            "floor: median of the case's reference floor (named in --list), timed in the same "
+            "rounds; std/floor, fp/floor: medians as multiples of it"
+        )
 
     if floors:
-        out += ["", "reference floors (plain os calls, no multiprocessing; run once per repeat):"]
+        out += ["", "reference floors on their own (plain os calls, no multiprocessing):"]
         rows = [["floor", "unit", "median [min-max]"]]
         for record in floors:
             result = record["results"].get(REFERENCE)

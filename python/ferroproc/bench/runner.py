@@ -11,7 +11,10 @@ For one case the order of work is:
 3. each sample is seconds per operation; the summary is the median, with min, max and the
    quartiles as the spread.
 
-Reference cases run the same way with a single pseudo-implementation, ``reference``.
+Reference cases run the same way with a single pseudo-implementation, ``reference``. A case
+that names a ``floor`` also times that floor in every round, as a third participant of the
+rotation, so "how many floors" compares numbers taken under the same machine conditions
+rather than minutes apart.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 #: Label used for reference (floor) cases, which do not run per module.
 REFERENCE = "reference"
+
+#: Label of a case's floor when it is timed alongside the case.
+FLOOR = "floor"
 
 #: Exceptions from the warm-up call that mean "this module lacks the API", not "it is broken".
 _MISSING_API = (AttributeError, NotImplementedError, ImportError)
@@ -62,17 +68,24 @@ def run_case(
     impls: Sequence[tuple[str, Any]],
     repeat: int,
     progress: Callable[[str], None] | None = None,
+    floor: Case | None = None,
 ) -> dict[str, Any]:
-    """Runs one case and returns its JSON-ready record (see ``ferroproc.bench.report``)."""
-    targets: Sequence[tuple[str, Any]] = [(REFERENCE, None)] if case.reference else impls
+    """Runs one case (and its ``floor``, if given, in the same rounds); returns its record."""
+    targets: list[tuple[str, Any]] = [(REFERENCE, None)] if case.reference else list(impls)
     skipped: dict[str, str] = {}
     errors: dict[str, str] = {}
     live: list[tuple[str, Any]] = []
 
+    def bench_of(label: str) -> Case:
+        return floor if label == FLOOR and floor is not None else case
+
+    if floor is not None:
+        targets.append((FLOOR, None))
     for label, mod in targets:
+        bench = bench_of(label)
         try:
-            if case.warmup:
-                case(mod, case.warmup)
+            if bench.warmup:
+                bench(mod, bench.warmup)
         except SkipCase as exc:
             skipped[label] = str(exc) or "skipped by the case"
         except _MISSING_API as exc:
@@ -88,26 +101,34 @@ def run_case(
         for label, mod in order:
             if label in errors or label in skipped:
                 continue
+            bench = bench_of(label)
             if progress is not None:
                 progress(f"{case.name}: {label} repeat {round_no + 1}/{repeat}")
             gc.collect()
             try:
-                seconds = case(mod, case.n)
+                seconds = bench(mod, bench.n)
             except SkipCase as exc:
                 skipped[label] = str(exc) or "skipped by the case"
             except Exception as exc:
                 errors[label] = f"repeat {round_no + 1} failed: {_describe(exc)}"
             else:
-                samples[label].append(seconds / case.n)
+                samples[label].append(seconds / bench.n)
 
-    results = {
+    summaries = {
         label: summarize(values)
         for label, values in samples.items()
         if values and label not in errors and label not in skipped
     }
+    floor_result = summaries.pop(FLOOR, None)
+    results = summaries
     ratio = None
     if "stdlib" in results and "ferroproc" in results and results["stdlib"]["median"] > 0:
         ratio = results["ferroproc"]["median"] / results["stdlib"]["median"]
+    floor_multiple = {}
+    if floor_result is not None and floor_result["median"] > 0:
+        floor_multiple = {
+            label: result["median"] / floor_result["median"] for label, result in results.items()
+        }
     return {
         "name": case.name,
         "description": case.description,
@@ -117,6 +138,8 @@ def run_case(
         "floor": case.floor,
         "results": results,
         "ratio": ratio,
+        "floor_result": floor_result,
+        "floor_multiple": floor_multiple,
         "skipped": skipped,
         "errors": errors,
     }
@@ -128,23 +151,15 @@ def run_all(
     repeat: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every case, then fills in each record's multiples of its floor."""
+    """Runs every case in order; a case's floor must be among ``cases`` to be timed with it."""
+    by_name = {c.name: c for c in cases}
     records = []
     for index, case in enumerate(cases, 1):
         started = time.perf_counter()
-        record = run_case(case, impls, repeat, progress)
+        floor = by_name.get(case.floor) if case.floor else None
+        record = run_case(case, impls, repeat, progress, floor)
         record["wall_seconds"] = time.perf_counter() - started
         records.append(record)
         if progress is not None:
             progress(f"[{index}/{len(cases)}] {case.name} done in {record['wall_seconds']:.1f} s")
-
-    floors = {r["name"]: r for r in records if r["reference"]}
-    for record in records:
-        floor = floors.get(record["floor"] or "")
-        base = floor["results"].get(REFERENCE) if floor else None
-        record["floor_multiple"] = {
-            label: result["median"] / base["median"]
-            for label, result in record["results"].items()
-            if base and base["median"] > 0
-        }
     return records
