@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import sys
 from _weakrefset import WeakSet
 
@@ -226,7 +225,7 @@ class BaseProcess:
         parts.append(f"parent={self._parent_pid}")
         parts.append(status)
         if exitcode is not None:
-            parts.append(f"exitcode={_exitcode_to_name.get(exitcode, exitcode)}")
+            parts.append(f"exitcode={_exitcode_name(exitcode)}")
         if self.daemon:
             parts.append("daemon")
         return f"<{' '.join(parts)}>"
@@ -348,9 +347,18 @@ _process_counter = itertools.count(1)
 _children: set = set()
 del _MainProcess
 
-_exitcode_to_name = {
-    -int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name
-}
+_exitcode_names: dict = {}
+
+
+def _exitcode_name(code):
+    """`-SIGTERM` style names for death-by-signal exit codes (built on first use)."""
+    if not _exitcode_names:
+        import signal
+
+        _exitcode_names.update(
+            {-int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name}
+        )
+    return _exitcode_names.get(code, code)
 
 _dangling = WeakSet()
 

@@ -75,6 +75,9 @@ def get_logger():
 
     with logging._lock if hasattr(logging, "_lock") else _LoggingLock():
         if not _logger:
+            from ._ferroproc import init_logging
+
+            init_logging()
             _logger = logging.getLogger(LOGGER_NAME)
             _logger.propagate = False
             # Our exit handler must run before logging's own shutdown flushes handlers.
