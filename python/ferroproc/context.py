@@ -13,16 +13,16 @@ import sys
 from . import process, reduction
 
 __all__ = [
-    "AuthenticationError",
+    "AuthenticationError",  # noqa: F822 - resolved lazily by __getattr__
     "BaseContext",
-    "BufferTooShort",
+    "BufferTooShort",  # noqa: F822 - resolved lazily by __getattr__
     "DefaultContext",
     "ForkContext",
     "ForkProcess",
     "ForkServerContext",
     "ForkServerProcess",
     "Process",
-    "ProcessError",
+    "ProcessError",  # noqa: F822 - resolved lazily by __getattr__
     "SpawnContext",
     "SpawnProcess",
     "TimeoutError",
@@ -143,7 +143,7 @@ class Process(process.BaseProcess):
     _start_method = None
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         return _default_context.get_context().Process._Popen(process_obj)
 
     @staticmethod
@@ -192,7 +192,7 @@ class ForkProcess(process.BaseProcess):
     _start_method = "fork"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_fork import Popen
 
         return Popen(process_obj)
@@ -202,7 +202,7 @@ class SpawnProcess(process.BaseProcess):
     _start_method = "spawn"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_spawn_posix import Popen
 
         return Popen(process_obj)
@@ -217,7 +217,7 @@ class ForkServerProcess(process.BaseProcess):
     _start_method = "forkserver"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_forkserver import Popen
 
         return Popen(process_obj)
@@ -238,7 +238,6 @@ class ForkServerContext(BaseContext):
     Process = ForkServerProcess
 
     def _check_available(self):
-        from . import reduction
 
         if not reduction.HAVE_SEND_HANDLE:
             raise ValueError("forkserver start method not available")

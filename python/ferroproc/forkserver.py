@@ -209,11 +209,10 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
 
 
 def _serve_child(payload, fds):
+    import _pickle
     import io
 
-    import _pickle
-
-    status_w, parent_sentinel, *inherited = fds
+    _status_w, parent_sentinel, *inherited = fds
     _forkserver._inherited_fds = inherited
     stream = io.BytesIO(payload)
     process.current_process()._inheriting = True

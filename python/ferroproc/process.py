@@ -61,7 +61,7 @@ def _cleanup():
 class BaseProcess:
     """A unit of work run in a separate process, shaped like `threading.Thread`."""
 
-    def _Popen(self):  # noqa: N802 - the stdlib's hook name
+    def _Popen(self):
         raise TypeError(f"{type(self).__name__} has no start method; use a context's Process")
 
     def __init__(self, group=None, target=None, name=None, args=(), kwargs={}, *, daemon=None):  # noqa: B006 - the stdlib's signature
@@ -359,6 +359,7 @@ def _exitcode_name(code):
             {-int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name}
         )
     return _exitcode_names.get(code, code)
+
 
 _dangling = WeakSet()
 

@@ -8,13 +8,12 @@ dispatch table is cached and rebuilt only when one of its sources changes.
 
 from __future__ import annotations
 
-import copyreg
-import io
-import sys
-
 # The C pickler itself: `pickle.py` would pull in `re` and friends, which a spawned child's
 # start-up should not pay for.
 import _pickle
+import copyreg
+import io
+import sys
 
 from . import context
 
@@ -28,7 +27,7 @@ ACKNOWLEDGE = False
 class ForkingPickler(_pickle.Pickler):
     """A pickler that also knows the reducers registered with `register`."""
 
-    _extra_reducers: dict = {}
+    _extra_reducers: dict = {}  # noqa: RUF012 - the shared registry `register` fills
     _copyreg_dispatch_table = copyreg.dispatch_table
 
     def __init__(self, *args, **kwds):
@@ -36,7 +35,7 @@ class ForkingPickler(_pickle.Pickler):
         self.dispatch_table = _dispatch_table(type(self))
 
     @classmethod
-    def register(cls, type, reduce):  # noqa: A002 - the stdlib's parameter name
+    def register(cls, type, reduce):
         """Registers `reduce(obj)` as the way to pickle objects of `type`."""
         cls._extra_reducers[type] = reduce
         _cache.clear()
@@ -140,7 +139,7 @@ def recv_handle(conn):
         return recvfds(s, 1)[0]
 
 
-def DupFd(fd):  # noqa: N802 - the stdlib's name
+def DupFd(fd):
     """A picklable handle for `fd` that yields a duplicate descriptor in the receiving process.
 
     While a process is being started, the descriptor is handed to that child directly;
@@ -183,7 +182,7 @@ def _reduce_socket(s):
     return _rebuild_socket, (df, s.family, s.type, s.proto)
 
 
-def _rebuild_socket(df, family, type, proto):  # noqa: A002
+def _rebuild_socket(df, family, type, proto):
     import socket
 
     return socket.socket(family, type, proto, fileno=df.detach())
@@ -223,4 +222,3 @@ class AbstractReducer:
         register(type(list.append), _reduce_method_descriptor)
         register(type(int.__add__), _reduce_method_descriptor)
         _register_socket()
-

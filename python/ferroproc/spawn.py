@@ -8,10 +8,9 @@ process.
 
 from __future__ import annotations
 
+import _pickle
 import os
 import sys
-
-import _pickle
 
 from . import process, util
 from .context import _default_context
