@@ -6,12 +6,6 @@ does not implement yet are absent (see the README's coverage table), never stubs
 """
 
 from . import context
-from .context import (
-    AuthenticationError,
-    BufferTooShort,
-    ProcessError,
-    TimeoutError,  # noqa: A004 - the stdlib's own class
-)
 from .process import active_children, current_process, parent_process
 
 __all__ = [
@@ -55,3 +49,13 @@ reducer = context.reduction
 
 SUBDEBUG = 5
 SUBWARNING = 25
+
+
+def __getattr__(name):
+    # ProcessError, BufferTooShort, TimeoutError, AuthenticationError: the stdlib's classes,
+    # resolved on first use (see context.__getattr__).
+    return getattr(context, name) if name in context._EXCEPTIONS else _missing(name)
+
+
+def _missing(name):
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

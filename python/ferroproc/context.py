@@ -6,29 +6,23 @@ ferroproc's timeouts and the other way round.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
-from multiprocessing.context import (
-    AuthenticationError,
-    BufferTooShort,
-    ProcessError,
-    TimeoutError,  # noqa: A004 - the stdlib's own class, re-exported on purpose
-)
 
 from . import process, reduction
 
 __all__ = [
-    "AuthenticationError",
+    "AuthenticationError",  # noqa: F822 - resolved lazily by __getattr__
     "BaseContext",
-    "BufferTooShort",
+    "BufferTooShort",  # noqa: F822 - resolved lazily by __getattr__
     "DefaultContext",
     "ForkContext",
     "ForkProcess",
     "ForkServerContext",
     "ForkServerProcess",
     "Process",
-    "ProcessError",
+    "ProcessError",  # noqa: F822 - resolved lazily by __getattr__
     "SpawnContext",
     "SpawnProcess",
     "TimeoutError",
@@ -38,13 +32,38 @@ __all__ = [
 ]
 
 
+_EXCEPTIONS = ("ProcessError", "BufferTooShort", "TimeoutError", "AuthenticationError")
+
+
+def __getattr__(name):
+    # The exception classes are the stdlib's own. They are looked up on first use, so a spawned
+    # child that never touches them does not pay for importing the stdlib package.
+    if name in _EXCEPTIONS:
+        from multiprocessing import context as std
+
+        for n in _EXCEPTIONS:
+            globals()[n] = getattr(std, n)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _StdException:
+    """Class attribute resolving to the stdlib exception of the same name on first access."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return globals().get(self.name) or __getattr__(self.name)
+
+
 class BaseContext:
     """Factories and settings shared by every start method."""
 
-    ProcessError = ProcessError
-    BufferTooShort = BufferTooShort
-    TimeoutError = TimeoutError
-    AuthenticationError = AuthenticationError
+    ProcessError = _StdException()
+    BufferTooShort = _StdException()
+    TimeoutError = _StdException()
+    AuthenticationError = _StdException()
 
     current_process = staticmethod(process.current_process)
     parent_process = staticmethod(process.parent_process)
@@ -130,7 +149,7 @@ class Process(process.BaseProcess):
     _start_method = None
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         return _default_context.get_context().Process._Popen(process_obj)
 
     @staticmethod
@@ -179,7 +198,7 @@ class ForkProcess(process.BaseProcess):
     _start_method = "fork"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_fork import Popen
 
         return Popen(process_obj)
@@ -189,7 +208,7 @@ class SpawnProcess(process.BaseProcess):
     _start_method = "spawn"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_spawn_posix import Popen
 
         return Popen(process_obj)
@@ -204,7 +223,7 @@ class ForkServerProcess(process.BaseProcess):
     _start_method = "forkserver"
 
     @staticmethod
-    def _Popen(process_obj):  # noqa: N802
+    def _Popen(process_obj):
         from .popen_forkserver import Popen
 
         return Popen(process_obj)
@@ -225,7 +244,6 @@ class ForkServerContext(BaseContext):
     Process = ForkServerProcess
 
     def _check_available(self):
-        from . import reduction
 
         if not reduction.HAVE_SEND_HANDLE:
             raise ValueError("forkserver start method not available")
@@ -244,7 +262,7 @@ def _force_start_method(method):
     _default_context._actual_context = _concrete_contexts[method]
 
 
-_tls = threading.local()
+_tls = _thread._local()
 
 
 def get_spawning_popen():

@@ -209,16 +209,16 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
 
 
 def _serve_child(payload, fds):
+    import _pickle
     import io
-    import pickle
 
-    status_w, parent_sentinel, *inherited = fds
+    _status_w, parent_sentinel, *inherited = fds
     _forkserver._inherited_fds = inherited
     stream = io.BytesIO(payload)
     process.current_process()._inheriting = True
     try:
-        spawn.prepare(pickle.load(stream))
-        self = pickle.load(stream)
+        spawn.prepare(_pickle.load(stream))
+        self = _pickle.load(stream)
     finally:
         del process.current_process()._inheriting
     return self._bootstrap(parent_sentinel=parent_sentinel)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import sys
 from _weakrefset import WeakSet
 
@@ -62,7 +61,7 @@ def _cleanup():
 class BaseProcess:
     """A unit of work run in a separate process, shaped like `threading.Thread`."""
 
-    def _Popen(self):  # noqa: N802 - the stdlib's hook name
+    def _Popen(self):
         raise TypeError(f"{type(self).__name__} has no start method; use a context's Process")
 
     def __init__(self, group=None, target=None, name=None, args=(), kwargs={}, *, daemon=None):  # noqa: B006 - the stdlib's signature
@@ -226,7 +225,7 @@ class BaseProcess:
         parts.append(f"parent={self._parent_pid}")
         parts.append(status)
         if exitcode is not None:
-            parts.append(f"exitcode={_exitcode_to_name.get(exitcode, exitcode)}")
+            parts.append(f"exitcode={_exitcode_name(exitcode)}")
         if self.daemon:
             parts.append("daemon")
         return f"<{' '.join(parts)}>"
@@ -348,9 +347,19 @@ _process_counter = itertools.count(1)
 _children: set = set()
 del _MainProcess
 
-_exitcode_to_name = {
-    -int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name
-}
+_exitcode_names: dict = {}
+
+
+def _exitcode_name(code):
+    """`-SIGTERM` style names for death-by-signal exit codes (built on first use)."""
+    if not _exitcode_names:
+        import signal
+
+        _exitcode_names.update(
+            {-int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name}
+        )
+    return _exitcode_names.get(code, code)
+
 
 _dangling = WeakSet()
 

@@ -8,11 +8,11 @@ dispatch table is cached and rebuilt only when one of its sources changes.
 
 from __future__ import annotations
 
-import array
+# The C pickler itself: `pickle.py` would pull in `re` and friends, which a spawned child's
+# start-up should not pay for.
+import _pickle
 import copyreg
 import io
-import pickle
-import socket
 import sys
 
 from . import context
@@ -24,10 +24,10 @@ HAVE_SEND_HANDLE = True
 ACKNOWLEDGE = False
 
 
-class ForkingPickler(pickle.Pickler):
+class ForkingPickler(_pickle.Pickler):
     """A pickler that also knows the reducers registered with `register`."""
 
-    _extra_reducers: dict = {}
+    _extra_reducers: dict = {}  # noqa: RUF012 - the shared registry `register` fills
     _copyreg_dispatch_table = copyreg.dispatch_table
 
     def __init__(self, *args, **kwds):
@@ -35,7 +35,7 @@ class ForkingPickler(pickle.Pickler):
         self.dispatch_table = _dispatch_table(type(self))
 
     @classmethod
-    def register(cls, type, reduce):  # noqa: A002 - the stdlib's parameter name
+    def register(cls, type, reduce):
         """Registers `reduce(obj)` as the way to pickle objects of `type`."""
         cls._extra_reducers[type] = reduce
         _cache.clear()
@@ -46,7 +46,7 @@ class ForkingPickler(pickle.Pickler):
         cls(buf, protocol).dump(obj)
         return buf.getbuffer()
 
-    loads = staticmethod(pickle.loads)
+    loads = staticmethod(_pickle.loads)
 
 
 # cls -> (copyreg snapshot, stdlib extras snapshot, merged table)
@@ -61,6 +61,8 @@ def _stdlib_extras():
 
 
 def _dispatch_table(cls):
+    if not _socket_registered and "socket" in sys.modules:
+        _register_socket()
     copyreg_table = cls._copyreg_dispatch_table
     std = _stdlib_extras()
     hit = _cache.get(cls)
@@ -84,6 +86,9 @@ def dump(obj, file, protocol=None):
 
 def sendfds(sock, fds):
     """Sends the descriptors `fds` over the unix socket `sock` (stdlib wire format)."""
+    import array
+    import socket
+
     fds = array.array("i", fds)
     sock.sendmsg([bytes([len(fds) % 256])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
     if ACKNOWLEDGE and sock.recv(1) != b"A":
@@ -92,6 +97,9 @@ def sendfds(sock, fds):
 
 def recvfds(sock, size):
     """Receives up to `size` descriptors sent with `sendfds`."""
+    import array
+    import socket
+
     fds = array.array("i")
     msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * size))
     if not msg and not ancdata:
@@ -117,17 +125,21 @@ def recvfds(sock, size):
 
 def send_handle(conn, handle, destination_pid):
     """Sends the descriptor `handle` over the connection `conn` (a unix socket)."""
+    import socket
+
     with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
         sendfds(s, [handle])
 
 
 def recv_handle(conn):
     """Receives a descriptor sent with `send_handle`."""
+    import socket
+
     with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
         return recvfds(s, 1)[0]
 
 
-def DupFd(fd):  # noqa: N802 - the stdlib's name
+def DupFd(fd):
     """A picklable handle for `fd` that yields a duplicate descriptor in the receiving process.
 
     While a process is being started, the descriptor is handed to that child directly;
@@ -170,11 +182,23 @@ def _reduce_socket(s):
     return _rebuild_socket, (df, s.family, s.type, s.proto)
 
 
-def _rebuild_socket(df, family, type, proto):  # noqa: A002
+def _rebuild_socket(df, family, type, proto):
+    import socket
+
     return socket.socket(family, type, proto, fileno=df.detach())
 
 
-register(socket.socket, _reduce_socket)
+# Sockets can only exist once `socket` is imported; registering then keeps `socket` out of
+# the start-up path of spawned children.
+_socket_registered = False
+
+
+def _register_socket():
+    global _socket_registered
+    import socket
+
+    _socket_registered = True
+    register(socket.socket, _reduce_socket)
 
 
 class AbstractReducer:
@@ -197,5 +221,4 @@ class AbstractReducer:
         register(type(_C().f), _reduce_method)
         register(type(list.append), _reduce_method_descriptor)
         register(type(int.__add__), _reduce_method_descriptor)
-        register(socket.socket, _reduce_socket)
-
+        _register_socket()

@@ -8,8 +8,8 @@ process.
 
 from __future__ import annotations
 
+import _pickle
 import os
-import pickle
 import sys
 
 from . import process, util
@@ -99,9 +99,9 @@ def _main(fd, parent_sentinel):
     with os.fdopen(fd, "rb", closefd=True) as from_parent:
         process.current_process()._inheriting = True
         try:
-            preparation_data = pickle.load(from_parent)
+            preparation_data = _pickle.load(from_parent)
             prepare(preparation_data)
-            self = pickle.load(from_parent)
+            self = _pickle.load(from_parent)
         finally:
             del process.current_process()._inheriting
     return self._bootstrap(parent_sentinel)

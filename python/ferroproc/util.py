@@ -16,11 +16,11 @@ import weakref
 from . import process
 
 __all__ = [
+    "SUBDEBUG",
+    "SUBWARNING",
     "Finalize",
     "ForkAwareLocal",
     "ForkAwareThreadLock",
-    "SUBDEBUG",
-    "SUBWARNING",
     "close_all_fds_except",
     "debug",
     "get_logger",
@@ -75,6 +75,9 @@ def get_logger():
 
     with logging._lock if hasattr(logging, "_lock") else _LoggingLock():
         if not _logger:
+            from ._ferroproc import init_logging
+
+            init_logging()
             _logger = logging.getLogger(LOGGER_NAME)
             _logger.propagate = False
             # Our exit handler must run before logging's own shutdown flushes handlers.
@@ -351,7 +354,7 @@ def _close_stdin():
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
         try:
-            sys.stdin = open(fd, encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as stdin
+            sys.stdin = open(fd, encoding="utf-8", closefd=False)
         except BaseException:
             os.close(fd)
             raise
