@@ -107,7 +107,7 @@ class SocketListener:
                 unlink()
 
 
-def SocketClient(address):  # noqa: N802 - the stdlib's name
+def SocketClient(address):
     """A `Connection` to the listening socket at `address`."""
     family = address_type(address)
     with socket.socket(getattr(socket, family)) as s:
@@ -124,9 +124,10 @@ class Listener:
         family = family or (address and address_type(address)) or default_family
         address = address or arbitrary_address(family)
         _validate_family(family)
-        self._listener = SocketListener(address, family, backlog)
+        # Checked before binding, so a bad key leaves no socket behind.
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
+        self._listener = SocketListener(address, family, backlog)
         self._authkey = authkey
 
     def accept(self):
@@ -160,7 +161,7 @@ class Listener:
         self.close()
 
 
-def Client(address, family=None, authkey=None):  # noqa: N802 - the stdlib's name
+def Client(address, family=None, authkey=None):
     """Connects to the `Listener` at `address`, authenticating with `authkey` if given."""
     family = family or address_type(address)
     _validate_family(family)
@@ -254,7 +255,7 @@ class XmlListener(Listener):
         return ConnectionWrapper(Listener.accept(self), _xml_dumps, _xml_loads)
 
 
-def XmlClient(*args, **kwds):  # noqa: N802 - the stdlib's name
+def XmlClient(*args, **kwds):
     return ConnectionWrapper(Client(*args, **kwds), _xml_dumps, _xml_loads)
 
 

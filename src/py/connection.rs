@@ -394,7 +394,7 @@ impl Connection {
         let size = match size {
             None => n - offset,
             Some(s) if s < 0 => return Err(PyValueError::new_err("size is negative")),
-            Some(s) if offset.checked_add(s).is_none_or(|end| end > n) => {
+            Some(s) if offset.checked_add(s).map_or(true, |end| end > n) => {
                 return Err(PyValueError::new_err("buffer length < offset + size"))
             }
             Some(s) => s,
