@@ -246,6 +246,12 @@ class BaseProcess:
             threading = sys.modules.get("threading")
             if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
+            std_process = _stdlib_module("process")
+            if std_process is not None:
+                # The stdlib's bookkeeping was copied from the parent too: its children are
+                # not ours to join at exit.
+                std_process._process_counter = itertools.count(1)
+                std_process._children = set()
             self._after_fork()
             util.info("child process calling self.run()")
             try:
@@ -253,6 +259,11 @@ class BaseProcess:
                 exitcode = 0
             finally:
                 util._exit_function()
+                std_util = _stdlib_module("util")
+                if std_util is not None:
+                    # Stdlib objects used here (a stdlib Queue handed over by a
+                    # concurrent.futures executor, say) flush and join through its hooks.
+                    std_util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -281,6 +292,20 @@ class BaseProcess:
 
         util._finalizer_registry.clear()
         util._run_after_forkers()
+        std_util = _stdlib_module("util")
+        if std_util is not None:
+            # Stdlib objects inherited by fork (locks, queues) reset themselves through the
+            # stdlib's own after-fork registry.
+            std_util._finalizer_registry.clear()
+            std_util._run_after_forkers()
+
+
+def _stdlib_module(name):
+    """The stdlib's `multiprocessing.<name>` if it is loaded and is not ferroproc's own."""
+    mod = sys.modules.get(f"multiprocessing.{name}")
+    if mod is None or mod.__name__.startswith("ferroproc"):
+        return None
+    return mod
 
 
 class AuthenticationString(bytes):
