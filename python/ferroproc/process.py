@@ -260,7 +260,8 @@ class BaseProcess:
             finally:
                 util._exit_function()
                 std_util = _stdlib_module("util")
-                if std_util is not None:
+                std_children = std_process is not None and std_process._children
+                if std_util is not None and (std_util._finalizer_registry or std_children):
                     # Stdlib objects used here (a stdlib Queue handed over by a
                     # concurrent.futures executor, say) flush and join through its hooks.
                     std_util._exit_function()
@@ -297,7 +298,8 @@ class BaseProcess:
             # Stdlib objects inherited by fork (locks, queues) reset themselves through the
             # stdlib's own after-fork registry.
             std_util._finalizer_registry.clear()
-            std_util._run_after_forkers()
+            if std_util._afterfork_registry:
+                std_util._run_after_forkers()
 
 
 def _stdlib_module(name):

@@ -160,6 +160,8 @@ _afterfork_counter = itertools.count()
 
 
 def _run_after_forkers():
+    if not _afterfork_registry:
+        return
     for (_index, _ident, func), obj in sorted(_afterfork_registry.items()):
         try:
             func(obj)
@@ -242,7 +244,7 @@ class Finalize:
 
 def _run_finalizers(minpriority=None):
     """Runs finalizers that have an exit priority (at least `minpriority` when given)."""
-    if _finalizer_registry is None:
+    if not _finalizer_registry:
         return
     keys = [
         k
