@@ -3,3 +3,7 @@
 
 def put_pair(q, value):
     q.put(("from child", value))
+
+
+def noop():
+    pass

@@ -14,6 +14,22 @@ import pytest
 from _workers import SHORT_TIMEOUT
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _helpers_running():
+    # Per-process helpers that live until exit (the stdlib's resource tracker, ferroproc's
+    # forkserver and own pidfd) start before the per-test leak baseline is taken.
+    import multiprocessing.resource_tracker
+
+    import ferroproc
+
+    multiprocessing.resource_tracker.ensure_running()
+    for method in ferroproc.get_all_start_methods():
+        p = ferroproc.get_context(method).Process(target=_interop_workers.noop)
+        p.start()
+        p.join(SHORT_TIMEOUT)
+        assert p.exitcode == 0
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_stdlib_queue_reaches_a_ferroproc_child(method):
     import ferroproc
@@ -31,6 +47,7 @@ def test_stdlib_queue_reaches_a_ferroproc_child(method):
     finally:
         q.close()
         q.join_thread()
+        q._writer.close()  # the stdlib closes it only from a feeder thread this process lacks
 
 
 def test_stdlib_queue_refuses_pickling_outside_a_start():

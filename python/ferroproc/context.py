@@ -281,3 +281,7 @@ def assert_spawning(obj):
             f"{type(obj).__name__} objects should only be shared between processes"
             " through inheritance"
         )
+
+
+# The child's bootstrap reaches this module without an import statement (see process.py).
+process._context = sys.modules[__name__]

@@ -232,8 +232,9 @@ class BaseProcess:
 
     def _bootstrap(self, parent_sentinel=None):
         """Runs in the child: becomes the current process, runs `run()`, returns the exit code."""
-        from . import context, util
-
+        # Module references instead of `from . import`: the import machinery is Python code,
+        # and every page a fork child touches is a copy-on-write fault.
+        context, util = _context, _util
         global _current_process, _parent_process, _process_counter, _children
         try:
             if self._start_method is not None:
@@ -289,8 +290,7 @@ class BaseProcess:
 
     @staticmethod
     def _after_fork():
-        from . import util
-
+        util = _util
         util._finalizer_registry.clear()
         util._run_after_forkers()
         std_util = _stdlib_module("util")
@@ -389,6 +389,10 @@ def _exitcode_name(code):
 
 
 _dangling = WeakSet()
+
+# Set by `util` and `context` when they are imported (they import this module).
+_util = None
+_context = None
 
 try:
     ORIGINAL_DIR = os.path.abspath(os.getcwd())
