@@ -173,15 +173,21 @@ pub fn step_slice<S: Source + ?Sized>(
 
 /// Drives `step` until it is ready, waiting for readability in between, for at most about
 /// `budget` (so the caller can run signal handlers). `Ok(None)` when the budget ran out.
+/// With `poll_first`, waits for readability before the first step (the caller just saw the
+/// source run dry, so trying again at once would only cost a wasted system call).
 ///
 /// # Errors
 /// Whatever `step` or `poll` fail with.
 pub fn drive<T>(
     src: &mut FdSource<'_>,
     budget: Duration,
+    poll_first: bool,
     mut step: impl FnMut(&mut FdSource<'_>) -> Result<Progress<T>>,
 ) -> Result<Option<T>> {
     let start = Instant::now();
+    if poll_first && !src.wait_readable(budget)? {
+        return Ok(None);
+    }
     loop {
         if let Progress::Ready(v) = step(src)? {
             return Ok(Some(v));

@@ -3,9 +3,10 @@
 //! Hot paths stay in Rust: framing, the non-blocking first attempt (no GIL release when the
 //! kernel can answer at once), and the detached wait loop that runs signal handlers every slice.
 
+use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyOSError, PyTypeError, PyValueError};
@@ -25,6 +26,27 @@ use crate::py::blocking::wait_until;
 use crate::sys::fd;
 use crate::sys::stream::{self, NoWait};
 use crate::sys::wait as sys_wait;
+
+/// How `Connection::drive` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The start of a receive: attached first unless this connection usually has to wait.
+    Learn,
+    /// A small continuation: attached first.
+    Attached,
+    /// Large: straight to the detached loop.
+    Detached,
+}
+
+/// A wait shorter than this means the data was already there.
+const READY_AT_ONCE: Duration = Duration::from_micros(20);
+/// Largest scratch buffer a thread keeps between receives.
+const SCRATCH_KEEP: usize = 32 << 20;
+
+thread_local! {
+    /// Per-thread receive buffer for payloads above `INLINE_MAX`.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// Nodes the plain-data check visits before giving up (and taking the general path).
 const PLAIN_BUDGET: usize = 512;
@@ -72,6 +94,8 @@ pub(crate) struct Connection {
     how: AtomicU8,
     readable: AtomicBool,
     writable: bool,
+    /// Learnt: the last receive found no data and had to wait.
+    expect_wait: AtomicBool,
 }
 
 impl Drop for Connection {
@@ -191,6 +215,7 @@ impl Connection {
             how: AtomicU8::new(how as u8),
             readable: AtomicBool::new(readable),
             writable,
+            expect_wait: AtomicBool::new(false),
         }
     }
 
@@ -265,46 +290,84 @@ impl Connection {
         Ok(())
     }
 
-    /// Runs `step` once attached (non-blocking I/O only), then in the detached wait loop.
+    /// Runs `step` to completion: once attached (non-blocking I/O only) when data is likely
+    /// to be there already, else (or then) in the detached, signal-checking wait loop.
+    ///
+    /// `Mode::Learn` is for a step cheap enough to run attached that starts a receive: whether
+    /// to try it attached first is learnt per connection: a receiver that keeps finding nothing (ping-pong)
+    /// goes straight to waiting, saving a system call per message; one that keeps finding
+    /// data (streaming) keeps the GIL.
     fn drive<T: Send>(
         &self,
         py: Python<'_>,
         src: &mut FdSource<'_>,
-        try_attached: bool,
+        mode: Mode,
         mut step: impl FnMut(&mut FdSource<'_>) -> Result<Progress<T>, Error> + Send,
     ) -> PyResult<T> {
-        if try_attached {
+        let mut poll_first = false;
+        let small = mode == Mode::Learn;
+        if mode == Mode::Attached {
             if let Progress::Ready(v) = step(src)? {
                 return Ok(v);
             }
+            poll_first = true;
+        } else if small {
+            if self.expect_wait.load(Ordering::Relaxed) {
+                poll_first = true;
+            } else if let Progress::Ready(v) = step(src)? {
+                return Ok(v);
+            } else {
+                self.expect_wait.store(true, Ordering::Relaxed);
+                poll_first = true;
+            }
         }
+        let start = Instant::now();
         let got = wait_until(py, Deadline::never(), |slice| {
-            conn::drive(src, slice, &mut step)
+            let r = conn::drive(src, slice, poll_first, &mut step);
+            poll_first = true;
+            r
         });
+        if small && start.elapsed() < READY_AT_ONCE {
+            // The data was there without waiting: try attached next time.
+            self.expect_wait.store(false, Ordering::Relaxed);
+        }
         if src.how() != self.how() {
             self.remember(src.how());
         }
         got?.ok_or_else(|| Error::Timeout.into())
     }
 
-    /// Reads one frame; the payload as owned bytes.
-    fn recv_frame(
+    /// Reads one frame into a new `bytes`.
+    fn recv_frame<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         fd_num: RawFd,
         maxlength: Option<usize>,
-    ) -> PyResult<Vec<u8>> {
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let bfd = borrow(fd_num)?;
         let mut src = FdSource::new(bfd, self.how());
         let mut head = RecvHead::new();
-        let h = self.drive(py, &mut src, true, |s| head.step(s, maxlength, INLINE_MAX))?;
+        let h = self.drive(py, &mut src, Mode::Learn, |s| {
+            head.step(s, maxlength, INLINE_MAX)
+        })?;
         match h {
-            Head::Inline(v) => Ok(v),
+            Head::Inline(v) => Ok(PyBytes::new(py, &v)),
             Head::TooLong | Head::Invalid => Err(self.bad_message_length()),
             Head::Len(n) => {
-                let mut v = Vec::new();
-                self.drive(py, &mut src, false, |s| conn::step_vec(s, &mut v, n))?;
-                Ok(v)
+                // Large payloads land in this thread's scratch buffer, whose capacity was
+                // earned by earlier messages (so no page faults or regrowth on repeats) and
+                // grows only as bytes arrive; then one copy makes the `bytes`.
+                let mut v = SCRATCH.take();
+                v.clear();
+                let got = self.drive(py, &mut src, Mode::Detached, |s| {
+                    conn::step_vec(s, &mut v, n)
+                });
+                let out = got.map(|()| PyBytes::new(py, &v));
+                if v.capacity() <= SCRATCH_KEEP {
+                    v.clear();
+                    SCRATCH.set(v);
+                }
+                out
             }
         }
     }
@@ -335,6 +398,7 @@ impl Connection {
             how: AtomicU8::new(how as u8),
             readable: AtomicBool::new(readable),
             writable,
+            expect_wait: AtomicBool::new(false),
         })
     }
 
@@ -427,8 +491,7 @@ impl Connection {
             Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
             None => None,
         };
-        let v = self.recv_frame(py, fd_num, maxlength)?;
-        Ok(PyBytes::new(py, &v))
+        self.recv_frame(py, fd_num, maxlength)
     }
 
     /// Receives one message straight into `buf` at byte `offset`; returns its size. When it
@@ -454,7 +517,7 @@ impl Connection {
         let bfd = borrow(fd_num)?;
         let mut src = FdSource::new(bfd, self.how());
         let mut head = RecvHead::new();
-        let len = match self.drive(py, &mut src, true, |s| head.step(s, None, 0))? {
+        let len = match self.drive(py, &mut src, Mode::Learn, |s| head.step(s, None, 0))? {
             Head::Inline(v) => {
                 // Only an empty payload is inlined with `inline_max == 0`.
                 dst.as_mut_slice()[offset..offset + v.len()].copy_from_slice(&v);
@@ -465,12 +528,19 @@ impl Connection {
         };
         if cap - offset < len {
             let mut v = Vec::new();
-            self.drive(py, &mut src, false, |s| conn::step_vec(s, &mut v, len))?;
+            self.drive(py, &mut src, Mode::Detached, |s| {
+                conn::step_vec(s, &mut v, len)
+            })?;
             return Err(buffer_too_short(py, &v));
         }
         let target = &mut dst.as_mut_slice()[offset..offset + len];
         let mut fill = SliceFill::new();
-        self.drive(py, &mut src, len <= INLINE_MAX, |s| {
+        let mode = if len <= INLINE_MAX {
+            Mode::Attached
+        } else {
+            Mode::Detached
+        };
+        self.drive(py, &mut src, mode, |s| {
             conn::step_slice(s, &mut fill, target)
         })?;
         Ok(len)
@@ -479,8 +549,8 @@ impl Connection {
     /// Receives one message and unpickles it.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let fd_num = self.for_reading()?;
-        let v = self.recv_frame(py, fd_num, None)?;
-        cached(py, &PICKLE_LOADS, "pickle", "loads")?.call1((PyBytes::new(py, &v),))
+        let payload = self.recv_frame(py, fd_num, None)?;
+        cached(py, &PICKLE_LOADS, "pickle", "loads")?.call1((payload,))
     }
 
     /// Whether a message (or end of file) is waiting; waits up to `timeout` seconds
