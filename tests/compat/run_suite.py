@@ -729,6 +729,10 @@ def main(argv=None) -> int:
             print_compare(results[("ferroproc", m)], results[("multiprocessing", m)])
 
     print("\n=== summary")
+    first = results[jobs[0]]
+    ran = sorted(n for n, c in first.classes.items() if not c.not_run)
+    label = "CI classes" if opts.ci else "classes run"
+    print(f"  {label} ({len(ran)}): {', '.join(ran)}")
     exit_code = 0
     gate_impl = "ferroproc" if (opts.compare or opts.impl == "ferroproc") else opts.impl
     used_known: set[str] = set()
@@ -755,7 +759,18 @@ def main(argv=None) -> int:
         if opts.ci and impl == gate_impl and not opts.diagnose_fallback:
             if unexpected or not ok or run.fatal or run.module_errors or not run.finished:
                 exit_code = 1
-    stale = [e["test"] for e in known if e["reason"] not in used_known]
+    ran_ids = [
+        (impl, m, cname, t)
+        for (impl, m), run in results.items()
+        for cname, c in run.classes.items()
+        for t in c.tests
+    ]
+    stale = [
+        e["test"]
+        for e in known
+        if e["reason"] not in used_known
+        and any(known_reason([e], impl, m, cname, t) for impl, m, cname, t in ran_ids)
+    ]
     if stale and opts.ci:
         print(f"  note: known_failures.toml entries that did not fail this run: {stale}")
     if opts.json:
