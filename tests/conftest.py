@@ -79,11 +79,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("ctx", ("fork",) if fork_only else START_METHODS, indirect=True)
 
 
-@pytest.fixture
-def fork_ctx(impl):
-    return impl.get_context("fork")
-
-
 # ---------------------------------------------------------------------------------------------
 # Hygiene
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +125,12 @@ def _descendants():
     return result
 
 
-def _warm_up():
+def _warm_up(wanted):
     """Start one process per implementation and start method so that persistent per-parent
     helpers (forkserver, resource tracker, ...) exist before the first baseline is taken."""
     for mod in loaded_impls():
+        if mod.__name__ not in wanted:
+            continue
         for method in START_METHODS:
             try:
                 p = mod.get_context(method).Process(target=_workers.noop)
@@ -149,8 +146,15 @@ def _warm_up():
 
 
 @pytest.fixture(scope="session")
-def _warmed_up():
-    _warm_up()
+def _warmed_up(request):
+    # Only warm up the implementations the selected tests use (so `-k stdlib` never depends
+    # on the state of ferroproc, and vice versa).
+    wanted = {
+        item.callspec.params["impl"]
+        for item in request.session.items
+        if "impl" in getattr(getattr(item, "callspec", None), "params", {})
+    }
+    _warm_up(wanted)
 
 
 def _new_descendants(before):
@@ -184,8 +188,10 @@ def _hygiene(_warmed_up):
                 if p.is_alive():
                     p.kill()
                     p.join(_workers.SHORT_TIMEOUT)
+                p.close()  # so its sentinel is not reported again as a leaked fd
             except Exception as e:
                 problems.append(f"  could not stop it: {e!r}")
+        del alive
 
     # New descendants (live or zombie) must be gone once the children are joined/reaped. Give
     # exiting children a moment: forkserver children are reaped by the server, and a library

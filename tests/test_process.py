@@ -474,6 +474,7 @@ def test_daemon_process_may_not_have_children(ctx):
 
 def test_exit_joins_children_and_terminates_daemons(impl, ctx, tmp_path):
     done = tmp_path / "non-daemon-done"
+    t0 = time.monotonic()
     result = run_script(
         impl.__name__,
         f"""
@@ -489,7 +490,9 @@ def test_exit_joins_children_and_terminates_daemons(impl, ctx, tmp_path):
         method_of(ctx),
         timeout=SHORT_TIMEOUT,
     )
+    elapsed = time.monotonic() - t0
     assert result.returncode == 0, result.stderr
+    assert elapsed < 15, f"interpreter exit took {elapsed:.1f}s"
     assert done.exists(), "non-daemon child was not joined at interpreter exit"
     daemon_pid = int(result.stdout.split()[0])
     assert w.wait_pid_gone(daemon_pid, 5), "daemon child still running after parent exit"
@@ -700,3 +703,15 @@ def test_many_short_processes(ctx):
     zombies = [pid for pid, state in _children_states().items() if state == "Z"]
     assert zombies == []
     assert set(_children_states()) <= set(children_before)
+
+
+def test_many_concurrent_processes(ctx):
+    count = 40 if method_of(ctx) == "fork" else 10
+    procs = [ctx.Process(target=w.exit_with, args=(i,)) for i in range(count)]
+    for p in procs:
+        p.start()
+    assert len({p.pid for p in procs}) == count
+    assert [finish(p) for p in procs] == list(range(count))
+    for p in procs:
+        p.close()
+    assert ctx.active_children() == []

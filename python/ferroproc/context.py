@@ -10,7 +10,7 @@ import _thread
 import os
 import sys
 
-from . import process, reduction
+from . import process
 
 __all__ = [
     "AuthenticationError",  # noqa: F822 - resolved lazily by __getattr__
@@ -139,7 +139,12 @@ class BaseContext:
     @property
     def reducer(self):
         """The pickling module used to send objects to children."""
-        return globals().get("reduction")
+        if "reduction" not in globals():
+            # Imported on first use: a spawned child unpickles with the C pickler directly.
+            from . import reduction
+
+            globals()["reduction"] = reduction
+        return globals()["reduction"]
 
     @reducer.setter
     def reducer(self, reduction):
@@ -248,11 +253,6 @@ class SpawnContext(BaseContext):
 class ForkServerContext(BaseContext):
     _name = "forkserver"
     Process = ForkServerProcess
-
-    def _check_available(self):
-
-        if not reduction.HAVE_SEND_HANDLE:
-            raise ValueError("forkserver start method not available")
 
 
 _concrete_contexts = {
