@@ -15,9 +15,9 @@ import socket
 import sys
 import tempfile
 
-from . import util
+from . import reduction, util
 from ._ferroproc import Connection, Pipe, wait
-from .context import AuthenticationError, BufferTooShort, reduction  # noqa: F401
+from .context import AuthenticationError, BufferTooShort  # noqa: F401
 
 __all__ = ["Client", "Listener", "Pipe", "wait"]
 

@@ -426,6 +426,25 @@ impl Connection {
         self.raw().ok()
     }
 
+    /// Replaces the descriptor without closing the old one; `None` disowns it (code written
+    /// for the stdlib does this to stop `__del__` from closing a descriptor).
+    #[setter(_handle)]
+    fn set_handle(&self, handle: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let new = match handle {
+            None => -1,
+            Some(h) if h.is_none() => -1,
+            Some(h) => {
+                let v = index(h)?;
+                RawFd::try_from(v)
+                    .ok()
+                    .filter(|f| *f >= 0)
+                    .ok_or_else(|| PyValueError::new_err("invalid handle"))?
+            }
+        };
+        self.fd.store(new, Ordering::Release);
+        Ok(())
+    }
+
     /// The connection's descriptor.
     fn fileno(&self) -> PyResult<RawFd> {
         Ok(self.raw()?)
