@@ -827,3 +827,41 @@ def test_no_fd_leak_after_10k_pipes(conn, duplex):
             del a, b  # finalisation closes them too
     gc.collect()
     assert _fd_count() == before
+
+
+# -- more edges ------------------------------------------------------------------------------
+
+
+def test_send_to_closed_peer_is_broken_pipe(conn):
+    a, b = conn.Pipe()
+    b.close()
+    with pytest.raises(BrokenPipeError):
+        for _ in range(100):  # a socket may accept a first write
+            a.send_bytes(b"x" * 1000)
+    a.close()
+
+
+def test_concurrent_sender_thread(pair):
+    a, b = pair
+    n = 2000
+
+    def sender():
+        for i in range(n):
+            a.send(i)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    assert [b.recv() for _ in range(n)] == list(range(n))
+    t.join(SHORT_TIMEOUT)
+
+
+def test_wait_works_across_implementations():
+    fc = _ferro_connection()
+    fa, fb = fc.Pipe()
+    sa, sb = std_connection.Pipe()
+    fa.send_bytes(b"f")
+    sa.send_bytes(b"s")
+    assert std_connection.wait([fb, sb], SHORT_TIMEOUT) in ([fb, sb], [sb, fb])
+    assert fc.wait([fb, sb], SHORT_TIMEOUT) == [fb, sb]
+    for c in (fa, fb, sa, sb):
+        c.close()
