@@ -75,7 +75,7 @@ class BaseContext:
     parent_process = staticmethod(process.parent_process)
     active_children = staticmethod(process.active_children)
 
-    def Pipe(self, duplex=True):  # noqa: N802 - the stdlib's name
+    def Pipe(self, duplex=True):
         """Two connected `Connection` ends (see `ferroproc.connection.Pipe`)."""
         from .connection import Pipe
 
