@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.reduction
@@ -16,6 +17,7 @@ import multiprocessing.spawn
 import multiprocessing.util
 
 import ferroproc
+import ferroproc.connection
 import ferroproc.context
 import ferroproc.process
 import ferroproc.reduction
@@ -25,8 +27,6 @@ import pytest
 
 # name -> the issue that implements it
 NOT_YET = {
-    "Pipe": "connections",
-    "allow_connection_pickling": "connections",
     "Lock": "synchronization",
     "RLock": "synchronization",
     "Semaphore": "synchronization",
@@ -49,6 +49,7 @@ NOT_YET = {
 SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {}
 
 SUBMODULES = [
+    (multiprocessing.connection, ferroproc.connection),
     (multiprocessing.context, ferroproc.context),
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.reduction, ferroproc.reduction),

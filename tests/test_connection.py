@@ -865,3 +865,21 @@ def test_wait_works_across_implementations():
     assert fc.wait([fb, sb], SHORT_TIMEOUT) == [fb, sb]
     for c in (fa, fb, sa, sb):
         c.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["send_bytes", "send", "recv_bytes", "recv_bytes_into", "recv", "poll", "fileno", "close"],
+)
+def test_connection_method_signatures_match_stdlib(name):
+    import inspect
+
+    def params(func):
+        return [
+            (p.name, p.default)
+            for p in inspect.signature(func).parameters.values()
+            if p.name != "self"
+        ]
+
+    ours = getattr(_ferro_connection().Connection, name)
+    assert params(ours) == params(getattr(std_connection.Connection, name))

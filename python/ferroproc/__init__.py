@@ -16,6 +16,7 @@ __all__ = [
     "ProcessError",
     "TimeoutError",
     "active_children",
+    "allow_connection_pickling",
     "cpu_count",
     "current_process",
     "freeze_support",
@@ -34,6 +35,7 @@ __all__ = [
 _ctx = context._default_context
 
 Pipe = _ctx.Pipe
+allow_connection_pickling = _ctx.allow_connection_pickling
 Process = context.Process
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support

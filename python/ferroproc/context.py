@@ -81,6 +81,10 @@ class BaseContext:
 
         return Pipe(duplex)
 
+    def allow_connection_pickling(self):
+        """Makes connections picklable (loading `ferroproc.connection` registers them)."""
+        from . import connection  # noqa: F401
+
     def cpu_count(self):
         """The number of CPUs in the system."""
         num = os.cpu_count()

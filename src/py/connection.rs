@@ -574,7 +574,7 @@ impl Connection {
 
     /// Whether a message (or end of file) is waiting; waits up to `timeout` seconds
     /// (`None`: forever).
-    #[pyo3(signature = (timeout=Some(0.0)))]
+    #[pyo3(signature = (timeout=Some(0.0)), text_signature = "($self, timeout=0.0)")]
     fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let fd_num = self.for_reading()?;
         let bfd = borrow(fd_num)?;
