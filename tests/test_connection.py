@@ -120,6 +120,29 @@ def test_registered_reducer_is_used(impl, pair):
     reduction.ForkingPickler.register(Local, lambda obj: (Plain, (42,)))
     a.send([Local()])
     assert b.recv() == [Plain(42)]
+    # Re-registering (same type, new reducer) takes effect at once.
+    reduction.ForkingPickler.register(Local, lambda obj: (Plain, (43,)))
+    a.send([Local()])
+    assert b.recv() == [Plain(43)]
+
+
+def test_copyreg_registration_is_used(pair):
+    import copyreg
+
+    a, b = pair
+
+    class Local:
+        pass
+
+    copyreg.pickle(Local, lambda obj: (Plain, (1,)))
+    try:
+        a.send(Local())
+        assert b.recv() == Plain(1)
+        copyreg.pickle(Local, lambda obj: (Plain, (2,)))
+        a.send(Local())
+        assert b.recv() == Plain(2)
+    finally:
+        del copyreg.dispatch_table[Local]
 
 
 def test_unpicklable_send_raises_and_sends_nothing(pair):
