@@ -906,3 +906,51 @@ def test_connection_method_signatures_match_stdlib(name):
 
     ours = getattr(_ferro_connection().Connection, name)
     assert params(ours) == params(getattr(std_connection.Connection, name))
+
+
+_CROSS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import multiprocessing, multiprocessing.connection as std_connection
+    import ferroproc, ferroproc.connection as fc
+    import _conn_workers as workers
+
+    if __name__ == "__main__":
+        method, direction = sys.argv[1], sys.argv[2]
+        if direction == "ferro-conn-in-stdlib-child":
+            ctx, pipe = multiprocessing.get_context(method), fc.Pipe
+        else:
+            ctx, pipe = ferroproc.get_context(method), std_connection.Pipe
+        a, b = pipe()
+        p = ctx.Process(target=workers.echo_objects, args=(b, 1))
+        p.start()
+        b.close()
+        a.send({"across": True})
+        assert a.poll(30)
+        assert a.recv() == {"across": True}
+        p.join(30)
+        assert p.exitcode == 0, p.exitcode
+        print("crossed")
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("direction", ["ferro-conn-in-stdlib-child", "stdlib-conn-in-ferro-child"])
+def test_connections_cross_into_the_other_implementations_children(method, direction, tmp_path):
+    # A sacrificial interpreter: mixing both implementations' helper processes (forkserver,
+    # resource tracker) in the pytest process would trip the leak checks of later tests.
+    script = tmp_path / "cross.py"
+    script.write_text(_CROSS_SCRIPT)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
+    res = subprocess.run(
+        [sys.executable, str(script), method, direction],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "crossed" in res.stdout

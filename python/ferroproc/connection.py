@@ -332,3 +332,13 @@ def rebuild_connection(df, readable, writable):
 
 
 reduction.register(Connection, reduce_connection)
+
+
+def _register_with_stdlib():
+    # The stdlib's pickler (a stdlib Process or Queue) can then carry ferroproc connections too.
+    import multiprocessing.reduction
+
+    multiprocessing.reduction.register(Connection, reduce_connection)
+
+
+_register_with_stdlib()
