@@ -4,8 +4,6 @@ The exception classes are the stdlib's own, so `except multiprocessing.TimeoutEr
 ferroproc's timeouts and the other way round.
 """
 
-from __future__ import annotations
-
 import _thread
 import os
 import sys
@@ -39,8 +37,14 @@ def __getattr__(name):
     # The exception classes are the stdlib's own. They are looked up on first use, so a spawned
     # child that never touches them does not pay for importing the stdlib package.
     if name in _EXCEPTIONS:
-        from multiprocessing import context as std
-
+        std = process._stdlib_module("context")
+        if std is None:
+            if sys.modules.get("multiprocessing.context") is sys.modules[__name__]:
+                raise ImportError(
+                    "multiprocessing.context is aliased to ferroproc.context: import the stdlib's"
+                    " multiprocessing before aliasing it, so the shared exception classes exist"
+                )
+            from multiprocessing import context as std
         for n in _EXCEPTIONS:
             globals()[n] = getattr(std, n)
         return globals()[name]

@@ -6,8 +6,6 @@ objects such as its `Connection` pickle into ferroproc children). Unlike the std
 dispatch table is cached and rebuilt only when one of its sources changes.
 """
 
-from __future__ import annotations
-
 # The C pickler itself: `pickle.py` would pull in `re` and friends, which a spawned child's
 # start-up should not pay for.
 import _pickle
@@ -54,8 +52,8 @@ _cache: dict = {}
 
 
 def _stdlib_extras():
-    std = sys.modules.get("multiprocessing.reduction")
-    if std is None or std is sys.modules[__name__]:
+    std = context.process._stdlib_module("reduction")
+    if std is None:
         return None
     return getattr(std.ForkingPickler, "_extra_reducers", None)
 
