@@ -954,3 +954,18 @@ def test_connections_cross_into_the_other_implementations_children(method, direc
     )
     assert res.returncode == 0, res.stderr
     assert "crossed" in res.stdout
+
+
+def test_send_socket_and_connection_objects_use_registered_reducers():
+    import ferroproc.reduction
+
+    fc = _ferro_connection()
+    a, b = fc.Pipe()
+    s1, s2 = socket.socketpair()
+    fp_extras = ferroproc.reduction.ForkingPickler._extra_reducers
+    assert fp_extras.get(socket.socket) is not None
+    assert fp_extras.get(fc.Connection) is fc.reduce_connection
+    for s in (s1, s2):
+        s.close()
+    a.close()
+    b.close()

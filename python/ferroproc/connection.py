@@ -333,6 +333,11 @@ def rebuild_connection(df, readable, writable):
 
 reduction.register(Connection, reduce_connection)
 
+# `reduction` registers its socket reducer lazily, from its own pickler, once `socket` is
+# imported; `send` pickles without that pickler, and this module imports `socket` anyway.
+if not getattr(reduction, "_socket_registered", True):
+    reduction._register_socket()
+
 
 def _register_with_stdlib():
     # The stdlib's pickler (a stdlib Process or Queue) can then carry ferroproc connections too.
