@@ -9,14 +9,12 @@ ferroproc end talks to a stdlib end of the same socket or pipe.
 from __future__ import annotations
 
 import copyreg
-import hmac
 import io
 import itertools
 import os
 import pickle
 import socket
 import sys
-import tempfile
 import threading
 
 from . import reduction, util
@@ -106,8 +104,12 @@ def arbitrary_address(family):
     if family == "AF_INET":
         return ("localhost", 0)
     if family == "AF_UNIX":
+        import tempfile  # lazily: children that only receive a connection never need it
+
         return tempfile.mktemp(prefix="listener-", dir=util.get_temp_dir())
     if family == "AF_PIPE":
+        import tempfile
+
         return tempfile.mktemp(prefix=rf"\\.\pipe\pyc-{os.getpid()}-{next(_mmap_counter)}-", dir="")
     raise ValueError("unrecognized family")
 
@@ -248,6 +250,11 @@ if sys.version_info >= (3, 12):  # pragma: no cover - exercised on newer interpr
     from multiprocessing.connection import answer_challenge, deliver_challenge
 else:
 
+    def _hmac_md5(key, message):
+        import hmac  # lazily: it loads OpenSSL
+
+        return hmac.new(key, message, "md5").digest()
+
     def _check_authkey(authkey):
         if not isinstance(authkey, bytes):
             raise ValueError(f"Authkey must be bytes, not {type(authkey)!s}")
@@ -257,8 +264,10 @@ else:
         _check_authkey(authkey)
         nonce = os.urandom(MESSAGE_LENGTH)
         connection.send_bytes(CHALLENGE + nonce)
-        expected = hmac.new(authkey, nonce, "md5").digest()
+        expected = _hmac_md5(authkey, nonce)
         answer = connection.recv_bytes(256)  # a short reply is all that is accepted
+        import hmac
+
         if hmac.compare_digest(answer, expected):
             connection.send_bytes(WELCOME)
         else:
@@ -272,7 +281,7 @@ else:
         if not challenge.startswith(CHALLENGE):
             raise AssertionError(f"message = {challenge!r}")
         nonce = challenge[len(CHALLENGE) :]
-        connection.send_bytes(hmac.new(authkey, nonce, "md5").digest())
+        connection.send_bytes(_hmac_md5(authkey, nonce))
         if connection.recv_bytes(256) != WELCOME:
             raise AuthenticationError("digest sent was rejected")
 
