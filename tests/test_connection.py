@@ -969,3 +969,10 @@ def test_send_socket_and_connection_objects_use_registered_reducers():
         s.close()
     a.close()
     b.close()
+
+
+def test_wait_reports_a_closed_descriptor_as_ready(conn):
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    assert conn.wait([r], SHORT_TIMEOUT) == [r]

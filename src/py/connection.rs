@@ -642,10 +642,11 @@ fn wait_objects<'py>(
         .iter()
         .map(|&n| borrow(n))
         .collect::<PyResult<Vec<_>>>()?;
-    let mut ready = sys_wait::poll_readable(&fds, Some(Duration::ZERO))?;
+    // Like the stdlib's selector: a closed descriptor is reported ready, not an error.
+    let mut ready = stream::poll_any_ready(&fds, Duration::ZERO)?;
     if ready.is_empty() && !deadline.is_expired() {
         ready = wait_until(py, deadline, |slice| {
-            let r = sys_wait::poll_readable(&fds, Some(slice))?;
+            let r = stream::poll_any_ready(&fds, slice)?;
             Ok((!r.is_empty()).then_some(r))
         })?
         .unwrap_or_default();

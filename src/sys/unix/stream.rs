@@ -232,3 +232,32 @@ pub fn write_blocking(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>], how: NoWait) -> 
         NoWait::Pipe | NoWait::Unsupported => classify(nix::sys::uio::writev(fd, bufs)),
     }
 }
+
+/// Polls `fds` for readability for up to `timeout`, the way `select.poll` reports to
+/// `multiprocessing.connection.wait`: hang-up, error and an invalid descriptor (`POLLNVAL`)
+/// all count as ready, so the caller's next operation on it reports the problem. Empty on
+/// timeout or EINTR.
+///
+/// # Errors
+/// The `poll` errno (EINVAL for too many descriptors, ENOMEM).
+pub fn poll_any_ready(fds: &[BorrowedFd<'_>], timeout: std::time::Duration) -> Result<Vec<usize>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128);
+    let ms =
+        PollTimeout::try_from(i32::try_from(ms).unwrap_or(i32::MAX)).unwrap_or(PollTimeout::MAX);
+    match poll(&mut pfds, ms) {
+        Ok(0) | Err(Errno::EINTR) => Ok(Vec::new()),
+        Ok(_) => Ok(pfds
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(i, _)| i)
+            .collect()),
+        Err(e) => Err(e.into()),
+    }
+}
