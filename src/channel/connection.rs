@@ -199,6 +199,30 @@ pub fn drive<T>(
     }
 }
 
+/// Retries `step` without sleeping for up to `window`: when the peer answers within a few
+/// microseconds (request/response traffic between processes on different CPUs), this skips
+/// the cost of going to sleep in `poll` and being woken, which dominates such round trips.
+/// `Ok(None)` when nothing arrived in time.
+///
+/// # Errors
+/// Whatever `step` fails with.
+pub fn spin<T>(
+    src: &mut FdSource<'_>,
+    window: Duration,
+    mut step: impl FnMut(&mut FdSource<'_>) -> Result<Progress<T>>,
+) -> Result<Option<T>> {
+    let start = Instant::now();
+    loop {
+        if let Progress::Ready(v) = step(src)? {
+            return Ok(Some(v));
+        }
+        if start.elapsed() >= window {
+            return Ok(None);
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Writes as much of the frame as the kernel takes without blocking.
 ///
 /// # Errors

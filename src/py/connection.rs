@@ -6,6 +6,7 @@
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -36,6 +37,19 @@ enum Mode {
     Attached,
     /// Large: straight to the detached loop.
     Detached,
+}
+
+/// How long a receiver that expects to wait polls without sleeping first.
+const SPIN_WINDOW: Duration = Duration::from_micros(25);
+/// Consecutive fruitless spins after which a connection stops spinning...
+const SPIN_GIVE_UP: u8 = 8;
+/// ...until a wait ends within this (the answer would nearly have been caught).
+const SPIN_RETRY: Duration = Duration::from_micros(100);
+
+/// Whether spinning can help: with one CPU the peer cannot answer while we spin.
+fn multi_cpu() -> bool {
+    static MULTI: OnceLock<bool> = OnceLock::new();
+    *MULTI.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 /// A wait shorter than this means the data was already there.
@@ -96,6 +110,8 @@ pub(crate) struct Connection {
     writable: bool,
     /// Learnt: the last receive found no data and had to wait.
     expect_wait: AtomicBool,
+    /// Learnt: consecutive receives whose spin ended without data.
+    spin_fails: AtomicU8,
 }
 
 impl Drop for Connection {
@@ -216,6 +232,7 @@ impl Connection {
             readable: AtomicBool::new(readable),
             writable,
             expect_wait: AtomicBool::new(false),
+            spin_fails: AtomicU8::new(0),
         }
     }
 
@@ -294,9 +311,11 @@ impl Connection {
     /// to be there already, else (or then) in the detached, signal-checking wait loop.
     ///
     /// `Mode::Learn` is for a step cheap enough to run attached that starts a receive: whether
-    /// to try it attached first is learnt per connection: a receiver that keeps finding nothing (ping-pong)
-    /// goes straight to waiting, saving a system call per message; one that keeps finding
-    /// data (streaming) keeps the GIL.
+    /// to try it attached first is learnt per connection. A receiver that keeps finding
+    /// nothing (request/response traffic) goes straight to waiting, saving a system call per
+    /// message, and first spins briefly (GIL released) since the answer often comes within
+    /// microseconds; a receiver whose spins keep failing stops spinning until a wait turns
+    /// out short again. One that keeps finding data (streaming) keeps the GIL.
     fn drive<T: Send>(
         &self,
         py: Python<'_>,
@@ -305,13 +324,13 @@ impl Connection {
         mut step: impl FnMut(&mut FdSource<'_>) -> Result<Progress<T>, Error> + Send,
     ) -> PyResult<T> {
         let mut poll_first = false;
-        let small = mode == Mode::Learn;
+        let learn = mode == Mode::Learn;
         if mode == Mode::Attached {
             if let Progress::Ready(v) = step(src)? {
                 return Ok(v);
             }
             poll_first = true;
-        } else if small {
+        } else if learn {
             if self.expect_wait.load(Ordering::Relaxed) {
                 poll_first = true;
             } else if let Progress::Ready(v) = step(src)? {
@@ -321,15 +340,34 @@ impl Connection {
                 poll_first = true;
             }
         }
+        let fails = self.spin_fails.load(Ordering::Relaxed);
+        let mut spin = learn && fails < SPIN_GIVE_UP && multi_cpu();
+        let mut spun_out = false;
         let start = Instant::now();
         let got = wait_until(py, Deadline::never(), |slice| {
+            if std::mem::take(&mut spin) {
+                if let Some(v) = conn::spin(src, SPIN_WINDOW, &mut step)? {
+                    return Ok(Some(v));
+                }
+                spun_out = true;
+            }
             let r = conn::drive(src, slice, poll_first, &mut step);
             poll_first = true;
             r
         });
-        if small && start.elapsed() < READY_AT_ONCE {
-            // The data was there without waiting: try attached next time.
-            self.expect_wait.store(false, Ordering::Relaxed);
+        if learn {
+            let waited = start.elapsed();
+            if waited < READY_AT_ONCE {
+                // The data was there without waiting: try attached next time.
+                self.expect_wait.store(false, Ordering::Relaxed);
+            }
+            if !spun_out && (fails < SPIN_GIVE_UP || waited < SPIN_RETRY) {
+                // Spinning paid off, or the answer came soon enough that it would have.
+                self.spin_fails.store(0, Ordering::Relaxed);
+            } else if spun_out {
+                self.spin_fails
+                    .store(fails.saturating_add(1), Ordering::Relaxed);
+            }
         }
         if src.how() != self.how() {
             self.remember(src.how());
@@ -399,6 +437,7 @@ impl Connection {
             readable: AtomicBool::new(readable),
             writable,
             expect_wait: AtomicBool::new(false),
+            spin_fails: AtomicU8::new(0),
         })
     }
 
