@@ -39,6 +39,9 @@ enum Mode {
     Detached,
 }
 
+/// Send buffer asked for on `Pipe()` socketpairs (the kernel default is ~208 KiB).
+const PIPE_SEND_BUFFER: usize = 1 << 20;
+
 /// How long a receiver that expects to wait polls without sleeping first.
 const SPIN_WINDOW: Duration = Duration::from_micros(25);
 /// Consecutive fruitless spins after which a connection stops spinning...
@@ -699,6 +702,8 @@ fn wait_objects<'py>(
 fn pipe(py: Python<'_>, duplex: bool) -> PyResult<(Py<Connection>, Py<Connection>)> {
     let (a, b) = if duplex {
         let (a, b) = stream::socketpair()?;
+        stream::set_send_buffer(a.as_fd(), PIPE_SEND_BUFFER);
+        stream::set_send_buffer(b.as_fd(), PIPE_SEND_BUFFER);
         (
             Connection::from_owned(a, true, true),
             Connection::from_owned(b, true, true),

@@ -261,3 +261,11 @@ pub fn poll_any_ready(fds: &[BorrowedFd<'_>], timeout: std::time::Duration) -> R
         Err(e) => Err(e.into()),
     }
 }
+
+/// Asks for a send buffer of `bytes` on a socket (best effort: the kernel caps it at
+/// `net.core.wmem_max` for unprivileged processes). For a unix stream socket this bounds how
+/// much the writer may queue before blocking, so a bigger one means fewer sleep/wake
+/// hand-offs per large message.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) {
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &bytes);
+}
