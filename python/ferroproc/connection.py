@@ -4,6 +4,20 @@
 the zero-copy paths of `send_bytes` and `recv_bytes_into` run in Rust. The frame format and the
 authentication handshake are those of the running Python's `multiprocessing.connection`, so a
 ferroproc end talks to a stdlib end of the same socket or pipe.
+
+Differences:
+    * A malformed length (negative, other than the 8-byte-length marker) raises
+      `OSError("bad message length")` (the stdlib returns ``b""``); an absurd announced length
+      never allocates that much: the peer closing early gives `OSError`, as for any frame cut
+      short (the stdlib raises `MemoryError` or allocates it).
+    * `Listener` checks `authkey` before binding (the stdlib leaks the socket on a bad key).
+    * `wait` accepts an object twice (the stdlib's selector raises `KeyError`).
+    * `recv_bytes_into` rejects a read-only or non-contiguous buffer before consuming the
+      message; `send_bytes` of a non-contiguous buffer is always `BufferError`.
+    * `Connection` pickles only through `ForkingPickler` (a plain `pickle.dumps` of a connection
+      raises `TypeError`; the stdlib pickles a meaningless handle number).
+    * `Pipe()` asks for a 1 MiB socket send buffer; a receiver that usually waits spins for up to
+      ~25 microseconds (GIL released) before sleeping.
 """
 
 from __future__ import annotations
