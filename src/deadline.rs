@@ -21,7 +21,9 @@ impl Deadline {
     pub fn after_secs(timeout: Option<f64>) -> Self {
         match timeout {
             None => Self::never(),
-            Some(t) if t.is_nan() || t <= 0.0 => Self { at: Some(Instant::now()) },
+            Some(t) if t.is_nan() || t <= 0.0 => Self {
+                at: Some(Instant::now()),
+            },
             Some(t) => Self {
                 // Durations beyond ~584 years saturate to "forever".
                 at: Duration::try_from_secs_f64(t)
@@ -34,7 +36,8 @@ impl Deadline {
     /// Time left, `None` for a deadline that never expires; zero once expired.
     #[must_use]
     pub fn remaining(&self) -> Option<Duration> {
-        self.at.map(|at| at.saturating_duration_since(Instant::now()))
+        self.at
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     /// Whether the deadline has passed.
@@ -59,7 +62,10 @@ mod tests {
         let d = Deadline::after_secs(None);
         assert!(!d.is_expired());
         assert_eq!(d.remaining(), None);
-        assert_eq!(d.slice(Duration::from_millis(50)), Duration::from_millis(50));
+        assert_eq!(
+            d.slice(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
     }
 
     #[test]

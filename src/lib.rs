@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 /// The `ferroproc._ferroproc` module: registration and init only.
 #[pymodule(gil_used = true)]
 fn _ferroproc(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    py::logging::init();
+    py::logging::init(m.py());
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     py::register(m)
 }

@@ -61,7 +61,10 @@ impl Server {
     /// Wraps the server's end of the control socket.
     #[must_use]
     pub fn new(ctl: OwnedFd) -> Self {
-        Self { ctl, children: Vec::new() }
+        Self {
+            ctl,
+            children: Vec::new(),
+        }
     }
 
     /// Blocks until a request arrives or the client goes away, reaping and reporting children
@@ -74,7 +77,11 @@ impl Server {
             let needs_sweep = self.children.iter().any(|c| c.pidfd.is_none());
             let ready = {
                 let mut fds = vec![self.ctl.as_fd()];
-                fds.extend(self.children.iter().filter_map(|c| c.pidfd.as_ref().map(AsFd::as_fd)));
+                fds.extend(
+                    self.children
+                        .iter()
+                        .filter_map(|c| c.pidfd.as_ref().map(AsFd::as_fd)),
+                );
                 wait::poll_readable(&fds, needs_sweep.then_some(SWEEP))?
             };
             if ready.iter().any(|&i| i > 0) || needs_sweep {
@@ -114,11 +121,17 @@ impl Server {
     /// The reply could not be sent (the client is gone).
     pub fn forked(&mut self, pid: i32, req_fds: Vec<OwnedFd>) -> Result<()> {
         let mut fds = req_fds.into_iter();
-        let status_w = fds.next().ok_or_else(|| Error::Protocol("no status pipe".into()))?;
+        let status_w = fds
+            .next()
+            .ok_or_else(|| Error::Protocol("no status pipe".into()))?;
         drop(fds);
         // Without pidfd (kernels before 5.3) the loop sweeps with waitpid(WNOHANG) instead.
         let pidfd = wait::pidfd_open(pid).ok();
-        self.children.push(Child { pid, pidfd, status_w });
+        self.children.push(Child {
+            pid,
+            pidfd,
+            status_w,
+        });
         fd::write_all(self.ctl.as_fd(), &pid.to_le_bytes())
     }
 
@@ -166,7 +179,9 @@ pub fn decode_header(h: [u8; 8]) -> Result<(usize, usize)> {
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let nfds = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
     if len > MAX_PAYLOAD || nfds > sock::MAX_FDS {
-        return Err(Error::Protocol(format!("bad forkserver request header ({len} bytes, {nfds} fds)")));
+        return Err(Error::Protocol(format!(
+            "bad forkserver request header ({len} bytes, {nfds} fds)"
+        )));
     }
     Ok((len, nfds))
 }
@@ -204,7 +219,13 @@ mod tests {
 
     #[test]
     fn absurd_headers_are_refused_without_allocating() {
-        assert!(matches!(decode_header(encode_header(usize::MAX, 1)), Err(Error::Protocol(_))));
-        assert!(matches!(decode_header(encode_header(10, 10_000)), Err(Error::Protocol(_))));
+        assert!(matches!(
+            decode_header(encode_header(usize::MAX, 1)),
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(
+            decode_header(encode_header(10, 10_000)),
+            Err(Error::Protocol(_))
+        ));
     }
 }

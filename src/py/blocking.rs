@@ -13,7 +13,11 @@ pub(crate) const SLICE: Duration = Duration::from_millis(50);
 
 /// Runs `attempt(slice)` detached until it yields a value or `deadline` passes (`Ok(None)`).
 /// Between attempts, Python signal handlers run; an exception they raise propagates.
-pub(crate) fn wait_until<T, F>(py: Python<'_>, deadline: Deadline, mut attempt: F) -> PyResult<Option<T>>
+pub(crate) fn wait_until<T, F>(
+    py: Python<'_>,
+    deadline: Deadline,
+    mut attempt: F,
+) -> PyResult<Option<T>>
 where
     T: Send,
     F: FnMut(Duration) -> Result<Option<T>> + Send,

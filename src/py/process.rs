@@ -22,8 +22,14 @@ fn cstring(s: Vec<u8>, what: &str) -> PyResult<CString> {
 #[pyfunction]
 fn spawn(path: Vec<u8>, argv: Vec<Vec<u8>>, env: Vec<Vec<u8>>, keep: Vec<i32>) -> PyResult<i32> {
     let path = cstring(path, "executable path")?;
-    let argv = argv.into_iter().map(|a| cstring(a, "argument")).collect::<PyResult<Vec<_>>>()?;
-    let env = env.into_iter().map(|a| cstring(a, "environment")).collect::<PyResult<Vec<_>>>()?;
+    let argv = argv
+        .into_iter()
+        .map(|a| cstring(a, "argument"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let env = env
+        .into_iter()
+        .map(|a| cstring(a, "environment"))
+        .collect::<PyResult<Vec<_>>>()?;
     Ok(sys_spawn::spawn(&path, &argv, &env, &keep)?)
 }
 
@@ -39,7 +45,10 @@ fn wait_readable(py: Python<'_>, fds: Vec<i32>, timeout: Option<f64>) -> PyResul
     }
     let deadline = Deadline::after_secs(timeout);
     let ready = crate::py::blocking::wait_until(py, deadline, |slice| {
-        let borrowed = fds.iter().map(|&f| fd::borrow_raw(f)).collect::<Result<Vec<_>, Error>>()?;
+        let borrowed = fds
+            .iter()
+            .map(|&f| fd::borrow_raw(f))
+            .collect::<Result<Vec<_>, Error>>()?;
         let r = wait::poll_readable(&borrowed, Some(slice))?;
         Ok((!r.is_empty()).then_some(r))
     })?;
@@ -85,7 +94,12 @@ fn waitpid(py: Python<'_>, pid: i32, block: bool) -> PyResult<Option<i32>> {
 
 /// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl`, returns the pid.
 #[pyfunction]
-fn forkserver_request(py: Python<'_>, ctl: i32, payload: &Bound<'_, PyBytes>, fds: Vec<i32>) -> PyResult<i32> {
+fn forkserver_request(
+    py: Python<'_>,
+    ctl: i32,
+    payload: &Bound<'_, PyBytes>,
+    fds: Vec<i32>,
+) -> PyResult<i32> {
     let data = payload.as_bytes().to_vec();
     let ctl = fd::borrow_raw(ctl)?;
     Ok(py.detach(|| forkserver::request(ctl, &data, &fds))?)
@@ -102,8 +116,13 @@ struct ForkServer {
 
 impl ForkServer {
     fn with<T>(&self, f: impl FnOnce(&mut forkserver::Server) -> PyResult<T>) -> PyResult<T> {
-        let mut g = self.inner.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?;
-        let s = g.as_mut().ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?;
+        let s = g
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
         f(s)
     }
 }
@@ -114,21 +133,43 @@ impl ForkServer {
     #[new]
     fn new(ctl: i32) -> PyResult<Self> {
         let owned = fd::dup_cloexec(fd::borrow_raw(ctl)?)?;
-        Ok(Self { inner: Mutex::new(Some(forkserver::Server::new(owned))), pending: Mutex::new(Vec::new()) })
+        Ok(Self {
+            inner: Mutex::new(Some(forkserver::Server::new(owned))),
+            pending: Mutex::new(Vec::new()),
+        })
     }
 
     /// Blocks for the next request: `(payload, fds)`, or `None` when the client has gone.
     /// The returned fds stay owned by the server until `forked`/`child_after_fork`.
-    fn next_event<'py>(&self, py: Python<'py>) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
-        let mut taken = self.inner.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?.take();
-        let server = taken.as_mut().ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
+    fn next_event<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
+        let mut taken = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
+            .take();
+        let server = taken
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
         let ev = py.detach(|| server.next_event());
-        *self.inner.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = taken;
+        *self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = taken;
         match ev? {
             forkserver::Event::Shutdown => Ok(None),
             forkserver::Event::Request(req) => {
-                let raw = req.fds.iter().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)).collect();
-                *self.pending.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = req.fds;
+                let raw = req
+                    .fds
+                    .iter()
+                    .map(std::os::fd::AsRawFd::as_raw_fd)
+                    .collect();
+                *self
+                    .pending
+                    .lock()
+                    .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = req.fds;
                 Ok(Some((PyBytes::new(py, &req.payload), raw)))
             }
         }
@@ -136,21 +177,37 @@ impl ForkServer {
 
     /// In the server after a successful fork: remember the child and reply with its pid.
     fn forked(&self, pid: i32) -> PyResult<()> {
-        let fds = std::mem::take(&mut *self.pending.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?);
+        let fds = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?,
+        );
         self.with(|s| Ok(s.forked(pid, fds)?))
     }
 
     /// In the server after a failed fork: reply with the errno and drop the request's fds.
     fn fork_failed(&self, errno: i32) -> PyResult<()> {
-        self.pending.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?.clear();
+        self.pending
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
+            .clear();
         self.with(|s| Ok(s.fork_failed(errno)?))
     }
 
     /// In the child: close every server descriptor and hand the request's fds to Python, which
     /// owns them from now on.
     fn child_after_fork(&self) -> PyResult<Vec<i32>> {
-        self.inner.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?.take();
-        let fds = std::mem::take(&mut *self.pending.lock().map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?);
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
+            .take();
+        let fds = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?,
+        );
         Ok(fds.into_iter().map(IntoRawFd::into_raw_fd).collect())
     }
 
@@ -160,7 +217,6 @@ impl ForkServer {
     }
 }
 
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spawn, m)?)?;
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;
@@ -169,6 +225,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(waitpid, m)?)?;
     m.add_function(wrap_pyfunction!(forkserver_request, m)?)?;
     m.add_function(wrap_pyfunction!(crate::py::logging::reset_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(crate::py::logging::init_logging, m)?)?;
     m.add_class::<ForkServer>()?;
     Ok(())
 }

@@ -21,7 +21,11 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// EBADF for a closed descriptor.
 pub fn set_cloexec(fd: BorrowedFd<'_>, cloexec: bool) -> Result<()> {
     let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
-    let new = if cloexec { flags | FdFlag::FD_CLOEXEC } else { flags - FdFlag::FD_CLOEXEC };
+    let new = if cloexec {
+        flags | FdFlag::FD_CLOEXEC
+    } else {
+        flags - FdFlag::FD_CLOEXEC
+    };
     if new != flags {
         fcntl(fd, FcntlArg::F_SETFD(new))?;
     }
@@ -81,9 +85,10 @@ pub fn borrow_raw<'a>(fd: RawFd) -> Result<BorrowedFd<'a>> {
 /// # Errors
 /// The `fcntl(F_DUPFD_CLOEXEC)` errno.
 pub fn dup_cloexec(fd: impl AsFd) -> Result<OwnedFd> {
-    Ok(fd.as_fd().try_clone_to_owned().map_err(|e| {
-        Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF))
-    })?)
+    Ok(fd
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?)
 }
 
 /// The raw number of an owned descriptor, for handing to Python.

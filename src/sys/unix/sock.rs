@@ -23,7 +23,13 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
     let sent = loop {
-        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(data)], cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(data)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
             Ok(n) => break n,
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -69,7 +75,9 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Vec<OwnedFd
             }
         }
         if truncated {
-            return Err(Error::Protocol("descriptors were truncated in transit".into()));
+            return Err(Error::Protocol(
+                "descriptors were truncated in transit".into(),
+            ));
         }
         if n == 0 {
             return Err(Error::Eof);

@@ -60,7 +60,14 @@ pub fn spawn(path: &CStr, argv: &[CString], env: &[CString], keep: &[RawFd]) -> 
     // pointers into `CString`s that outlive this call; `fa` is initialised; a null attribute
     // pointer means defaults. posix_spawn does not retain any of these pointers.
     let rc = unsafe {
-        libc::posix_spawn(&mut pid, path.as_ptr(), &fa.0, ptr::null(), argv_p.as_ptr(), env_p.as_ptr())
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &fa.0,
+            ptr::null(),
+            argv_p.as_ptr(),
+            env_p.as_ptr(),
+        )
     };
     if rc != 0 {
         return Err(Errno::from_raw(rc).into());

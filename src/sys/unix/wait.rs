@@ -31,7 +31,10 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
 /// # Errors
 /// EBADF (reported as `POLLNVAL`) for a closed descriptor, or the `poll` errno.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<usize>> {
-    let mut pfds: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
     let timeout = match timeout {
         None => PollTimeout::NONE,
         // Round up so that a sub-millisecond remainder still sleeps instead of spinning.
@@ -75,7 +78,11 @@ pub fn exitcode(status: WaitStatus) -> Option<i32> {
 /// # Errors
 /// ECHILD if `pid` is not a child of ours (or was already reaped).
 pub fn waitpid(pid: i32, block: bool) -> Result<Option<i32>> {
-    let flags = if block { None } else { Some(WaitPidFlag::WNOHANG) };
+    let flags = if block {
+        None
+    } else {
+        Some(WaitPidFlag::WNOHANG)
+    };
     loop {
         match nix_waitpid(Pid::from_raw(pid), flags) {
             Ok(WaitStatus::StillAlive) => return Ok(None),

@@ -1,0 +1,59 @@
+"""ferroproc: a drop-in replacement for `multiprocessing` whose hot paths run in Rust.
+
+Use it as ``import ferroproc as multiprocessing``. The module-level functions are bound to the
+default context, exactly as in the stdlib. Names of `multiprocessing.__all__` that ferroproc
+does not implement yet are absent (see the README's coverage table), never stubs.
+"""
+
+from . import context
+from .process import active_children, current_process, parent_process
+
+__all__ = [
+    "AuthenticationError",
+    "BufferTooShort",
+    "Process",
+    "ProcessError",
+    "TimeoutError",
+    "active_children",
+    "cpu_count",
+    "current_process",
+    "freeze_support",
+    "get_all_start_methods",
+    "get_context",
+    "get_logger",
+    "get_start_method",
+    "log_to_stderr",
+    "parent_process",
+    "reducer",
+    "set_executable",
+    "set_forkserver_preload",
+    "set_start_method",
+]
+
+_ctx = context._default_context
+
+Process = context.Process
+cpu_count = _ctx.cpu_count
+freeze_support = _ctx.freeze_support
+get_all_start_methods = _ctx.get_all_start_methods
+get_context = _ctx.get_context
+get_logger = _ctx.get_logger
+get_start_method = _ctx.get_start_method
+log_to_stderr = _ctx.log_to_stderr
+set_executable = _ctx.set_executable
+set_forkserver_preload = _ctx.set_forkserver_preload
+set_start_method = _ctx.set_start_method
+reducer = context.reduction
+
+SUBDEBUG = 5
+SUBWARNING = 25
+
+
+def __getattr__(name):
+    # ProcessError, BufferTooShort, TimeoutError, AuthenticationError: the stdlib's classes,
+    # resolved on first use (see context.__getattr__).
+    return getattr(context, name) if name in context._EXCEPTIONS else _missing(name)
+
+
+def _missing(name):
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,150 @@
+"""Benchmark cases, and the child targets they start.
+
+Every case takes the module under test (``multiprocessing`` or ``ferroproc``) and builds all it
+uses from that module's contexts, so the same code times both. Child targets are module-level
+functions here: spawn and forkserver children find them by importing this module.
+
+Note on spawn and forkserver: their children import this module and therefore the ``ferroproc``
+package, and, under ``python -m ferroproc.bench``, re-import ``ferroproc.bench.__main__`` as
+``__mp_main__``. The stdlib's children pay that import too, so both columns carry the same extra.
+
+Later subsystems add their cases below with ``@case``; keep this module's imports cheap, since
+every spawned child imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from ferroproc.bench.registry import SkipCase, case
+
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+#: Upper bound on any single wait in a case; reaching it means the implementation hung.
+WAIT_TIMEOUT = 60.0
+
+#: The reference floor for starting and reaping one process.
+FORK_FLOOR = "floor_os_fork_exit_waitpid"
+
+_perf = time.perf_counter
+
+
+# -- child targets -------------------------------------------------------------------------
+
+
+def noop() -> None:
+    """Child target that returns at once."""
+
+
+def exit_with(arg: int) -> None:
+    """Child target that exits with status ``arg % 256`` through ``SystemExit``."""
+    sys.exit(arg % 256)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def get_context(mod: ModuleType, method: str) -> Any:
+    """``mod.get_context(method)``, or :class:`SkipCase` if the module cannot provide it."""
+    get = getattr(mod, "get_context", None)
+    if get is None:
+        raise SkipCase(f"{mod.__name__} has no get_context")
+    try:
+        ctx = get(method)
+    except ValueError as exc:
+        raise SkipCase(f"start method {method!r} not available: {exc}") from None
+    if not hasattr(ctx, "Process"):
+        raise SkipCase(f"{mod.__name__}.get_context({method!r}) has no Process")
+    return ctx
+
+
+def reap(proc: Any, expected: int) -> None:
+    """Checks that a joined process exited with ``expected``, then closes it.
+
+    A process still running after the join timeout is killed and reported as a hang.
+    """
+    code = proc.exitcode
+    if code is None:
+        proc.kill()
+        proc.join(WAIT_TIMEOUT)
+        raise RuntimeError(f"child {proc.pid} still running after {WAIT_TIMEOUT} s")
+    if code != expected:
+        raise RuntimeError(f"child {proc.pid} exited with {code}, expected {expected}")
+    proc.close()
+
+
+# -- process start -------------------------------------------------------------------------
+
+
+@case(
+    "process_start_join",
+    params=START_METHODS,
+    n={"fork": 100, "spawn": 12, "forkserver": 30},
+    unit="process",
+    floor=FORK_FLOOR,
+    warmup=2,
+)
+def process_start_join(mod: ModuleType, n: int, method: str) -> float:
+    """Process(target=noop) + start() + join() for one start method."""
+    ctx = get_context(mod, method)
+    total = 0.0
+    for _ in range(n):
+        t0 = _perf()
+        proc = ctx.Process(target=noop)
+        proc.start()
+        proc.join(WAIT_TIMEOUT)
+        total += _perf() - t0
+        reap(proc, 0)
+    return total
+
+
+@case(
+    "process_roundtrip_exitcode",
+    params=START_METHODS,
+    n={"fork": 100, "spawn": 12, "forkserver": 30},
+    unit="process",
+    floor=FORK_FLOOR,
+    warmup=2,
+)
+def process_roundtrip_exitcode(mod: ModuleType, n: int, method: str) -> float:
+    """Process(target=exit_with, args=(i,)), child sys.exit(i % 256), parent checks exitcode."""
+    ctx = get_context(mod, method)
+    total = 0.0
+    for i in range(n):
+        arg = 1000 + i
+        t0 = _perf()
+        proc = ctx.Process(target=exit_with, args=(arg,))
+        proc.start()
+        proc.join(WAIT_TIMEOUT)
+        code = proc.exitcode  # reading it is part of the round trip
+        total += _perf() - t0
+        if code is not None and code != arg % 256:
+            raise RuntimeError(f"child exited with {code}, expected {arg % 256}")
+        reap(proc, arg % 256)
+    return total
+
+
+# -- reference floors ----------------------------------------------------------------------
+
+
+@case(FORK_FLOOR, n=200, unit="process", reference=True)
+def floor_fork(_mod: None, n: int) -> float:
+    """Raw os.fork() + os._exit(0) + os.waitpid() from this interpreter: no multiprocessing."""
+    total = 0.0
+    for _ in range(n):
+        t0 = _perf()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        total += _perf() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"forked child exited with wait status {status:#x}")
+    return total

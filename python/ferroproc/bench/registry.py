@@ -1,0 +1,199 @@
+"""The registry of benchmark cases.
+
+A case is a plain function that exercises the *module under test*, which is either the stdlib
+``multiprocessing`` or ``ferroproc``, so one body of code measures both. Subsystems add their
+cases with the :func:`case` decorator, in :mod:`ferroproc.bench.cases` or in a module that
+file imports.
+
+Contract of a case function::
+
+    @case("pipe_pingpong_64b", n=5000, unit="round trip")
+    def pipe_pingpong(mod, n):
+        ...            # setup, not timed
+        t0 = time.perf_counter()
+        ...            # n operations
+        return time.perf_counter() - t0
+
+* It receives the module under test and ``n``, the number of operations to time, and returns
+  the total seconds those ``n`` operations took. The runner divides by ``n``, so every result
+  is *seconds per operation* and lower is better. Measuring inside the case lets it leave setup
+  and teardown out of the timing.
+* Parametrized cases (``params=...``) also receive the parameter as a third argument and are
+  listed as ``name[param]``.
+* When the module lacks what the case needs (no ``Queue`` yet, a start method it does not
+  support), raise :class:`SkipCase` with a short reason. ``AttributeError``,
+  ``NotImplementedError`` and ``ImportError`` raised during the warm-up call count as skips
+  too; after a successful warm-up, any exception is an error of that implementation.
+* Reference cases (``reference=True``) measure a floor without multiprocessing, are called
+  with ``None`` instead of a module, and run once per repeat rather than once per module.
+  A case names its floor with ``floor=`` and the report shows how many floors it costs.
+
+This module is imported by spawn and forkserver children (through ``cases``), so it stays
+cheap to import: no dataclasses, no typing at run time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+__all__ = ["REGISTRY", "Case", "SkipCase", "case", "select"]
+
+
+class SkipCase(Exception):
+    """Raised by a case when the module under test cannot run it; the message says why."""
+
+
+class Case:
+    """One runnable benchmark: a registered function, bound to one parameter if any."""
+
+    __slots__ = (
+        "description",
+        "floor",
+        "func",
+        "n",
+        "name",
+        "param",
+        "reference",
+        "unit",
+        "warmup",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., float],
+        *,
+        param: object,
+        n: int,
+        unit: str,
+        description: str,
+        reference: bool,
+        floor: str | None,
+        warmup: int,
+    ) -> None:
+        self.name = name
+        self.func = func
+        self.param = param
+        self.n = n
+        self.unit = unit
+        self.description = description
+        self.reference = reference
+        self.floor = floor
+        self.warmup = warmup
+
+    def __call__(self, mod: object, n: int) -> float:
+        """Runs ``n`` operations on ``mod`` and returns the total seconds they took."""
+        if self.param is None:
+            return self.func(mod, n)
+        return self.func(mod, n, self.param)
+
+    def __repr__(self) -> str:
+        return f"Case({self.name!r}, n={self.n}, unit={self.unit!r})"
+
+
+#: Every registered case by name, in registration order.
+REGISTRY: dict[str, Case] = {}
+
+
+def case(
+    name: str,
+    *,
+    n: int | Mapping[str, int],
+    unit: str = "op",
+    params: Sequence[str] | None = None,
+    reference: bool = False,
+    floor: str | None = None,
+    warmup: int = 1,
+    description: str | None = None,
+) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Registers the decorated function as a benchmark case (see the module docstring).
+
+    Args:
+        name: case name; parametrized cases become ``name[param]``.
+        n: operations per timed repeat, or a mapping from parameter to that count. Choose it
+            so one repeat of the stdlib takes roughly 0.1 to 1 second.
+        unit: what one operation is, for the table ("process", "round trip", "MiB"...).
+        params: optional parameter values, each registered as its own case.
+        reference: a floor measured without multiprocessing; run once, not per module.
+        floor: name of the reference case this one is compared against.
+        warmup: operations run once per module before timing, to pay one-time costs
+            (forkserver start, resource tracker, imports) outside the samples.
+        description: one line for ``--list``; defaults to the first docstring line.
+    """
+
+    def register(func: Callable[..., float]) -> Callable[..., float]:
+        doc = description
+        if doc is None:
+            doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
+        for param in params if params is not None else (None,):
+            full = name if param is None else f"{name}[{param}]"
+            if full in REGISTRY:
+                raise ValueError(f"benchmark case {full!r} is registered twice")
+            if isinstance(n, int):
+                count = n
+            elif param is not None:
+                count = n[param]
+            else:
+                raise TypeError(f"case {name!r}: a mapping for n needs params")
+            if count < 1 or warmup < 0:
+                raise ValueError(f"case {full!r}: n must be >= 1 and warmup >= 0")
+            REGISTRY[full] = Case(
+                full,
+                func,
+                param=param,
+                n=count,
+                unit=unit,
+                description=doc,
+                reference=reference,
+                floor=floor,
+                warmup=warmup,
+            )
+        return func
+
+    return register
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Exact name, prefix, or a glob where only ``*`` and ``?`` are special.
+
+    Square brackets are literal, because parametrized names contain them:
+    ``process_*[fork]`` selects every fork process case.
+    """
+    if name == pattern or name.startswith(pattern):
+        return True
+    literal_brackets = pattern.replace("[", "[[]")
+    return fnmatch.fnmatchcase(name, literal_brackets)
+
+
+def select(patterns: Iterable[str] | None) -> list[Case]:
+    """The cases matching any of ``patterns`` (all when empty), in registration order.
+
+    Reference cases named as a ``floor`` by a selected case are added, so the report can
+    always show how far a result is from its floor.
+
+    Raises:
+        KeyError: a pattern matches no case; the message lists it.
+    """
+    pats = list(patterns or ())
+    if not pats:
+        chosen = set(REGISTRY)
+    else:
+        chosen = set()
+        unmatched = []
+        for pat in pats:
+            hits = {name for name in REGISTRY if _matches(pat, name)}
+            if not hits:
+                unmatched.append(pat)
+            chosen |= hits
+        if unmatched:
+            raise KeyError(", ".join(unmatched))
+    floors = {REGISTRY[name].floor for name in chosen} - {None}
+    unknown = sorted(f for f in floors if f not in REGISTRY)
+    if unknown:
+        raise KeyError(f"unregistered floor case(s): {', '.join(unknown)}")
+    chosen |= floors
+    return [c for name, c in REGISTRY.items() if name in chosen]

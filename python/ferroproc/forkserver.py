@@ -1,0 +1,224 @@
+"""Forkserver start method: one clean server process per parent forks children on request.
+
+The server is spawned once (`posix_spawn` of the interpreter), imports the preload modules,
+then runs ferroproc's native request loop. Parent and server talk over a private unix
+socketpair: no filesystem address, nothing to clean up, and the server exits when the parent
+(and every process holding the parent's end) is gone. Each request carries the pickled process
+and its descriptors (`SCM_RIGHTS`); the server forks, replies with the pid, and reports the
+child's exit code on the child's status pipe when it reaps it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+
+from . import process, spawn, util
+
+__all__ = [
+    "ForkServer",
+    "ensure_running",
+    "get_inherited_fds",
+    "main",
+    "set_forkserver_preload",
+]
+
+MAXFDS_TO_SEND = 256
+
+
+class ForkServer:
+    """Client-side state: the control socket of this process's server, started lazily."""
+
+    def __init__(self):
+        self._ctl = None
+        self._pid = None
+        self._lock = threading.Lock()
+        self._preload_modules = ["__main__"]
+        self._inherited_fds = None
+
+    def _stop(self):
+        with self._lock:
+            self._stop_unlocked()
+
+    def _stop_unlocked(self):
+        if self._ctl is None:
+            return
+        ctl, pid = self._ctl, self._pid
+        self._ctl = self._pid = None
+        ctl.close()
+        # Closing our end makes the server's loop see EOF and exit.
+        from ._ferroproc import waitpid
+
+        try:
+            waitpid(pid, True)
+        except ChildProcessError:
+            pass
+
+    def _after_fork_in_child(self):
+        # A forked child must not share its parent's server connection (requests would
+        # interleave); it starts its own server if it needs one.
+        self._lock = threading.Lock()
+        if self._ctl is not None:
+            self._ctl.close()
+        self._ctl = self._pid = None
+
+    def set_forkserver_preload(self, modules_names):
+        """Sets the modules the server imports at start-up."""
+        if not all(type(mod) is str for mod in modules_names):
+            raise TypeError("module_names must be a list of strings")
+        self._preload_modules = modules_names
+
+    def get_inherited_fds(self):
+        """Descriptors handed to this process by the forkserver request, or None."""
+        return self._inherited_fds
+
+    def ensure_running(self):
+        """Starts the server if this process has none running."""
+        with self._lock:
+            self._ensure_running_unlocked()
+
+    def _ensure_running_unlocked(self):
+        if self._ctl is not None:
+            if self._pid is not None and _exited(self._pid):
+                self._ctl.close()
+                self._ctl = self._pid = None
+            else:
+                return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            main_path = sys_path = None
+            if self._preload_modules:
+                data = spawn.get_preparation_data("ignore")
+                main_path = data.get("init_main_from_path")
+                sys_path = data["sys_path"]
+            prog = (
+                "from ferroproc.forkserver import main; "
+                f"main({theirs.fileno()}, {self._preload_modules!r}, {main_path!r}, {sys_path!r})"
+            )
+            from subprocess import _args_from_interpreter_flags
+
+            exe = spawn.get_executable()
+            args = [exe, *_args_from_interpreter_flags(), "-c", prog]
+            self._pid = util.spawnv_passfds(exe, args, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._ctl = ours
+
+    def request(self, payload, fds):
+        """Asks the server to fork a child for `payload`; returns its pid."""
+        from ._ferroproc import forkserver_request
+
+        if len(fds) + 1 > MAXFDS_TO_SEND:
+            raise ValueError("too many fds")
+        with self._lock:
+            self._ensure_running_unlocked()
+            # The child's parent sentinel: a pidfd of this process, sent along.
+            fds = [fds[0], _own_pidfd(), *fds[1:]]
+            try:
+                return forkserver_request(self._ctl.fileno(), payload, fds)
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                # The server died (killed from outside): start a fresh one and retry once.
+                self._ctl.close()
+                self._ctl = self._pid = None
+                self._ensure_running_unlocked()
+                return forkserver_request(self._ctl.fileno(), payload, fds)
+
+
+def _exited(pid):
+    from ._ferroproc import waitpid
+
+    try:
+        return waitpid(pid, False) is not None
+    except ChildProcessError:
+        return True
+
+
+_own = {}
+
+
+def _own_pidfd():
+    pid = os.getpid()
+    fd = _own.get(pid)
+    if fd is None:
+        _own.clear()
+        fd = _own[pid] = os.pidfd_open(pid)
+    return fd
+
+
+_forkserver = ForkServer()
+ensure_running = _forkserver.ensure_running
+get_inherited_fds = _forkserver.get_inherited_fds
+set_forkserver_preload = _forkserver.set_forkserver_preload
+request = _forkserver.request
+os.register_at_fork(after_in_child=_forkserver._after_fork_in_child)
+
+
+def main(ctl_fd, preload, main_path=None, sys_path=None):
+    """The server process: preload, then serve fork requests until the parent is gone."""
+    from ._ferroproc import ForkServer as NativeServer
+    from ._ferroproc import write_exit_report
+
+    if sys_path is not None:
+        sys.path[:] = sys_path
+    if preload:
+        if "__main__" in preload and main_path is not None:
+            process.current_process()._inheriting = True
+            try:
+                spawn.import_main_path(main_path)
+            finally:
+                del process.current_process()._inheriting
+        for modname in preload:
+            try:
+                __import__(modname)
+            except ImportError:
+                pass
+    util._close_stdin()
+    # Ctrl-C in the terminal reaches the whole process group: the server must survive it.
+    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = NativeServer(ctl_fd)
+    os.close(ctl_fd)
+    while True:
+        event = server.next_event()
+        if event is None:
+            break
+        payload, fds = event
+        try:
+            pid = os.fork()
+        except OSError as e:
+            server.fork_failed(e.errno or 1)
+            continue
+        if pid == 0:
+            code = 1
+            try:
+                fds = server.child_after_fork()
+                signal.signal(signal.SIGINT, old_sigint)
+                code = _serve_child(payload, fds)
+            finally:
+                try:
+                    write_exit_report(fds[0], code & 0xFF)
+                finally:
+                    os._exit(code)
+        server.forked(pid)
+    sys.exit(0)
+
+
+def _serve_child(payload, fds):
+    import _pickle
+    import io
+
+    _status_w, parent_sentinel, *inherited = fds
+    _forkserver._inherited_fds = inherited
+    stream = io.BytesIO(payload)
+    process.current_process()._inheriting = True
+    try:
+        spawn.prepare(_pickle.load(stream))
+        self = _pickle.load(stream)
+    finally:
+        del process.current_process()._inheriting
+    return self._bootstrap(parent_sentinel=parent_sentinel)

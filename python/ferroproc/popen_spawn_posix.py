@@ -1,0 +1,73 @@
+"""Spawn start method: `posix_spawn` of the interpreter running ferroproc's child bootstrap."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+from . import context, popen_fork, reduction, spawn, util
+
+__all__ = ["Popen"]
+
+
+class _DupFd:
+    """A descriptor kept open (at the same number) in the spawned child."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def detach(self):
+        return self.fd
+
+
+def set_spawning(popen):
+    """Marks `popen` as the process being started, for ferroproc's and the stdlib's pickling
+    checks (stdlib objects such as a `concurrent.futures` call queue consult the latter)."""
+    context.set_spawning_popen(popen)
+    std = sys.modules.get("multiprocessing.context")
+    if std is not None and std is not context:
+        std.set_spawning_popen(popen)
+
+
+class Popen(popen_fork.Popen):
+    """Handle on a child started by spawn. `sentinel` is a pidfd of the child."""
+
+    method = "spawn"
+    DupFd = _DupFd
+
+    def __init__(self, process_obj):
+        self._fds = []
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd):
+        self._fds.append(fd)
+        return fd
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        fp = io.BytesIO()
+        set_spawning(self)
+        try:
+            reduction.dump(prep_data, fp)
+            reduction.dump(process_obj, fp)
+        finally:
+            set_spawning(None)
+        child_r = parent_w = None
+        try:
+            child_r, parent_w = os.pipe()
+            cmd = spawn.get_command_line(pipe_handle=child_r, parent_pid=os.getpid())
+            self._fds.append(child_r)
+            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            self.sentinel = os.pidfd_open(self.pid)
+            self.finalizer = util.Finalize(self, util.close_fds, (self.sentinel,))
+            try:
+                with open(parent_w, "wb", closefd=False) as f:
+                    f.write(fp.getbuffer())
+            except BrokenPipeError:
+                # The child died before reading; its exit code tells the story.
+                pass
+        finally:
+            for fd in (child_r, parent_w):
+                if fd is not None:
+                    os.close(fd)

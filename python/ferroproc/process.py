@@ -1,0 +1,369 @@
+"""Process objects: the `Process` API of `multiprocessing.process`, started by native popens.
+
+The module keeps the stdlib's module-level state names (`_children`, `_current_process`,
+`_parent_process`, `_process_counter`, `_dangling`) because tools and CPython's own test suite
+reach for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from _weakrefset import WeakSet
+
+__all__ = ["BaseProcess", "active_children", "current_process", "parent_process"]
+
+
+def current_process():
+    """The `Process` object of the running process."""
+    return _current_process
+
+
+def active_children():
+    """Child processes that are still running (finished ones are reaped first)."""
+    _cleanup()
+    return list(_children)
+
+
+def parent_process():
+    """The process that started this one, or None in the main process."""
+    return _parent_process
+
+
+# Children that reported their exit code but had not finished exiting when it was read; they
+# are reaped at the next process start, `active_children()` or exit.
+_unreaped: set = set()
+
+
+def _reap_unreaped():
+    from ._ferroproc import waitpid
+
+    for pid in list(_unreaped):
+        try:
+            done = waitpid(pid, False) is not None
+        except ChildProcessError:
+            done = True
+        if done:
+            _unreaped.discard(pid)
+
+
+def _cleanup():
+    # Forget children whose exit has been observed; polling also reaps them.
+    if _unreaped:
+        _reap_unreaped()
+    for p in list(_children):
+        popen = p._popen
+        if popen is not None and popen.poll() is not None:
+            _children.discard(p)
+
+
+class BaseProcess:
+    """A unit of work run in a separate process, shaped like `threading.Thread`."""
+
+    def _Popen(self):
+        raise TypeError(f"{type(self).__name__} has no start method; use a context's Process")
+
+    def __init__(self, group=None, target=None, name=None, args=(), kwargs={}, *, daemon=None):  # noqa: B006 - the stdlib's signature
+        assert group is None, "group argument must be None for now"
+        identity = (*_current_process._identity, next(_process_counter))
+        self._identity = identity
+        self._config = _current_process._config.copy()
+        self._parent_pid = os.getpid()
+        self._parent_name = _current_process.name
+        self._popen = None
+        self._closed = False
+        self._target = target
+        self._args = tuple(args)
+        self._kwargs = dict(kwargs)
+        self._name = name or f"{type(self).__name__}-{':'.join(map(str, identity))}"
+        if daemon is not None:
+            self.daemon = daemon
+        _dangling.add(self)
+
+    def _check_closed(self):
+        if self._closed:
+            raise ValueError("process object is closed")
+
+    def run(self):
+        """Runs in the child: calls the target. Override in a subclass to do other work."""
+        if self._target:
+            self._target(*self._args, **self._kwargs)
+
+    def start(self):
+        """Starts the child process."""
+        self._check_closed()
+        assert self._popen is None, "cannot start a process twice"
+        assert self._parent_pid == os.getpid(), (
+            "can only start a process object created by current process"
+        )
+        assert not _current_process._config.get("daemon"), (
+            "daemonic processes are not allowed to have children"
+        )
+        _cleanup()
+        self._popen = self._Popen(self)
+        self._sentinel = self._popen.sentinel
+        # The child has its own copies; dropping ours lets arguments be collected early.
+        del self._target, self._args, self._kwargs
+        _children.add(self)
+
+    def terminate(self):
+        """Sends SIGTERM to the child."""
+        self._check_closed()
+        self._popen.terminate()
+
+    def kill(self):
+        """Sends SIGKILL to the child."""
+        self._check_closed()
+        self._popen.kill()
+
+    def join(self, timeout=None):
+        """Waits for the child to end, for at most `timeout` seconds when given."""
+        self._check_closed()
+        assert self._parent_pid == os.getpid(), "can only join a child process"
+        assert self._popen is not None, "can only join a started process"
+        if self._popen.wait(timeout) is not None:
+            _children.discard(self)
+
+    def is_alive(self):
+        """Whether the child has started and not yet ended."""
+        self._check_closed()
+        if self is _current_process:
+            return True
+        assert self._parent_pid == os.getpid(), "can only test a child process"
+        if self._popen is None:
+            return False
+        if self._popen.poll() is None:
+            return True
+        _children.discard(self)
+        return False
+
+    def close(self):
+        """Releases the resources held for a finished child; refuses while it runs."""
+        if self._popen is not None:
+            if self._popen.poll() is None:
+                raise ValueError(
+                    "Cannot close a process while it is still running. "
+                    "You should first call join() or terminate()."
+                )
+            self._popen.close()
+            self._popen = None
+            del self._sentinel
+            _children.discard(self)
+        self._closed = True
+
+    @property
+    def name(self):
+        return self._name
+
+    @name.setter
+    def name(self, name):
+        assert isinstance(name, str), "name must be a string"
+        self._name = name
+
+    @property
+    def daemon(self):
+        """Whether the process is daemonic (terminated, not joined, when its parent exits)."""
+        return self._config.get("daemon", False)
+
+    @daemon.setter
+    def daemon(self, daemonic):
+        assert self._popen is None, "process has already started"
+        self._config["daemon"] = daemonic
+
+    @property
+    def authkey(self):
+        return self._config["authkey"]
+
+    @authkey.setter
+    def authkey(self, authkey):
+        self._config["authkey"] = AuthenticationString(authkey)
+
+    @property
+    def exitcode(self):
+        """The exit code, `-N` for death by signal N, or None while running/unstarted."""
+        self._check_closed()
+        if self._popen is None:
+            return None
+        return self._popen.poll()
+
+    @property
+    def ident(self):
+        """The process id, or None before start."""
+        self._check_closed()
+        if self is _current_process:
+            return os.getpid()
+        return self._popen and self._popen.pid
+
+    pid = ident
+
+    @property
+    def sentinel(self):
+        """A file descriptor that becomes readable when the process ends."""
+        self._check_closed()
+        try:
+            return self._sentinel
+        except AttributeError:
+            raise ValueError("process not started") from None
+
+    def __repr__(self):
+        exitcode = None
+        if self is _current_process:
+            status = "started"
+        elif self._closed:
+            status = "closed"
+        elif self._parent_pid != os.getpid():
+            status = "unknown"
+        elif self._popen is None:
+            status = "initial"
+        else:
+            exitcode = self._popen.poll()
+            status = "started" if exitcode is None else "stopped"
+        parts = [type(self).__name__, f"name={self._name!r}"]
+        if self._popen is not None:
+            parts.append(f"pid={self._popen.pid}")
+        parts.append(f"parent={self._parent_pid}")
+        parts.append(status)
+        if exitcode is not None:
+            parts.append(f"exitcode={_exitcode_name(exitcode)}")
+        if self.daemon:
+            parts.append("daemon")
+        return f"<{' '.join(parts)}>"
+
+    def _bootstrap(self, parent_sentinel=None):
+        """Runs in the child: becomes the current process, runs `run()`, returns the exit code."""
+        from . import context, util
+
+        global _current_process, _parent_process, _process_counter, _children
+        try:
+            if self._start_method is not None:
+                context._force_start_method(self._start_method)
+            _process_counter = itertools.count(1)
+            _children = set()
+            util._close_stdin()
+            _current_process = self
+            _parent_process = _ParentProcess(self._parent_name, self._parent_pid, parent_sentinel)
+            threading = sys.modules.get("threading")
+            if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
+                threading.main_thread()._set_native_id()
+            self._after_fork()
+            util.info("child process calling self.run()")
+            try:
+                self.run()
+                exitcode = 0
+            finally:
+                util._exit_function()
+        except SystemExit as e:
+            if e.code is None:
+                exitcode = 0
+            elif isinstance(e.code, int):
+                exitcode = e.code
+            else:
+                sys.stderr.write(f"{e.code}\n")
+                exitcode = 1
+        except BaseException:
+            exitcode = 1
+            import traceback
+
+            sys.stderr.write(f"Process {self.name}:\n")
+            traceback.print_exc()
+        finally:
+            threading = sys.modules.get("threading")
+            if threading is not None:
+                threading._shutdown()
+            util.info(f"process exiting with exitcode {exitcode}")
+            util._flush_std_streams()
+        return exitcode
+
+    @staticmethod
+    def _after_fork():
+        from . import util
+
+        util._finalizer_registry.clear()
+        util._run_after_forkers()
+
+
+class AuthenticationString(bytes):
+    """A process's authentication key: bytes that refuse to be pickled except to a new child."""
+
+    def __reduce__(self):
+        from .context import get_spawning_popen
+
+        if get_spawning_popen() is None:
+            raise TypeError(
+                "Pickling an AuthenticationString object is disallowed for security reasons"
+            )
+        return AuthenticationString, (bytes(self),)
+
+
+class _ParentProcess(BaseProcess):
+    """The parent as seen from a child: pid, name, and a sentinel to watch it."""
+
+    def __init__(self, name, pid, sentinel):
+        self._identity = ()
+        self._name = name
+        self._pid = pid
+        self._parent_pid = None
+        self._popen = None
+        self._closed = False
+        self._sentinel = sentinel
+        self._config = {}
+
+    def is_alive(self):
+        from ._ferroproc import wait_readable
+
+        return self._sentinel is not None and not wait_readable([self._sentinel], 0)
+
+    @property
+    def ident(self):
+        return self._pid
+
+    def join(self, timeout=None):
+        """Waits until the parent process ends."""
+        from ._ferroproc import wait_readable
+
+        if self._sentinel is not None:
+            wait_readable([self._sentinel], timeout)
+
+    pid = ident
+
+
+class _MainProcess(BaseProcess):
+    def __init__(self):
+        self._identity = ()
+        self._name = "MainProcess"
+        self._parent_pid = None
+        self._popen = None
+        self._closed = False
+        self._config = {"authkey": AuthenticationString(os.urandom(32)), "semprefix": "/mp"}
+
+    def close(self):
+        pass
+
+
+_parent_process = None
+_current_process = _MainProcess()
+_process_counter = itertools.count(1)
+_children: set = set()
+del _MainProcess
+
+_exitcode_names: dict = {}
+
+
+def _exitcode_name(code):
+    """`-SIGTERM` style names for death-by-signal exit codes (built on first use)."""
+    if not _exitcode_names:
+        import signal
+
+        _exitcode_names.update(
+            {-int(sig): f"-{sig.name}" for sig in signal.Signals if "_" not in sig.name}
+        )
+    return _exitcode_names.get(code, code)
+
+
+_dangling = WeakSet()
+
+try:
+    ORIGINAL_DIR = os.path.abspath(os.getcwd())
+except OSError:
+    ORIGINAL_DIR = None

@@ -1,0 +1,394 @@
+"""Helpers shared by the package: logging, finalizers, after-fork hooks, exit handling.
+
+Names and behaviour follow `multiprocessing.util`, so code that configures
+`multiprocessing.get_logger()` or registers `Finalize` callbacks keeps working.
+"""
+
+from __future__ import annotations
+
+import _thread
+import atexit
+import itertools
+import os
+import sys
+import weakref
+
+from . import process
+
+__all__ = [
+    "SUBDEBUG",
+    "SUBWARNING",
+    "Finalize",
+    "ForkAwareLocal",
+    "ForkAwareThreadLock",
+    "close_all_fds_except",
+    "debug",
+    "get_logger",
+    "get_temp_dir",
+    "info",
+    "is_abstract_socket_namespace",
+    "is_exiting",
+    "log_to_stderr",
+    "register_after_fork",
+    "sub_debug",
+    "sub_warning",
+]
+
+NOTSET = 0
+SUBDEBUG = 5
+DEBUG = 10
+INFO = 20
+SUBWARNING = 25
+
+# The stdlib's logger name: existing logging configuration keeps applying after the import swap.
+LOGGER_NAME = "multiprocessing"
+DEFAULT_LOGGING_FORMAT = "[%(levelname)s/%(processName)s] %(message)s"
+
+_logger = None
+_log_to_stderr = False
+
+
+def sub_debug(msg, *args):
+    if _logger:
+        _logger.log(SUBDEBUG, msg, *args, stacklevel=2)
+
+
+def debug(msg, *args):
+    if _logger:
+        _logger.log(DEBUG, msg, *args, stacklevel=2)
+
+
+def info(msg, *args):
+    if _logger:
+        _logger.log(INFO, msg, *args, stacklevel=2)
+
+
+def sub_warning(msg, *args):
+    if _logger:
+        _logger.log(SUBWARNING, msg, *args, stacklevel=2)
+
+
+def get_logger():
+    """The package logger (named like the stdlib's), created on first use."""
+    global _logger
+    import logging
+
+    with logging._lock if hasattr(logging, "_lock") else _LoggingLock():
+        if not _logger:
+            from ._ferroproc import init_logging
+
+            init_logging()
+            _logger = logging.getLogger(LOGGER_NAME)
+            _logger.propagate = False
+            # Our exit handler must run before logging's own shutdown flushes handlers.
+            atexit.unregister(_exit_function)
+            atexit.register(_exit_function)
+    return _logger
+
+
+class _LoggingLock:
+    """Holds logging's module lock (3.11 exposes it only through acquire/release helpers)."""
+
+    def __enter__(self):
+        import logging
+
+        logging._acquireLock()
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging._releaseLock()
+
+
+def log_to_stderr(level=None):
+    """Adds a stderr handler with the stdlib's format to the package logger and returns it."""
+    global _log_to_stderr
+    import logging
+
+    logger = get_logger()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(DEFAULT_LOGGING_FORMAT))
+    logger.addHandler(handler)
+    if level:
+        logger.setLevel(level)
+    _log_to_stderr = True
+    return _logger
+
+
+def _platform_supports_abstract_sockets():
+    return sys.platform == "linux"
+
+
+def is_abstract_socket_namespace(address):
+    """Whether an AF_UNIX address lives in Linux's abstract namespace (leading NUL)."""
+    if not address:
+        return False
+    if isinstance(address, bytes):
+        return address[0] == 0
+    if isinstance(address, str):
+        return address[0] == "\0"
+    raise TypeError(f"address type of {address!r} unrecognized")
+
+
+abstract_sockets_supported = _platform_supports_abstract_sockets()
+
+
+def _remove_temp_dir(rmtree, tempdir):
+    rmtree(tempdir)
+    current = process.current_process()
+    if current is not None:
+        current._config["tempdir"] = None
+
+
+def get_temp_dir():
+    """A private temporary directory for this process, removed at exit."""
+    tempdir = process.current_process()._config.get("tempdir")
+    if tempdir is None:
+        import shutil
+        import tempfile
+
+        tempdir = tempfile.mkdtemp(prefix="pymp-")
+        info("created temp directory %s", tempdir)
+        # Registered with a priority below every default so it runs last.
+        Finalize(None, _remove_temp_dir, args=(shutil.rmtree, tempdir), exitpriority=-100)
+        process.current_process()._config["tempdir"] = tempdir
+    return tempdir
+
+
+_afterfork_registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_afterfork_counter = itertools.count()
+
+
+def _run_after_forkers():
+    for (_index, _ident, func), obj in sorted(_afterfork_registry.items()):
+        try:
+            func(obj)
+        except Exception as e:
+            info("after forker raised exception %s", e)
+
+
+def register_after_fork(obj, func):
+    """Calls `func(obj)` in every child started by fork, while `obj` is alive."""
+    _afterfork_registry[(next(_afterfork_counter), id(obj), func)] = obj
+
+
+_finalizer_registry: dict = {}
+_finalizer_counter = itertools.count()
+
+
+class Finalize:
+    """Runs `callback(*args, **kwargs)` once: when `obj` is collected, when called, or at exit.
+
+    Finalizers with an `exitpriority` run at exit, highest priority first and, within a
+    priority, newest first. A finalizer only ever runs in the process that created it.
+    """
+
+    def __init__(self, obj, callback, args=(), kwargs=None, exitpriority=None):
+        if exitpriority is not None and not isinstance(exitpriority, int):
+            raise TypeError(
+                f"Exitpriority ({exitpriority!r}) must be None or int, not {type(exitpriority)!s}"
+            )
+        if obj is not None:
+            self._weakref = weakref.ref(obj, self)
+        elif exitpriority is None:
+            raise ValueError("Without object, exitpriority cannot be None")
+        self._callback = callback
+        self._args = args
+        self._kwargs = kwargs or {}
+        self._key = (exitpriority, next(_finalizer_counter))
+        self._pid = os.getpid()
+        _finalizer_registry[self._key] = self
+
+    def __call__(self, wr=None, _registry=_finalizer_registry, getpid=os.getpid):
+        """Runs the callback unless it already ran or was cancelled; returns its result."""
+        if _registry.pop(self._key, None) is None:
+            sub_debug("finalizer no longer registered")
+            return None
+        res = None
+        if self._pid == getpid():
+            sub_debug("finalizer calling %s with args %s", self._callback, self._args)
+            res = self._callback(*self._args, **self._kwargs)
+        else:
+            sub_debug("finalizer ignored because different process")
+        self._weakref = self._callback = self._args = self._kwargs = self._key = None
+        return res
+
+    def cancel(self):
+        """Forgets the callback without running it."""
+        if _finalizer_registry.pop(self._key, None) is not None:
+            self._weakref = self._callback = self._args = self._kwargs = self._key = None
+
+    def still_active(self):
+        """Whether the callback has neither run nor been cancelled."""
+        return self._key in _finalizer_registry
+
+    def __repr__(self):
+        try:
+            obj = self._weakref()
+        except (AttributeError, TypeError):
+            obj = None
+        if obj is None:
+            return f"<{type(self).__name__} object, dead>"
+        text = f"<{type(self).__name__} object, callback="
+        text += str(getattr(self._callback, "__name__", self._callback))
+        if self._args:
+            text += f", args={self._args}"
+        if self._kwargs:
+            text += f", kwargs={self._kwargs}"
+        if self._key[0] is not None:
+            text += f", exitpriority={self._key[0]}"
+        return text + ">"
+
+
+def _run_finalizers(minpriority=None):
+    """Runs finalizers that have an exit priority (at least `minpriority` when given)."""
+    if _finalizer_registry is None:
+        return
+    keys = [
+        k
+        for k in list(_finalizer_registry)
+        if k[0] is not None and (minpriority is None or k[0] >= minpriority)
+    ]
+    for key in sorted(keys, reverse=True):
+        finalizer = _finalizer_registry.get(key)
+        if finalizer is not None:
+            sub_debug("calling %s", finalizer)
+            try:
+                finalizer()
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+    if minpriority is None:
+        _finalizer_registry.clear()
+
+
+_exiting = False
+
+
+def is_exiting():
+    """Whether the process is shutting down."""
+    return _exiting or _exiting is None
+
+
+def _exit_function(
+    info=info,
+    debug=debug,
+    _run_finalizers=_run_finalizers,
+    active_children=process.active_children,
+    current_process=process.current_process,
+):
+    # At exit: high-priority finalizers, then terminate daemonic children and join the others,
+    # then the remaining finalizers -- the stdlib's order.
+    global _exiting
+    if _exiting:
+        return
+    _exiting = True
+    info("process shutting down")
+    debug('running all "atexit" finalizers with priority >= 0')
+    _run_finalizers(0)
+    if current_process() is not None:
+        for p in active_children():
+            if p.daemon:
+                info("calling terminate() for daemon %s", p.name)
+                p._popen.terminate()
+        for p in active_children():
+            info("calling join() for process %s", p.name)
+            p.join()
+    debug('running the remaining "atexit" finalizers')
+    _run_finalizers()
+
+
+atexit.register(_exit_function)
+
+
+class ForkAwareThreadLock:
+    """A thread lock that is fresh (unlocked) in every forked child."""
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        register_after_fork(self, ForkAwareThreadLock._at_fork_reinit)
+
+    def _at_fork_reinit(self):
+        self._lock._at_fork_reinit()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *args):
+        return self._lock.__exit__(*args)
+
+
+class ForkAwareLocal(_thread._local):
+    """Thread-local storage that is emptied in forked children."""
+
+    def __init__(self):
+        register_after_fork(self, lambda obj: obj.__dict__.clear())
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+try:
+    MAXFD = os.sysconf("SC_OPEN_MAX")
+except (ValueError, OSError):
+    MAXFD = 256
+
+
+def close_all_fds_except(fds):
+    """Closes every descriptor from 0 up to MAXFD except those in `fds`."""
+    keep = sorted({-1, MAXFD, *fds})
+    for lo, hi in itertools.pairwise(keep):
+        os.closerange(lo + 1, hi)
+
+
+def _close_stdin():
+    if sys.stdin is None:
+        return
+    try:
+        sys.stdin.close()
+    except (OSError, ValueError):
+        pass
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            sys.stdin = open(fd, encoding="utf-8", closefd=False)
+        except BaseException:
+            os.close(fd)
+            raise
+    except (OSError, ValueError):
+        pass
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):
+            pass
+
+
+def spawnv_passfds(path, args, passfds):
+    """Starts `path` with `args`, keeping exactly `passfds` open in the child; returns the pid."""
+    from ._ferroproc import spawn
+
+    env = [k + b"=" + v for k, v in os.environb.items()]
+    return spawn(os.fsencode(path), [os.fsencode(a) for a in args], env, sorted(set(passfds)))
+
+
+def close_fds(*fds):
+    """Closes each descriptor."""
+    for fd in fds:
+        os.close(fd)
+
+
+def _cleanup_tests():
+    """Resets module state between tests (the stdlib's test-support hook)."""
+    from . import forkserver
+
+    process._cleanup()
+    forkserver._forkserver._stop()
+    _run_finalizers()
+    process._current_process._config.pop("tempdir", None)

@@ -1,0 +1,192 @@
+//! Multi-process tests of the system layer and the forkserver protocol, with real processes
+//! started by `posix_spawn` (no fork of the test harness, so tests may run in parallel).
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use _ferroproc::error::Error;
+use _ferroproc::process::forkserver::{self, Event, Server};
+use _ferroproc::sys::{fd, sock, spawn, wait};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+/// Every wait in these tests is bounded by this.
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn sh(script: &str, keep: &[i32]) -> i32 {
+    let argv = ["/bin/sh", "-c", script].map(|a| CString::new(a).unwrap());
+    let env = [CString::new("PATH=/usr/bin:/bin").unwrap()];
+    spawn::spawn(&CString::new("/bin/sh").unwrap(), &argv, &env, keep).expect("spawn")
+}
+
+/// Waits (bounded) for `pid` to end and returns its exit code; kills it on expiry.
+fn join(pid: i32) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(code) = wait::waitpid(pid, false).expect("waitpid") {
+            return code;
+        }
+        if start.elapsed() > LIMIT {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            panic!("child {pid} did not exit within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn pair() -> (OwnedFd, OwnedFd) {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap()
+}
+
+#[test]
+fn spawn_reports_exit_status_and_signals() {
+    assert_eq!(join(sh("exit 7", &[])), 7);
+    assert_eq!(join(sh("kill -9 $$", &[])), -9);
+}
+
+#[test]
+fn spawn_keeps_exactly_the_requested_fds() {
+    let (r, w) = fd::pipe().unwrap();
+    let (_r2, w2) = fd::pipe().unwrap();
+    let script = format!(
+        "echo kept >&{}; if (echo x >&{}) 2>/dev/null; then exit 1; fi; exit 0",
+        w.as_raw_fd(),
+        w2.as_raw_fd()
+    );
+    let pid = sh(&script, &[w.as_raw_fd()]);
+    drop(w);
+    assert_eq!(
+        join(pid),
+        0,
+        "a descriptor not asked for leaked into the child"
+    );
+    let mut buf = [0u8; 5];
+    assert_eq!(fd::read_full(r.as_fd(), &mut buf).unwrap(), 5);
+    assert_eq!(&buf, b"kept\n");
+    // The parent's copy stays close-on-exec.
+    let flags = nix::fcntl::fcntl(r.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+    assert_ne!(flags & libc::FD_CLOEXEC, 0);
+}
+
+#[test]
+fn spawn_of_a_missing_program_fails_cleanly() {
+    let missing = CString::new("/nonexistent/ferroproc-test").unwrap();
+    let err = spawn::spawn(&missing, std::slice::from_ref(&missing), &[], &[]).unwrap_err();
+    assert_eq!(err, Error::Os(nix::errno::Errno::ENOENT));
+}
+
+#[test]
+fn pidfd_becomes_readable_exactly_when_the_child_ends() {
+    let pid = sh("exec sleep 30", &[]);
+    let pidfd = wait::pidfd_open(pid).unwrap();
+    assert!(
+        wait::poll_readable(&[pidfd.as_fd()], Some(Duration::from_millis(50)))
+            .unwrap()
+            .is_empty()
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM).unwrap();
+    let start = Instant::now();
+    while wait::poll_readable(&[pidfd.as_fd()], Some(Duration::from_millis(100)))
+        .unwrap()
+        .is_empty()
+    {
+        assert!(start.elapsed() < LIMIT, "pidfd never became readable");
+    }
+    assert_eq!(join(pid), -15);
+}
+
+#[test]
+fn poll_reports_closed_descriptors_as_ebadf() {
+    let (r, w) = fd::pipe().unwrap();
+    let raw = r.as_raw_fd();
+    drop(r);
+    drop(w);
+    let bad = fd::borrow_raw(raw).unwrap();
+    // The number may have been reused by a concurrent test; only assert when it is still free.
+    if nix::fcntl::fcntl(bad, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        assert_eq!(
+            wait::poll_readable(&[bad], Some(Duration::ZERO)).unwrap_err(),
+            Error::Os(nix::errno::Errno::EBADF)
+        );
+    }
+    assert!(fd::borrow_raw(-1).is_err());
+}
+
+#[test]
+fn descriptors_cross_a_socket_with_the_message() {
+    let (a, b) = pair();
+    let (r, w) = fd::pipe().unwrap();
+    sock::send_with_fds(a.as_fd(), b"hello", &[w.as_raw_fd()]).unwrap();
+    drop(w);
+    let mut buf = [0u8; 5];
+    let fds = sock::recv_with_fds(b.as_fd(), &mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    assert_eq!(fds.len(), 1);
+    fd::write_all(fds[0].as_fd(), b"via").unwrap();
+    let mut got = [0u8; 3];
+    assert_eq!(fd::read_full(r.as_fd(), &mut got).unwrap(), 3);
+    assert_eq!(&got, b"via");
+    drop(a);
+    assert_eq!(
+        sock::recv_with_fds(b.as_fd(), &mut buf).unwrap_err(),
+        Error::Eof
+    );
+}
+
+#[test]
+fn forkserver_protocol_round_trip() {
+    // The "server" runs in a thread and, instead of forking, hands out a real spawned child:
+    // the protocol (request, pid reply, exit report on the status pipe) is what is tested.
+    let (client, server_end) = pair();
+    let server = std::thread::spawn(move || {
+        let mut server = Server::new(server_end);
+        let mut served = 0;
+        loop {
+            match server.next_event().expect("next_event") {
+                Event::Shutdown => return served,
+                Event::Request(req) => {
+                    assert_eq!(req.payload, b"pickled process");
+                    assert_eq!(req.fds.len(), 2);
+                    let pid = sh("exit 42", &[]);
+                    server.forked(pid, req.fds).expect("reply");
+                    served += 1;
+                }
+            }
+        }
+    });
+    let (status_r, status_w) = fd::pipe().unwrap();
+    let (_extra_r, extra_w) = fd::pipe().unwrap();
+    let pid = forkserver::request(
+        client.as_fd(),
+        b"pickled process",
+        &[status_w.as_raw_fd(), extra_w.as_raw_fd()],
+    )
+    .unwrap();
+    assert!(pid > 0);
+    drop(status_w);
+    // The server reaps the child and writes its exit code to the status pipe.
+    assert!(!wait::poll_readable(&[status_r.as_fd()], Some(LIMIT))
+        .unwrap()
+        .is_empty());
+    let mut code = [0u8; 4];
+    assert_eq!(fd::read_full(status_r.as_fd(), &mut code).unwrap(), 4);
+    assert_eq!(i32::from_le_bytes(code), 42);
+    drop(client);
+    assert_eq!(server.join().unwrap(), 1);
+}
+
+#[test]
+fn forkserver_rejects_a_request_without_descriptors() {
+    let (client, server_end) = pair();
+    fd::write_all(client.as_fd(), &forkserver::encode_header(3, 1)).unwrap();
+    fd::write_all(client.as_fd(), b"abc").unwrap();
+    let mut server = Server::new(server_end);
+    assert!(matches!(server.next_event(), Err(Error::Protocol(_))));
+}

@@ -1,0 +1,56 @@
+"""Smoke test of ``python -m ferroproc.bench``: it runs, and its JSON has what users compare.
+
+The benchmark runs in its own interpreter, so a hang costs one subprocess. No timing
+assertions: only the shape of the output is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+CASE = "process_start_join[fork]"
+
+
+def _ferroproc_imports() -> bool:
+    try:
+        return importlib.util.find_spec("ferroproc._ferroproc") is not None
+    except ImportError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ferroproc_imports(), reason="ferroproc does not import")
+
+
+@pytest.mark.timeout(150)
+def test_json_has_both_implementations_and_a_ratio() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroproc.bench", "--case", CASE, "--repeat", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+
+    assert report["repeat"] == 1
+    assert report["machine"]["modules"]["ferroproc"]["module"] == "ferroproc"
+    by_name = {record["name"]: record for record in report["cases"]}
+    record = by_name[CASE]
+    assert record["errors"] == {}
+    assert record["skipped"] == {}
+    assert set(record["results"]) == {"stdlib", "ferroproc"}
+    for result in record["results"].values():
+        assert len(result["samples"]) == 1
+        assert result["median"] > 0
+    assert isinstance(record["ratio"], float)
+    assert record["ratio"] > 0
+    # The floor this case names is timed along with it, and on its own.
+    assert record["floor_result"]["median"] > 0
+    assert set(record["floor_multiple"]) == {"stdlib", "ferroproc"}
+    assert record["floor"] in by_name

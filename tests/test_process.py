@@ -1,0 +1,656 @@
+"""Process objects: lifecycle, attributes, exit codes, daemon rules, bad input, shutdown.
+
+Every test runs for both implementations (``impl``: stdlib / ferroproc) and, through ``ctx``,
+for the fork, spawn and forkserver start methods. Children are module-level functions from
+``_workers``; deadlock-prone scenarios run in a sacrificial interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import select
+import signal
+import time
+
+import _workers as w
+import pytest
+from _workers import SHORT_TIMEOUT
+
+STDLIB_CLASS_NAMES = {
+    "fork": "ForkProcess",
+    "spawn": "SpawnProcess",
+    "forkserver": "ForkServerProcess",
+}
+
+
+def finish(p, timeout=SHORT_TIMEOUT):
+    """Bounded join; the process must be gone afterwards. Returns its exit code."""
+    p.join(timeout)
+    assert not p.is_alive(), f"{p!r} still alive after join({timeout})"
+    return p.exitcode
+
+
+def start_ready(ctx, tmp_path, target=w.sleep_when_ready, **kwargs):
+    """Start a child that creates a file once it runs; wait (bounded) until it does."""
+    ready = tmp_path / f"ready-{time.monotonic_ns()}"
+    p = ctx.Process(target=target, args=(str(ready),), **kwargs)
+    p.start()
+    if not w.wait_for_path(ready):
+        p.kill()
+        p.join(SHORT_TIMEOUT)
+        pytest.fail(f"child {p!r} never became ready")
+    return p
+
+
+def method_of(ctx):
+    return ctx.get_start_method()
+
+
+def run_script(impl_name, body, method=None, **kwargs):
+    result, leftovers = w.run_interpreter(
+        ["-c", w.script_source(impl_name, body, method)], **kwargs
+    )
+    assert not leftovers, f"sacrificial interpreter left processes behind: {leftovers}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction, target/args/kwargs, run() override
+# ---------------------------------------------------------------------------------------------
+
+
+def test_positional_constructor_arguments(ctx):
+    p = ctx.Process(None, w.exit_with_kwargs, "positional-name", (1, 1), {"c": 1})
+    assert p.name == "positional-name"
+    assert p.daemon is False
+    p.start()
+    assert finish(p) == 1 + 2 + 4
+
+
+def test_keyword_constructor_arguments(ctx):
+    p = ctx.Process(target=w.exit_with_kwargs, args=[0, 1], kwargs={"c": 1, "d": 1}, daemon=False)
+    p.start()
+    assert finish(p) == 2 + 4 + 8
+
+
+def test_daemon_is_keyword_only(ctx):
+    with pytest.raises(TypeError):
+        ctx.Process(None, w.noop, "n", (), {}, True)
+
+
+def test_group_must_be_none(ctx):
+    with pytest.raises(AssertionError, match="group"):
+        ctx.Process(group=object(), target=w.noop)
+
+
+def test_no_target_runs_nothing(ctx):
+    p = ctx.Process()
+    p.start()
+    assert finish(p) == 0
+
+
+def test_run_override_in_subclass(ctx):
+    cls = w.run_override_class(ctx)
+    p = cls(3, extra=4, name="subclassed")
+    assert isinstance(p, ctx.Process)
+    assert p.name == "subclassed"
+    p.start()
+    assert finish(p) == 7
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [
+        (w.noop, (), 0),
+        (w.exit_with, (None,), 0),
+        (w.exit_with, (0,), 0),
+        (w.exit_with, (3,), 3),
+        (w.exit_with, (255,), 255),
+        (w.exit_with, (True,), 1),
+        (w.exit_with, ("a message",), 1),
+        (w.raise_value_error, ("boom",), 1),
+    ],
+    ids=["return", "exit-None", "exit-0", "exit-3", "exit-255", "exit-True", "exit-str", "raise"],
+)
+def test_exitcode(ctx, target, args, expected):
+    p = ctx.Process(target=target, args=args)
+    assert p.exitcode is None
+    p.start()
+    assert finish(p) == expected
+
+
+def test_non_callable_target_fails_in_child(ctx):
+    # Python 3.11 does not check callable() in the constructor: run() raises TypeError in the
+    # child, which exits with 1.
+    p = ctx.Process(target=42)
+    p.start()
+    assert finish(p) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# join / is_alive / terminate / kill
+# ---------------------------------------------------------------------------------------------
+
+
+def test_join_timeout_expires_while_child_alive(ctx, tmp_path):
+    p = start_ready(ctx, tmp_path)
+    t0 = time.monotonic()
+    assert p.join(0.3) is None
+    elapsed = time.monotonic() - t0
+    assert p.is_alive()
+    assert p.exitcode is None
+    assert 0.2 <= elapsed < SHORT_TIMEOUT
+    t0 = time.monotonic()
+    p.join(0)
+    assert time.monotonic() - t0 < 5
+    assert p.is_alive()
+    p.terminate()
+    assert finish(p) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("action", "signum"), [("terminate", signal.SIGTERM), ("kill", signal.SIGKILL)]
+)
+def test_stop_busy_child(ctx, tmp_path, action, signum):
+    p = start_ready(ctx, tmp_path, target=w.busy_when_ready)
+    assert p.is_alive()
+    getattr(p, action)()
+    assert finish(p) == -signum
+    assert w.wait_pid_gone(p.pid)
+
+
+def test_kill_child_that_ignores_sigterm(ctx, tmp_path):
+    p = start_ready(ctx, tmp_path, target=w.ignore_sigterm_when_ready)
+    p.terminate()
+    p.join(0.3)
+    assert p.is_alive()
+    p.kill()
+    assert finish(p) == -signal.SIGKILL
+
+
+def test_terminate_and_kill_after_exit_are_harmless(ctx):
+    p = ctx.Process(target=w.exit_with, args=(5,))
+    p.start()
+    assert finish(p) == 5
+    p.terminate()
+    p.kill()
+    assert p.exitcode == 5
+    assert not p.is_alive()
+
+
+def test_is_alive_before_start(ctx):
+    p = ctx.Process(target=w.noop)
+    assert not p.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# close()
+# ---------------------------------------------------------------------------------------------
+
+
+def test_close_then_access_raises(ctx):
+    p = ctx.Process(target=w.noop, name="closing")
+    p.start()
+    assert finish(p) == 0
+    p.close()
+    for attr in ("pid", "ident", "exitcode", "sentinel"):
+        with pytest.raises(ValueError, match="closed"):
+            getattr(p, attr)
+    for call in (p.is_alive, lambda: p.join(0.1), p.start, p.terminate, p.kill):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    p.close()  # closing twice is fine
+    assert p.name == "closing"
+    assert p.daemon is False
+    assert re.fullmatch(rf"<\w+ name='closing' parent={os.getpid()} closed>", repr(p)), repr(p)
+
+
+def test_close_running_process_raises(ctx, tmp_path):
+    p = start_ready(ctx, tmp_path)
+    with pytest.raises(ValueError, match="still running"):
+        p.close()
+    assert p.is_alive()
+    p.terminate()
+    assert finish(p) == -signal.SIGTERM
+    p.close()
+
+
+def test_close_unstarted_process(ctx):
+    p = ctx.Process(target=w.noop)
+    p.close()
+    with pytest.raises(ValueError, match="closed"):
+        p.start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes: name, daemon, pid/ident, authkey, sentinel, repr
+# ---------------------------------------------------------------------------------------------
+
+
+def test_process_class_names(ctx):
+    p = ctx.Process(target=w.noop)
+    assert type(p).__name__ == STDLIB_CLASS_NAMES[method_of(ctx)]
+
+
+def test_default_name_and_setter(ctx):
+    p = ctx.Process(target=w.noop)
+    assert re.fullmatch(rf"{re.escape(type(p).__name__)}-\d+", p.name), p.name
+    q = ctx.Process(target=w.noop)
+    assert int(q.name.rsplit("-", 1)[1]) > int(p.name.rsplit("-", 1)[1])
+    p.name = "renamed"
+    assert p.name == "renamed"
+    with pytest.raises(AssertionError, match="name must be a string"):
+        p.name = 42
+
+
+def test_daemon_flag(ctx, tmp_path):
+    assert ctx.Process(target=w.noop).daemon is False
+    assert ctx.Process(target=w.noop, daemon=True).daemon is True
+    p = ctx.Process(target=w.report, args=(w.impl_name_of(ctx), str(tmp_path / "r.json")))
+    p.daemon = True
+    assert p.daemon is True
+    p.start()
+    assert finish(p) == 0
+    assert w.read_json(tmp_path / "r.json")["daemon"] is True
+
+
+def test_daemon_cannot_change_after_start(ctx, tmp_path):
+    p = start_ready(ctx, tmp_path)
+    with pytest.raises(AssertionError, match="already started"):
+        p.daemon = True
+    assert p.daemon is False
+    p.terminate()
+    assert finish(p) == -signal.SIGTERM
+
+
+def test_pid_and_ident(ctx, tmp_path):
+    out = tmp_path / "r.json"
+    p = ctx.Process(target=w.report, args=(w.impl_name_of(ctx), str(out)))
+    assert p.pid is None
+    assert p.ident is None
+    p.start()
+    assert isinstance(p.pid, int)
+    assert p.pid == p.ident
+    assert p.pid != os.getpid()
+    assert finish(p) == 0
+    data = w.read_json(out)
+    assert data["pid"] == p.pid
+    assert data["current_pid"] == data["current_ident"] == p.pid
+    assert p.pid == p.ident  # still available after the child ended
+
+
+def test_child_identity(ctx, tmp_path):
+    """Inside the child: current_process(), parent_process(), start method, sys.path."""
+    impl_name = w.impl_name_of(ctx)
+    out = tmp_path / "r.json"
+    p = ctx.Process(target=w.report, args=(impl_name, str(out)), name="identity-check")
+    p.start()
+    assert finish(p) == 0
+    data = w.read_json(out)
+    assert data["name"] == "identity-check"
+    assert data["daemon"] is False
+    assert data["parent"] == {"pid": os.getpid(), "name": "MainProcess", "alive": True}
+    assert data["start_method"] == method_of(ctx)
+    assert data["sys_path_has_tests"] is True
+    assert data["active_children"] == 0
+
+
+def test_authkey_inherited_by_child(impl, ctx):
+    key = bytes(impl.current_process().authkey)
+    assert len(key) >= 16
+    p = ctx.Process(target=w.noop)
+    assert bytes(p.authkey) == key
+    good = ctx.Process(target=w.exit_if_authkey, args=(impl.__name__, key))
+    bad = ctx.Process(target=w.exit_if_authkey, args=(impl.__name__, b"not-the-key"))
+    good.start()
+    bad.start()
+    assert finish(good) == 0
+    assert finish(bad) == 1
+
+
+def test_custom_authkey_reaches_child(impl, ctx):
+    p = ctx.Process(target=w.exit_if_authkey, args=(impl.__name__, b"custom-secret"))
+    p.authkey = b"custom-secret"
+    assert bytes(p.authkey) == b"custom-secret"
+    assert isinstance(p.authkey, bytes)
+    p.start()
+    assert finish(p) == 0
+
+
+def test_sentinel_ready_when_child_ends(ctx):
+    p = ctx.Process(target=w.sleep_for, args=(0.5,))
+    with pytest.raises(ValueError, match="not started"):
+        p.sentinel  # noqa: B018
+    p.start()
+    s = p.sentinel
+    assert isinstance(s, int)
+    assert select.select([s], [], [], 0)[0] == []
+    ready, _, _ = select.select([s], [], [], SHORT_TIMEOUT)
+    assert ready == [s]
+    assert finish(p) == 0
+
+
+def test_repr(ctx, tmp_path):
+    me = os.getpid()
+    p = ctx.Process(target=w.exit_with, args=(3,), name="repr-a")
+    cls = re.escape(type(p).__name__)
+    assert re.fullmatch(rf"<{cls} name='repr-a' parent={me} initial>", repr(p)), repr(p)
+    p.start()
+    pid = p.pid
+    assert finish(p) == 3
+    assert re.fullmatch(
+        rf"<{cls} name='repr-a' pid={pid} parent={me} stopped exitcode=3>", repr(p)
+    ), repr(p)
+
+    d = ctx.Process(target=w.noop, name="repr-d", daemon=True)
+    assert re.fullmatch(rf"<{cls} name='repr-d' parent={me} initial daemon>", repr(d)), repr(d)
+
+    s = start_ready(ctx, tmp_path, name="repr-s", daemon=True)
+    assert re.fullmatch(
+        rf"<{cls} name='repr-s' pid={s.pid} parent={me} started daemon>", repr(s)
+    ), repr(s)
+    s.terminate()
+    assert finish(s) == -signal.SIGTERM
+    assert re.fullmatch(
+        rf"<{cls} name='repr-s' pid={s.pid} parent={me} stopped exitcode=-SIGTERM daemon>",
+        repr(s),
+    ), repr(s)
+
+
+def test_nested_names(ctx, tmp_path):
+    impl_name = w.impl_name_of(ctx)
+    child_out, gc_out = tmp_path / "child.json", tmp_path / "grandchild.json"
+    p = ctx.Process(
+        target=w.report_with_grandchild,
+        args=(impl_name, method_of(ctx), str(child_out), str(gc_out)),
+    )
+    p.start()
+    assert finish(p) == 0
+    child, gc = w.read_json(child_out), w.read_json(gc_out)
+    cls, number = p.name.rsplit("-", 1)
+    assert child["name"] == p.name
+    assert gc["name"] == f"{cls}-{number}:1"
+    assert gc["parent"] == {"pid": child["pid"], "name": p.name, "alive": True}
+    assert child["active_children"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level functions: current_process, parent_process, active_children, cpu_count
+# ---------------------------------------------------------------------------------------------
+
+
+def test_current_process_in_main(impl):
+    me = impl.current_process()
+    assert me is impl.current_process()
+    assert me.name == "MainProcess"
+    assert me.pid == me.ident == os.getpid()
+    assert me.daemon is False
+    assert me.is_alive()
+    assert re.fullmatch(r"<\w+ name='MainProcess' parent=None started>", repr(me)), repr(me)
+    with pytest.raises(AssertionError, match="can only join a child process"):
+        me.join(0.1)
+
+
+def test_parent_process_is_none_in_main(impl):
+    assert impl.parent_process() is None
+
+
+def test_active_children_reaps_finished(ctx, tmp_path):
+    impl_name = w.impl_name_of(ctx)
+    quick = [ctx.Process(target=w.noop) for _ in range(3)]
+    for q in quick:
+        q.start()
+    sleeper = start_ready(ctx, tmp_path)
+    # Wait for the quick ones to end without join()ing them.
+    pending = {q.sentinel for q in quick}
+    deadline = time.monotonic() + SHORT_TIMEOUT
+    while pending and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(pending), [], [], 1.0)
+        pending.difference_update(ready)
+    assert not pending
+    active = ctx.active_children()
+    assert sleeper in active
+    assert not any(q in active for q in quick)
+    assert all(q.exitcode == 0 for q in quick)
+    assert all(w.wait_pid_gone(q.pid) for q in quick)
+    assert w.impl_module(impl_name).active_children() == [sleeper]
+    sleeper.terminate()
+    assert finish(sleeper) == -signal.SIGTERM
+    assert ctx.active_children() == []
+
+
+def test_cpu_count(impl, ctx):
+    assert impl.cpu_count() == os.cpu_count()
+    assert ctx.cpu_count() == os.cpu_count()
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon rules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_daemon_process_may_not_have_children(ctx):
+    p = ctx.Process(
+        target=w.try_to_have_children, args=(w.impl_name_of(ctx), method_of(ctx)), daemon=True
+    )
+    p.start()
+    assert finish(p) == 0
+
+
+def test_exit_joins_children_and_terminates_daemons(impl, ctx, tmp_path):
+    done = tmp_path / "non-daemon-done"
+    result = run_script(
+        impl.__name__,
+        f"""
+        import time, _workers
+        if __name__ == "__main__":
+            ctx = mp.get_context(METHOD)
+            d = ctx.Process(target=_workers.sleep_forever, daemon=True)
+            d.start()
+            n = ctx.Process(target=_workers.sleep_then_touch, args=(0.5, {str(done)!r}))
+            n.start()
+            print(d.pid, flush=True)
+        """,
+        method_of(ctx),
+        timeout=SHORT_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert done.exists(), "non-daemon child was not joined at interpreter exit"
+    daemon_pid = int(result.stdout.split()[0])
+    assert w.wait_pid_gone(daemon_pid, 5), "daemon child still running after parent exit"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_start_twice(ctx):
+    p = ctx.Process(target=w.noop)
+    p.start()
+    with pytest.raises(AssertionError, match="cannot start a process twice"):
+        p.start()
+    assert finish(p) == 0
+    with pytest.raises(AssertionError, match="cannot start a process twice"):
+        p.start()
+
+
+def test_join_unstarted(ctx):
+    p = ctx.Process(target=w.noop)
+    with pytest.raises(AssertionError, match="can only join a started process"):
+        p.join(0.1)
+
+
+def test_child_cannot_join_itself(ctx):
+    p = ctx.Process(target=w.try_to_join_self, args=(w.impl_name_of(ctx),))
+    p.start()
+    assert finish(p) == 0
+
+
+def test_unknown_start_method(impl):
+    with pytest.raises(ValueError, match="bogus"):
+        impl.get_context("bogus")
+
+
+def _local_function():
+    def local_target():
+        pass
+
+    return local_target
+
+
+@pytest.mark.parametrize(
+    ("make_target", "error"),
+    [
+        (_local_function, AttributeError),
+        (lambda: w.UNPICKLABLE_LAMBDA, pickle.PicklingError),
+    ],
+    ids=["local-function", "lambda"],
+)
+def test_unpicklable_target(impl, ctx, make_target, error):
+    p = ctx.Process(target=make_target())
+    if method_of(ctx) == "fork":
+        p.start()  # nothing is pickled under fork
+        assert finish(p) == 0
+        return
+    with pytest.raises(error) as excinfo:
+        p.start()
+    assert "pickle" in str(excinfo.value).lower()
+    assert not p.is_alive()
+    assert p.exitcode is None
+    assert p.pid is None
+    assert p not in impl.active_children()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sacrificial interpreters: tracebacks on stderr, Ctrl-C, fork with threads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_child_errors_reported_on_stderr(impl, ctx):
+    result = run_script(
+        impl.__name__,
+        """
+        import _workers
+        if __name__ == "__main__":
+            ctx = mp.get_context(METHOD)
+            p = ctx.Process(target=_workers.raise_value_error, args=("boom-1234",), name="Boomer")
+            p.start(); p.join(30)
+            q = ctx.Process(target=_workers.exit_with, args=("goodbye-5678",), name="Leaver")
+            q.start(); q.join(30)
+            print(p.exitcode, q.exitcode)
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]
+    err = result.stderr
+    assert "Process Boomer:" in err
+    assert "Traceback (most recent call last):" in err
+    assert "ValueError: boom-1234" in err
+    assert "goodbye-5678" in err
+    assert "Process Leaver:" not in err  # sys.exit(str) prints just the message
+
+
+def test_ctrl_c_during_join(impl, ctx):
+    result = run_script(
+        impl.__name__,
+        """
+        import signal, threading, time, _workers
+        if __name__ == "__main__":
+            ctx = mp.get_context(METHOD)
+            p = ctx.Process(target=_workers.sleep_forever)
+            p.start()
+            main_id = threading.main_thread().ident
+            timer = threading.Timer(0.5, signal.pthread_kill, (main_id, signal.SIGINT))
+            t0 = time.monotonic()
+            timer.start()
+            try:
+                p.join()
+            except KeyboardInterrupt:
+                print("interrupted-after", time.monotonic() - t0, flush=True)
+            timer.join()
+            p.join(0.2)
+            print("alive", p.is_alive(), flush=True)
+            p.terminate()
+            p.join(30)
+            print("exitcode", p.exitcode, p.is_alive(), flush=True)
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("interrupted-after "), result.stdout + result.stderr
+    assert float(lines[0].split()[1]) < 5.0
+    assert lines[1] == "alive True"
+    assert lines[2] == f"exitcode {-signal.SIGTERM} False"
+
+
+def test_fork_from_process_with_threads(impl):
+    result = run_script(
+        impl.__name__,
+        """
+        import logging, threading, time, _workers
+        stop = threading.Event()
+        def churn():
+            log = logging.getLogger("churn")
+            while not stop.is_set():
+                log.debug("tick")
+                time.sleep(0.0005)
+        if __name__ == "__main__":
+            threads = [threading.Thread(target=churn) for _ in range(3)]
+            for t in threads:
+                t.start()
+            ctx = mp.get_context("fork")
+            codes = []
+            for _ in range(20):
+                p = ctx.Process(target=_workers.exit_with, args=(0,))
+                p.start(); p.join(30)
+                codes.append(p.exitcode)
+            stop.set()
+            for t in threads:
+                t.join()
+            print(sorted(set(codes)))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Many short processes: no zombie, no fd left behind
+# ---------------------------------------------------------------------------------------------
+
+
+def _children_states():
+    me = str(os.getpid())
+    states = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if fields[1] == me:
+                states[int(entry)] = fields[0]
+    return states
+
+
+def test_many_short_processes(ctx):
+    count = 200 if method_of(ctx) == "fork" else 30
+    fds_before = len(os.listdir("/proc/self/fd"))
+    children_before = _children_states()
+    for i in range(count):
+        p = ctx.Process(target=w.exit_with, args=(i % 7,))
+        p.start()
+        assert finish(p) == i % 7
+        p.close()
+    assert ctx.active_children() == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    zombies = [pid for pid, state in _children_states().items() if state == "Z"]
+    assert zombies == []
+    assert set(_children_states()) <= set(children_before)
