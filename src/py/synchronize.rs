@@ -94,7 +94,8 @@ impl PySemLock {
             Mode::Semaphore => sh.sem.try_acquire(),
             Mode::RecursiveMutex => {
                 if self.is_mine() {
-                    self.count.store(self.local_count().wrapping_add(1), Ordering::Relaxed);
+                    self.count
+                        .store(self.local_count().wrapping_add(1), Ordering::Relaxed);
                     return true;
                 }
                 sh.mutex.try_lock(futex::pid())
@@ -110,7 +111,9 @@ impl PySemLock {
     fn acquire_blocking(&self, py: Python<'_>, deadline: Deadline) -> PyResult<bool> {
         let sh = self.shared();
         let got = if self.mode == Mode::Semaphore {
-            wait_until(py, deadline, |s| Ok(sh.sem.acquire_slice(s)?.then_some(Acquired::Normally)))?
+            wait_until(py, deadline, |s| {
+                Ok(sh.sem.acquire_slice(s)?.then_some(Acquired::Normally))
+            })?
         } else {
             let me = futex::pid();
             wait_until(py, deadline, |s| sh.mutex.lock_slice(me, s))?
@@ -147,7 +150,9 @@ impl PySemLock {
         match self.mode {
             Mode::RecursiveMutex => {
                 if !self.is_mine() {
-                    return Err(PyAssertionError::new_err("attempt to release recursive lock not owned by thread"));
+                    return Err(PyAssertionError::new_err(
+                        "attempt to release recursive lock not owned by thread",
+                    ));
                 }
                 let c = self.local_count();
                 if c > 1 {
@@ -157,9 +162,13 @@ impl PySemLock {
                 sh.mutex.unlock().map_err(|_| released_too_many_times())?;
             }
             Mode::Mutex => sh.mutex.unlock().map_err(|_| released_too_many_times())?,
-            Mode::Semaphore => sh.sem.release(self.maxvalue).map_err(|_| released_too_many_times())?,
+            Mode::Semaphore => sh
+                .sem
+                .release(self.maxvalue)
+                .map_err(|_| released_too_many_times())?,
         }
-        self.count.store(self.local_count().wrapping_sub(1), Ordering::Relaxed);
+        self.count
+            .store(self.local_count().wrapping_sub(1), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -174,13 +183,24 @@ impl PySemLock {
     /// `fd`) the one behind that descriptor, which the caller keeps owning.
     #[new]
     #[pyo3(signature = (kind, value, maxvalue, *, fork_ctx = false, fd = None))]
-    fn new(kind: i32, value: i64, maxvalue: i64, fork_ctx: bool, fd: Option<i32>) -> PyResult<Self> {
+    fn new(
+        kind: i32,
+        value: i64,
+        maxvalue: i64,
+        fork_ctx: bool,
+        fd: Option<i32>,
+    ) -> PyResult<Self> {
         let seg = if let Some(fd_num) = fd {
             attach::<SemLockShared>(fd_num)?
         } else {
-            let mode = u32::try_from(kind).ok().and_then(Mode::from_u32).ok_or_else(|| PyValueError::new_err("unrecognized kind"))?;
+            let mode = u32::try_from(kind)
+                .ok()
+                .and_then(Mode::from_u32)
+                .ok_or_else(|| PyValueError::new_err("unrecognized kind"))?;
             if value < 0 {
-                return Err(PyValueError::new_err("semaphore initial value must be >= 0"));
+                return Err(PyValueError::new_err(
+                    "semaphore initial value must be >= 0",
+                ));
             }
             let max = u32::try_from(maxvalue).ok().filter(|m| *m <= SEM_VALUE_MAX);
             let val = u32::try_from(value).ok().filter(|v| *v <= SEM_VALUE_MAX);
@@ -192,7 +212,9 @@ impl PySemLock {
             seg
         };
         let sh = seg.get();
-        let mode = sh.mode().ok_or_else(|| PyValueError::new_err("corrupted semaphore segment"))?;
+        let mode = sh
+            .mode()
+            .ok_or_else(|| PyValueError::new_err("corrupted semaphore segment"))?;
         let maxvalue = sh.maxvalue.load(Ordering::Relaxed);
         Ok(Self {
             seg,
@@ -207,7 +229,12 @@ impl PySemLock {
 
     /// Acquires (see `ferroproc.synchronize.Lock.acquire`).
     #[pyo3(signature = (block = None, timeout = None))]
-    fn acquire(&self, py: Python<'_>, block: Option<&Bound<'_, PyAny>>, timeout: Option<f64>) -> PyResult<bool> {
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        block: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
         if self.try_acquire() {
             return Ok(true);
         }
@@ -226,7 +253,12 @@ impl PySemLock {
         self.acquire_impl(py, true, None)
     }
 
-    fn __exit__(&self, _exc_type: &Bound<'_, PyAny>, _exc: &Bound<'_, PyAny>, _tb: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn __exit__(
+        &self,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         self.release_impl()
     }
 
@@ -331,10 +363,17 @@ impl PyCondVar {
     /// Releases `lock` completely, waits for a notify or `timeout`, re-acquires `lock` as many
     /// times as it was held; returns whether it was notified.
     #[pyo3(signature = (lock, timeout = None))]
-    fn wait(&self, py: Python<'_>, lock: &Bound<'_, PySemLock>, timeout: Option<f64>) -> PyResult<bool> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        lock: &Bound<'_, PySemLock>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
         let l = lock.get();
         if !l.is_mine() {
-            return Err(PyAssertionError::new_err("must acquire() condition before using wait()"));
+            return Err(PyAssertionError::new_err(
+                "must acquire() condition before using wait()",
+            ));
         }
         let cv = self.seg.get();
         let ticket = cv.register();
@@ -343,7 +382,9 @@ impl PyCondVar {
             l.release_impl()?;
         }
         let deadline = Deadline::after_secs(timeout);
-        let waited = wait_until(py, deadline, |s| Ok(cv.wait_slice(ticket, s)?.then_some(())));
+        let waited = wait_until(py, deadline, |s| {
+            Ok(cv.wait_slice(ticket, s)?.then_some(()))
+        });
         let result = match waited {
             Ok(Some(())) => Ok(true),
             Ok(None) => Ok(cv.withdraw(ticket)),
@@ -365,7 +406,10 @@ impl PyCondVar {
         if !lock.get().is_mine() {
             return Err(PyAssertionError::new_err("lock is not owned"));
         }
-        Ok(self.seg.get().notify(u32::try_from(n.max(0)).unwrap_or(u32::MAX)))
+        Ok(self
+            .seg
+            .get()
+            .notify(u32::try_from(n.max(0)).unwrap_or(u32::MAX)))
     }
 
     /// Registered waiters not yet woken.
@@ -380,13 +424,23 @@ impl PyCondVar {
 
     /// Reads user word `i` (0..4).
     fn get_word(&self, i: usize) -> PyResult<i32> {
-        let w = self.seg.get().user.get(i).ok_or_else(|| PyIndexError::new_err("word index out of range"))?;
+        let w = self
+            .seg
+            .get()
+            .user
+            .get(i)
+            .ok_or_else(|| PyIndexError::new_err("word index out of range"))?;
         Ok(w.load(Ordering::SeqCst))
     }
 
     /// Writes user word `i` (0..4).
     fn set_word(&self, i: usize, v: i32) -> PyResult<()> {
-        let w = self.seg.get().user.get(i).ok_or_else(|| PyIndexError::new_err("word index out of range"))?;
+        let w = self
+            .seg
+            .get()
+            .user
+            .get(i)
+            .ok_or_else(|| PyIndexError::new_err("word index out of range"))?;
         w.store(v, Ordering::SeqCst);
         Ok(())
     }

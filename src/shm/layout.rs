@@ -58,16 +58,26 @@ impl Header {
             return Err(format!("not a ferroproc segment (magic {:#x})", self.magic));
         }
         if self.version != VERSION {
-            return Err(format!("segment layout version {} (expected {VERSION})", self.version));
+            return Err(format!(
+                "segment layout version {} (expected {VERSION})",
+                self.version
+            ));
         }
         if self.ptr_width != expected.ptr_width || self.payload_offset != expected.payload_offset {
             return Err("segment created by an incompatible build".to_owned());
         }
         if self.kind != T::KIND {
-            return Err(format!("segment holds kind {} (expected {})", self.kind, T::KIND));
+            return Err(format!(
+                "segment holds kind {} (expected {})",
+                self.kind,
+                T::KIND
+            ));
         }
         if self.size != file_size as u64 || file_size < segment_size::<T>() {
-            return Err(format!("segment size {} does not match its file ({file_size})", self.size));
+            return Err(format!(
+                "segment size {} does not match its file ({file_size})",
+                self.size
+            ));
         }
         Ok(())
     }

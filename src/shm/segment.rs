@@ -17,7 +17,10 @@ pub struct Segment<T: SharedLayout> {
 
 impl<T: SharedLayout> std::fmt::Debug for Segment<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Segment").field("fd", &self.fd).field("len", &self.map.len()).finish()
+        f.debug_struct("Segment")
+            .field("fd", &self.fd)
+            .field("len", &self.map.len())
+            .finish()
     }
 }
 
@@ -34,7 +37,11 @@ impl<T: SharedLayout> Segment<T> {
         // SAFETY: the mapping is `size` ≥ 32 bytes long, page aligned (so aligned for Header),
         // and not yet visible to any other process or Rust reference: we are its only user.
         unsafe { map.as_ptr().cast::<Header>().write(header) };
-        Ok(Self { map, fd, _payload: PhantomData })
+        Ok(Self {
+            map,
+            fd,
+            _payload: PhantomData,
+        })
     }
 
     /// Maps the segment behind `fd` (received from another process) after validating its header.
@@ -45,7 +52,9 @@ impl<T: SharedLayout> Segment<T> {
     pub fn attach(fd: OwnedFd) -> Result<Self> {
         let size = shm::size(fd.as_fd())?;
         if size < segment_size::<T>() {
-            return Err(Error::Protocol(format!("shared segment too small ({size} bytes)")));
+            return Err(Error::Protocol(format!(
+                "shared segment too small ({size} bytes)"
+            )));
         }
         let map = Mapping::new(&fd, size)?;
         // SAFETY: the mapping is at least `segment_size::<T>()` > 32 bytes and page aligned;
@@ -53,19 +62,24 @@ impl<T: SharedLayout> Segment<T> {
         // a plain read sees the complete value (any bit pattern is a valid Header).
         let header = unsafe { map.as_ptr().cast::<Header>().read() };
         header.validate::<T>(size).map_err(Error::Protocol)?;
-        Ok(Self { map, fd, _payload: PhantomData })
+        Ok(Self {
+            map,
+            fd,
+            _payload: PhantomData,
+        })
     }
 
     /// The shared `T`.
     #[must_use]
     #[inline]
     pub fn get(&self) -> &T {
+        let payload = self.map.as_ptr().wrapping_add(PAYLOAD_OFFSET).cast::<T>();
         // SAFETY: the mapping holds `segment_size::<T>()` bytes, so PAYLOAD_OFFSET + size_of::<T>
         // is in range; the offset is 64-byte aligned within a page-aligned base, enough for
         // any SharedLayout (alignment ≤ 64). The bytes are a valid T (zeroed at creation or
         // written through atomics since), and the borrow is tied to `self`, which keeps the
         // mapping alive.
-        unsafe { &*self.map.as_ptr().add(PAYLOAD_OFFSET).cast::<T>() }
+        unsafe { &*payload }
     }
 
     /// The memfd backing the segment (to hand to a child).
@@ -117,6 +131,9 @@ mod tests {
         let e = Segment::<Other>::attach(dup_cloexec(s.fd()).unwrap()).unwrap_err();
         assert!(matches!(e, Error::Protocol(_)), "{e:?}");
         let raw = shm::create("raw", 4096).unwrap();
-        assert!(matches!(Segment::<Probe>::attach(raw), Err(Error::Protocol(_))));
+        assert!(matches!(
+            Segment::<Probe>::attach(raw),
+            Err(Error::Protocol(_))
+        ));
     }
 }

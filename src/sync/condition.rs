@@ -60,7 +60,12 @@ impl Condition {
             if wakeup == t.0 || woken == wakeup {
                 return false;
             }
-            match self.counts.compare_exchange_weak(c, join(wakeup, woken.wrapping_add(1)), Ordering::SeqCst, Ordering::SeqCst) {
+            match self.counts.compare_exchange_weak(
+                c,
+                join(wakeup, woken.wrapping_add(1)),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => return true,
                 Err(now) => c = now,
             }
@@ -91,7 +96,10 @@ impl Condition {
             } else {
                 (join(wakeup.wrapping_add(1), woken.wrapping_add(1)), false)
             };
-            match self.counts.compare_exchange_weak(c, next, Ordering::SeqCst, Ordering::SeqCst) {
+            match self
+                .counts
+                .compare_exchange_weak(c, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => return notified,
                 Err(now) => c = now,
             }
@@ -109,7 +117,12 @@ impl Condition {
             if k == 0 {
                 return 0;
             }
-            match self.counts.compare_exchange_weak(c, join(wakeup.wrapping_add(k), woken), Ordering::SeqCst, Ordering::SeqCst) {
+            match self.counts.compare_exchange_weak(
+                c,
+                join(wakeup.wrapping_add(k), woken),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => break k,
                 Err(now) => c = now,
             }
@@ -195,7 +208,10 @@ mod tests {
             .map(|t| {
                 let (c, woke) = (Arc::clone(&c), Arc::clone(&woke));
                 std::thread::spawn(move || {
-                    let got = until(Deadline::after_secs(Some(0.5)), |s| Ok(c.wait_slice(t, s)?.then_some(()))).unwrap();
+                    let got = until(Deadline::after_secs(Some(0.5)), |s| {
+                        Ok(c.wait_slice(t, s)?.then_some(()))
+                    })
+                    .unwrap();
                     if got.is_some() || c.withdraw(t) {
                         woke.fetch_add(1, Ordering::SeqCst);
                     }

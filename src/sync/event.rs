@@ -43,7 +43,11 @@ impl Event {
             return Ok(true);
         }
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let r = if self.is_set() { Ok(()) } else { futex::wait(&self.flag, 0, Some(slice)).map(drop) };
+        let r = if self.is_set() {
+            Ok(())
+        } else {
+            futex::wait(&self.flag, 0, Some(slice)).map(drop)
+        };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         r.map(|()| self.is_set())
     }
@@ -64,7 +68,10 @@ mod tests {
             .map(|_| {
                 let e = Arc::clone(&e);
                 std::thread::spawn(move || {
-                    until(Deadline::after_secs(Some(5.0)), |s| Ok(e.wait_slice(s)?.then_some(()))).unwrap()
+                    until(Deadline::after_secs(Some(5.0)), |s| {
+                        Ok(e.wait_slice(s)?.then_some(()))
+                    })
+                    .unwrap()
                 })
             })
             .collect();

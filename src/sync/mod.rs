@@ -133,7 +133,10 @@ impl SemLockShared {
 ///
 /// # Errors
 /// Whatever `slice_fn` returns.
-pub fn until<T>(deadline: Deadline, mut slice_fn: impl FnMut(Duration) -> Result<Option<T>>) -> Result<Option<T>> {
+pub fn until<T>(
+    deadline: Deadline,
+    mut slice_fn: impl FnMut(Duration) -> Result<Option<T>>,
+) -> Result<Option<T>> {
     loop {
         if let Some(v) = slice_fn(deadline.slice(SLICE))? {
             return Ok(Some(v));

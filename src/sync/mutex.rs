@@ -52,7 +52,9 @@ impl RobustMutex {
     /// Takes the lock for `me` if it is free: one CAS, no syscall.
     #[inline]
     pub fn try_lock(&self, me: u32) -> bool {
-        self.word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        self.word
+            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Takes the lock for `me`, sleeping at most `slice`. `Ok(None)`: not yet. When the slice
@@ -65,13 +67,20 @@ impl RobustMutex {
             let v = self.word.load(Ordering::Relaxed);
             if v == 0 {
                 // Having waited, assume others wait too: keep the contended bit set.
-                if self.word.compare_exchange(0, me | CONTENDED, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                if self
+                    .word
+                    .compare_exchange(0, me | CONTENDED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
                     return Ok(Some(Acquired::Normally));
                 }
                 continue;
             }
             if v & CONTENDED == 0
-                && self.word.compare_exchange(v, v | CONTENDED, Ordering::Relaxed, Ordering::Relaxed).is_err()
+                && self
+                    .word
+                    .compare_exchange(v, v | CONTENDED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
             {
                 continue;
             }
@@ -121,7 +130,10 @@ impl RobustMutex {
             if v == 0 {
                 return Err(NotLocked);
             }
-            match self.word.compare_exchange_weak(v, 0, Ordering::Release, Ordering::Relaxed) {
+            match self
+                .word
+                .compare_exchange_weak(v, 0, Ordering::Release, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(now) => v = now,
             }
@@ -161,7 +173,11 @@ mod tests {
         let me = futex::pid();
         assert!(m.try_lock(me));
         let t = Instant::now();
-        assert_eq!(m.lock_deadline(me, Deadline::after_secs(Some(0.06))).unwrap(), None);
+        assert_eq!(
+            m.lock_deadline(me, Deadline::after_secs(Some(0.06)))
+                .unwrap(),
+            None
+        );
         assert!(t.elapsed() >= Duration::from_millis(55));
     }
 
@@ -174,7 +190,9 @@ mod tests {
                 let (m, n) = (Arc::clone(&m), Arc::clone(&n));
                 std::thread::spawn(move || {
                     for _ in 0..5000 {
-                        m.lock_deadline(futex::pid(), Deadline::never()).unwrap().unwrap();
+                        m.lock_deadline(futex::pid(), Deadline::never())
+                            .unwrap()
+                            .unwrap();
                         // A non-atomic read-modify-write, protected by the mutex only.
                         let x = n.load(Ordering::Relaxed);
                         n.store(x + 1, Ordering::Relaxed);
@@ -200,7 +218,11 @@ mod tests {
         });
         let pid = child.pid();
         assert_eq!(child.join(), 0);
-        let got = seg.get().mutex.lock_deadline(futex::pid(), Deadline::after_secs(Some(5.0))).unwrap();
+        let got = seg
+            .get()
+            .mutex
+            .lock_deadline(futex::pid(), Deadline::after_secs(Some(5.0)))
+            .unwrap();
         assert_eq!(got, Some(Acquired::Recovered { dead_pid: pid }));
         assert_eq!(seg.get().mutex.owner(), Some(futex::pid()));
     }
@@ -216,10 +238,17 @@ mod tests {
         // Not joined yet: once it has taken the lock, the child is (or soon is) a zombie.
         let t = Instant::now();
         while seg.get().mutex.owner() != Some(child.pid()) {
-            assert!(t.elapsed() < Duration::from_secs(5), "child never took the lock");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "child never took the lock"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let got = seg.get().mutex.lock_deadline(futex::pid(), Deadline::after_secs(Some(5.0))).unwrap();
+        let got = seg
+            .get()
+            .mutex
+            .lock_deadline(futex::pid(), Deadline::after_secs(Some(5.0)))
+            .unwrap();
         assert!(matches!(got, Some(Acquired::Recovered { .. })), "{got:?}");
         assert_eq!(child.join(), 0);
     }

@@ -37,7 +37,10 @@ impl Semaphore {
     pub fn try_acquire(&self) -> bool {
         let mut v = self.value.load(Ordering::Relaxed);
         while v > 0 {
-            match self.value.compare_exchange_weak(v, v - 1, Ordering::Acquire, Ordering::Relaxed) {
+            match self
+                .value
+                .compare_exchange_weak(v, v - 1, Ordering::Acquire, Ordering::Relaxed)
+            {
                 Ok(_) => return true,
                 Err(now) => v = now,
             }
@@ -82,7 +85,10 @@ impl Semaphore {
             if v >= maxvalue {
                 return Err(TooManyReleases);
             }
-            match self.value.compare_exchange_weak(v, v + 1, Ordering::SeqCst, Ordering::Relaxed) {
+            match self
+                .value
+                .compare_exchange_weak(v, v + 1, Ordering::SeqCst, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(now) => v = now,
             }
@@ -120,9 +126,13 @@ mod tests {
     fn timed_acquire_times_out() {
         let s = Semaphore::default();
         let t = Instant::now();
-        assert!(!s.acquire_deadline(Deadline::after_secs(Some(0.05))).unwrap());
+        assert!(!s
+            .acquire_deadline(Deadline::after_secs(Some(0.05)))
+            .unwrap());
         assert!(t.elapsed() >= Duration::from_millis(45));
-        assert!(!s.acquire_deadline(Deadline::after_secs(Some(-1.0))).unwrap());
+        assert!(!s
+            .acquire_deadline(Deadline::after_secs(Some(-1.0)))
+            .unwrap());
     }
 
     #[test]
@@ -131,7 +141,9 @@ mod tests {
         let s2 = Arc::clone(&s);
         let h = std::thread::spawn(move || {
             for _ in 0..1000 {
-                assert!(s2.acquire_deadline(Deadline::after_secs(Some(10.0))).unwrap());
+                assert!(s2
+                    .acquire_deadline(Deadline::after_secs(Some(10.0)))
+                    .unwrap());
             }
         });
         for _ in 0..1000 {
@@ -147,7 +159,12 @@ mod tests {
         seg.get().init(Mode::Semaphore, 0, 1);
         let code = fork_run(Duration::from_secs(20), || {
             for _ in 0..200 {
-                if !seg.get().sem.acquire_deadline(Deadline::after_secs(Some(10.0))).unwrap() {
+                if !seg
+                    .get()
+                    .sem
+                    .acquire_deadline(Deadline::after_secs(Some(10.0)))
+                    .unwrap()
+                {
                     return 3;
                 }
             }

@@ -50,7 +50,10 @@ impl Child {
             if start.elapsed() > self.timeout {
                 let _ = kill(self.pid, Signal::SIGKILL);
                 let _ = waitpid(self.pid, None);
-                panic!("watchdog: child {} still running after {:?}", self.pid, self.timeout);
+                panic!(
+                    "watchdog: child {} still running after {:?}",
+                    self.pid, self.timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -59,7 +62,9 @@ impl Child {
 
 /// Forks a child that runs `body` and exits with its return value (101 on panic).
 pub(crate) fn fork_run(timeout: Duration, body: impl FnOnce() -> i32) -> Child {
-    let serial = FORK_MTX.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let serial = FORK_MTX
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     futex::install_fork_hook();
     // SAFETY: in the child we only run `body` (atomics, futex calls and, on failure, a panic
     // message) and then `_exit`, never returning into the test harness; the parent only
@@ -74,5 +79,9 @@ pub(crate) fn fork_run(timeout: Duration, body: impl FnOnce() -> i32) -> Child {
         // or destructors (which belong to the parent's state).
         unsafe { libc::_exit(code) };
     }
-    Child { pid: Pid::from_raw(pid), timeout, _serial: serial }
+    Child {
+        pid: Pid::from_raw(pid),
+        timeout,
+        _serial: serial,
+    }
 }

@@ -40,7 +40,15 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> Resul
     // which outlives the call. FUTEX_WAIT without the private flag keys the wait by the
     // mapping's backing object, which is what cross-process waiters need.
     let ret = unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, 0usize, 0u32)
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            0usize,
+            0u32,
+        )
     };
     if ret == 0 {
         return Ok(Wake::Woken);
@@ -59,7 +67,15 @@ pub fn wake(word: &AtomicU32, n: u32) -> u32 {
     // SAFETY: `word` is a live `&AtomicU32`; FUTEX_WAKE reads no memory, it only uses the
     // address as the key of the wait queue. Shared scope, as for `wait`.
     let ret = unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0usize, 0usize, 0u32)
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n,
+            0usize,
+            0usize,
+            0u32,
+        )
     };
     // Only EFAULT/EINVAL can fail FUTEX_WAKE on a valid word; a failed wake wakes nobody.
     u32::try_from(ret).unwrap_or(0)
@@ -117,7 +133,9 @@ pub fn fork_generation() -> u32 {
 /// (EPERM, EMFILE) count as alive, the safe answer for lock recovery.
 #[must_use]
 pub fn pid_is_alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     if raw <= 0 {
         return false;
     }
@@ -150,14 +168,20 @@ mod tests {
     #[test]
     fn wait_on_changed_word_returns_at_once() {
         let w = AtomicU32::new(1);
-        assert_eq!(wait(&w, 0, Some(Duration::from_secs(5))).unwrap(), Wake::Woken);
+        assert_eq!(
+            wait(&w, 0, Some(Duration::from_secs(5))).unwrap(),
+            Wake::Woken
+        );
     }
 
     #[test]
     fn wait_times_out_on_the_monotonic_clock() {
         let w = AtomicU32::new(0);
         let t = Instant::now();
-        assert_eq!(wait(&w, 0, Some(Duration::from_millis(20))).unwrap(), Wake::TimedOut);
+        assert_eq!(
+            wait(&w, 0, Some(Duration::from_millis(20))).unwrap(),
+            Wake::TimedOut
+        );
         assert!(t.elapsed() >= Duration::from_millis(19));
     }
 

@@ -59,7 +59,14 @@ impl Mapping {
         // SAFETY: we ask the kernel for a fresh range (no fixed address), so no existing Rust
         // object is aliased or overwritten; the result is owned by the returned Mapping.
         let ptr = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
         }?;
         Ok(Self { ptr, len })
     }
