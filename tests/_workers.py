@@ -191,6 +191,33 @@ def try_to_join_self(impl_name):
     sys.exit(4)
 
 
+def start_foreign_process(proc):
+    """``proc`` was created by our parent: starting it here must raise AssertionError.
+
+    Exit 0: the stdlib message; 2: another AssertionError; 3: another exception; 4: started.
+    """
+    try:
+        proc.start()
+    except AssertionError as e:
+        sys.exit(0 if "created by current process" in str(e) else 2)
+    except BaseException:
+        sys.exit(3)
+    proc.join(SHORT_TIMEOUT)
+    sys.exit(4)
+
+
+def touch_after_parent_exits(impl_name, ready_path, done_path):
+    """Announce readiness, wait (bounded) on ``parent_process().sentinel``, then record whether
+    ``parent_process().is_alive()`` turned False."""
+    import select
+
+    mp = impl_module(impl_name)
+    parent = mp.parent_process()
+    _touch(ready_path)
+    ready, _, _ = select.select([parent.sentinel], [], [], SHORT_TIMEOUT)
+    write_json(done_path, {"sentinel_ready": bool(ready), "alive": parent.is_alive()})
+
+
 def exit_if_module_loaded(name):
     """Exit 0 if module ``name`` is already in ``sys.modules`` (without importing it), else 7."""
     sys.exit(0 if name in sys.modules else 7)

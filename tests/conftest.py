@@ -64,10 +64,19 @@ def impl_name(impl):
     return impl.__name__
 
 
-@pytest.fixture(params=START_METHODS)
+@pytest.fixture
 def ctx(impl, request):
-    """``impl.get_context(method)`` for each start method."""
+    """``impl.get_context(method)`` for each start method (parametrized below)."""
     return impl.get_context(request.param)
+
+
+def pytest_generate_tests(metafunc):
+    # Parametrize ctx here rather than with fixture params so that ids always read
+    # "<impl>-<method>" (e.g. test_x[ferroproc-spawn]) whatever the order of the arguments.
+    # Tests marked fork_only get only the fork context.
+    if "ctx" in metafunc.fixturenames:
+        fork_only = metafunc.definition.get_closest_marker("fork_only") is not None
+        metafunc.parametrize("ctx", ("fork",) if fork_only else START_METHODS, indirect=True)
 
 
 @pytest.fixture
@@ -121,10 +130,12 @@ def _descendants():
     return result
 
 
-def _warm_up():
+def _warm_up(wanted):
     """Start one process per implementation and start method so that persistent per-parent
     helpers (forkserver, resource tracker, ...) exist before the first baseline is taken."""
     for mod in loaded_impls():
+        if mod.__name__ not in wanted:
+            continue
         for method in START_METHODS:
             try:
                 p = mod.get_context(method).Process(target=_workers.noop)
@@ -140,8 +151,15 @@ def _warm_up():
 
 
 @pytest.fixture(scope="session")
-def _warmed_up():
-    _warm_up()
+def _warmed_up(request):
+    # Only warm up the implementations the selected tests use (so `-k stdlib` never depends
+    # on the state of ferroproc, and vice versa).
+    wanted = {
+        item.callspec.params["impl"]
+        for item in request.session.items
+        if "impl" in getattr(getattr(item, "callspec", None), "params", {})
+    }
+    _warm_up(wanted)
 
 
 def _new_descendants(before):
@@ -175,15 +193,21 @@ def _hygiene(_warmed_up):
                 if p.is_alive():
                     p.kill()
                     p.join(_workers.SHORT_TIMEOUT)
+                p.close()  # so its sentinel is not reported again as a leaked fd
             except Exception as e:
                 problems.append(f"  could not stop it: {e!r}")
+        del alive
 
     # New descendants (live or zombie) must be gone once the children are joined/reaped. Give
-    # exiting grandchildren (forkserver children being reaped by the server) a moment.
+    # exiting children a moment: forkserver children are reaped by the server, and a library
+    # may reap a child that was still exiting when join() returned at its next
+    # active_children() call (which is how this fixture lets it do so).
     deadline = time.monotonic() + 3.0
     new = _new_descendants(desc_before)
     while new and time.monotonic() < deadline:
         time.sleep(0.02)
+        for mod in loaded_impls():
+            mod.active_children()
         new = _new_descendants(desc_before)
     for pid, (ppid, state, cmd) in sorted(new.items()):
         kind = "zombie" if state == "Z" else "process"

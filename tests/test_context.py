@@ -66,16 +66,16 @@ def test_contexts_expose_reference_names(impl, ctx):
     reference = multiprocessing.get_context(ctx.get_start_method())
     public = [n for n in dir(reference) if not n.startswith("_")]
     missing = [n for n in public if not hasattr(ctx, n)]
-    assert missing == []
+    assert not missing, f"context lacks {missing}"
     not_callable = [
         n for n in public if callable(getattr(reference, n)) and not callable(getattr(ctx, n))
     ]
-    assert not_callable == []
+    assert not not_callable, f"not callable: {not_callable}"
 
 
 def test_module_exposes_reference_all(impl):
     missing = [n for n in multiprocessing.__all__ if not hasattr(impl, n)]
-    assert missing == []
+    assert not missing, f"module lacks {missing}"
     assert impl.SUBDEBUG == 5
     assert impl.SUBWARNING == 25
 

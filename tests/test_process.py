@@ -151,13 +151,18 @@ def test_join_timeout_expires_while_child_alive(ctx, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("action", "signum"), [("terminate", signal.SIGTERM), ("kill", signal.SIGKILL)]
+    ("action", "signum"),
+    [("terminate", signal.SIGTERM), ("kill", signal.SIGKILL), ("external", signal.SIGUSR1)],
 )
 def test_stop_busy_child(ctx, tmp_path, action, signum):
     p = start_ready(ctx, tmp_path, target=w.busy_when_ready)
     assert p.is_alive()
-    getattr(p, action)()
+    if action == "external":
+        os.kill(p.pid, signum)
+    else:
+        getattr(p, action)()
     assert finish(p) == -signum
+    assert f"exitcode=-{signal.Signals(signum).name}" in repr(p)
     assert w.wait_pid_gone(p.pid)
 
 
@@ -403,7 +408,8 @@ def test_active_children_reaps_finished(ctx, tmp_path):
     for q in quick:
         q.start()
     sleeper = start_ready(ctx, tmp_path)
-    # Wait for the quick ones to end without join()ing them.
+    # Wait for the quick ones to end without join()ing them: first their sentinels, then
+    # (the sentinel may fire a moment before the pid becomes waitable) active_children().
     pending = {q.sentinel for q in quick}
     deadline = time.monotonic() + SHORT_TIMEOUT
     while pending and time.monotonic() < deadline:
@@ -411,6 +417,9 @@ def test_active_children_reaps_finished(ctx, tmp_path):
         pending.difference_update(ready)
     assert not pending
     active = ctx.active_children()
+    while any(q in active for q in quick) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        active = ctx.active_children()
     assert sleeper in active
     assert not any(q in active for q in quick)
     assert all(q.exitcode == 0 for q in quick)
@@ -424,6 +433,30 @@ def test_active_children_reaps_finished(ctx, tmp_path):
 def test_cpu_count(impl, ctx):
     assert impl.cpu_count() == os.cpu_count()
     assert ctx.cpu_count() == os.cpu_count()
+
+
+def test_parent_sentinel_after_parent_exits(impl, ctx, tmp_path):
+    ready, done = tmp_path / "ready", tmp_path / "done.json"
+    result = run_script(
+        impl.__name__,
+        f"""
+        import os, _workers
+        if __name__ == "__main__":
+            p = mp.get_context(METHOD).Process(
+                target=_workers.touch_after_parent_exits,
+                args=({impl.__name__!r}, {str(ready)!r}, {str(done)!r}),
+            )
+            p.start()
+            if not _workers.wait_for_path({str(ready)!r}):
+                p.kill()
+            print(p.pid, flush=True)
+            os._exit(0)  # no atexit join: the child outlives us
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    assert w.wait_for_path(done), "child never saw its parent exit"
+    assert w.read_json(done) == {"sentinel_ready": True, "alive": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +474,7 @@ def test_daemon_process_may_not_have_children(ctx):
 
 def test_exit_joins_children_and_terminates_daemons(impl, ctx, tmp_path):
     done = tmp_path / "non-daemon-done"
+    t0 = time.monotonic()
     result = run_script(
         impl.__name__,
         f"""
@@ -456,7 +490,9 @@ def test_exit_joins_children_and_terminates_daemons(impl, ctx, tmp_path):
         method_of(ctx),
         timeout=SHORT_TIMEOUT,
     )
+    elapsed = time.monotonic() - t0
     assert result.returncode == 0, result.stderr
+    assert elapsed < 15, f"interpreter exit took {elapsed:.1f}s"
     assert done.exists(), "non-daemon child was not joined at interpreter exit"
     daemon_pid = int(result.stdout.split()[0])
     assert w.wait_pid_gone(daemon_pid, 5), "daemon child still running after parent exit"
@@ -475,6 +511,14 @@ def test_start_twice(ctx):
     assert finish(p) == 0
     with pytest.raises(AssertionError, match="cannot start a process twice"):
         p.start()
+
+
+def test_start_in_another_process(ctx):
+    foreign = ctx.Process(target=w.noop)
+    p = ctx.Process(target=w.start_foreign_process, args=(foreign,))
+    p.start()
+    assert finish(p) == 0
+    assert foreign.pid is None
 
 
 def test_join_unstarted(ctx):
@@ -651,6 +695,23 @@ def test_many_short_processes(ctx):
         p.close()
     assert ctx.active_children() == []
     assert len(os.listdir("/proc/self/fd")) == fds_before
+    # The last child may still be exiting; active_children() reaps it, within a bound.
+    deadline = time.monotonic() + 5.0
+    while set(_children_states()) - set(children_before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        ctx.active_children()
     zombies = [pid for pid, state in _children_states().items() if state == "Z"]
     assert zombies == []
     assert set(_children_states()) <= set(children_before)
+
+
+def test_many_concurrent_processes(ctx):
+    count = 40 if method_of(ctx) == "fork" else 10
+    procs = [ctx.Process(target=w.exit_with, args=(i,)) for i in range(count)]
+    for p in procs:
+        p.start()
+    assert len({p.pid for p in procs}) == count
+    assert [finish(p) for p in procs] == list(range(count))
+    for p in procs:
+        p.close()
+    assert ctx.active_children() == []

@@ -47,6 +47,12 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+if "multiprocessing.context" in sys.modules:
+    # Already paid for: resolve now, while `multiprocessing.context` is surely the stdlib's
+    # (tools that alias `multiprocessing` to ferroproc later still get the stdlib classes).
+    __getattr__("TimeoutError")
+
+
 class _StdException:
     """Class attribute resolving to the stdlib exception of the same name on first access."""
 
@@ -317,3 +323,7 @@ def assert_spawning(obj):
             f"{type(obj).__name__} objects should only be shared between processes"
             " through inheritance"
         )
+
+
+# The child's bootstrap reaches this module without an import statement (see process.py).
+process._context = sys.modules[__name__]

@@ -60,7 +60,7 @@ class ForkServer:
     def _after_fork_in_child(self):
         # A forked child must not share its parent's server connection (requests would
         # interleave); it starts its own server if it needs one.
-        self._lock = threading.Lock()
+        self._lock._at_fork_reinit()
         if self._ctl is not None:
             self._ctl.close()
         self._ctl = self._pid = None
@@ -119,7 +119,7 @@ class ForkServer:
         with self._lock:
             self._ensure_running_unlocked()
             # The child's parent sentinel: a pidfd of this process, sent along.
-            fds = [fds[0], _own_pidfd(), *fds[1:]]
+            fds = [fds[0], util._own_pidfd(), *fds[1:]]
             try:
                 return forkserver_request(self._ctl.fileno(), payload, fds)
             except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -137,18 +137,6 @@ def _exited(pid):
         return waitpid(pid, False) is not None
     except ChildProcessError:
         return True
-
-
-_own = {}
-
-
-def _own_pidfd():
-    pid = os.getpid()
-    fd = _own.get(pid)
-    if fd is None:
-        _own.clear()
-        fd = _own[pid] = os.pidfd_open(pid)
-    return fd
 
 
 _forkserver = ForkServer()

@@ -17,23 +17,6 @@ from ._ferroproc import read_exit_report, wait_readable, waitpid, write_exit_rep
 __all__ = ["Popen"]
 
 
-def parent_sentinel(parent_pid):
-    """A descriptor that becomes readable when `parent_pid` (our parent) exits."""
-    try:
-        fd = os.pidfd_open(parent_pid)
-    except OSError:
-        fd = None
-    if fd is None or os.getppid() != parent_pid:
-        # No pidfd support, or the parent already died (and its pid may be reused): a pipe
-        # whose writer is gone is the honest "already ended" sentinel.
-        if fd is not None:
-            os.close(fd)
-        r, w = os.pipe()
-        os.close(w)
-        return r
-    return fd
-
-
 class Popen:
     """Handle on a child started by fork."""
 
@@ -122,12 +105,15 @@ class Popen:
     def _launch(self, process_obj):
         code = 1
         report_r, report_w = os.pipe()
-        parent_pid = os.getpid()
+        # Prepared here so the child only assigns: its parent sentinel is our pidfd (inherited),
+        # its new stdin a spare wrapper on /dev/null.
+        parent_sentinel = util._own_pidfd()
+        util._prepare_fork_stdin()
         self.pid = os.fork()
         if self.pid == 0:
             try:
                 os.close(report_r)
-                code = process_obj._bootstrap(parent_sentinel=parent_sentinel(parent_pid))
+                code = process_obj._bootstrap(parent_sentinel=parent_sentinel)
             finally:
                 try:
                     write_exit_report(report_w, code & 0xFF)

@@ -232,8 +232,9 @@ class BaseProcess:
 
     def _bootstrap(self, parent_sentinel=None):
         """Runs in the child: becomes the current process, runs `run()`, returns the exit code."""
-        from . import context, util
-
+        # Module references instead of `from . import`: the import machinery is Python code,
+        # and every page a fork child touches is a copy-on-write fault.
+        context, util = _context, _util
         global _current_process, _parent_process, _process_counter, _children
         try:
             if self._start_method is not None:
@@ -246,6 +247,12 @@ class BaseProcess:
             threading = sys.modules.get("threading")
             if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
+            std_process = _stdlib_module("process")
+            if std_process is not None:
+                # The stdlib's bookkeeping was copied from the parent too: its children are
+                # not ours to join at exit.
+                std_process._process_counter = itertools.count(1)
+                std_process._children = set()
             self._after_fork()
             util.info("child process calling self.run()")
             try:
@@ -253,6 +260,12 @@ class BaseProcess:
                 exitcode = 0
             finally:
                 util._exit_function()
+                std_util = _stdlib_module("util")
+                std_children = std_process is not None and std_process._children
+                if std_util is not None and (std_util._finalizer_registry or std_children):
+                    # Stdlib objects used here (a stdlib Queue handed over by a
+                    # concurrent.futures executor, say) flush and join through its hooks.
+                    std_util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -277,10 +290,24 @@ class BaseProcess:
 
     @staticmethod
     def _after_fork():
-        from . import util
-
+        util = _util
         util._finalizer_registry.clear()
         util._run_after_forkers()
+        std_util = _stdlib_module("util")
+        if std_util is not None:
+            # Stdlib objects inherited by fork (locks, queues) reset themselves through the
+            # stdlib's own after-fork registry.
+            std_util._finalizer_registry.clear()
+            if std_util._afterfork_registry:
+                std_util._run_after_forkers()
+
+
+def _stdlib_module(name):
+    """The stdlib's `multiprocessing.<name>` if it is loaded and is not ferroproc's own."""
+    mod = sys.modules.get(f"multiprocessing.{name}")
+    if mod is None or mod.__name__.startswith("ferroproc"):
+        return None
+    return mod
 
 
 class AuthenticationString(bytes):
@@ -362,6 +389,10 @@ def _exitcode_name(code):
 
 
 _dangling = WeakSet()
+
+# Set by `util` and `context` when they are imported (they import this module).
+_util = None
+_context = None
 
 try:
     ORIGINAL_DIR = os.path.abspath(os.getcwd())

@@ -30,8 +30,8 @@ class ForkingPickler(_pickle.Pickler):
     _extra_reducers: dict = {}  # noqa: RUF012 - the shared registry `register` fills
     _copyreg_dispatch_table = copyreg.dispatch_table
 
-    def __init__(self, *args, **kwds):
-        super().__init__(*args, **kwds)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.dispatch_table = _dispatch_table(type(self))
 
     @classmethod

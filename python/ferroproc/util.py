@@ -160,6 +160,8 @@ _afterfork_counter = itertools.count()
 
 
 def _run_after_forkers():
+    if not _afterfork_registry:
+        return
     for (_index, _ident, func), obj in sorted(_afterfork_registry.items()):
         try:
             func(obj)
@@ -242,7 +244,7 @@ class Finalize:
 
 def _run_finalizers(minpriority=None):
     """Runs finalizers that have an exit priority (at least `minpriority` when given)."""
-    if _finalizer_registry is None:
+    if not _finalizer_registry:
         return
     keys = [
         k
@@ -344,13 +346,61 @@ def close_all_fds_except(fds):
         os.closerange(lo + 1, hi)
 
 
+_own_pidfds: dict = {}
+
+
+def _own_pidfd():
+    """A pidfd of this process, opened once: children watch it to learn when we exit."""
+    pid = os.getpid()
+    fd = _own_pidfds.get(pid)
+    if fd is None:
+        # Entries of other pids were inherited from a parent by fork; their fds stay open
+        # because a forked child uses its parent's pidfd as its parent sentinel.
+        _own_pidfds.clear()
+        fd = _own_pidfds[pid] = os.pidfd_open(pid)
+    return fd
+
+
+# Made in the parent before a fork, so a forked child replaces stdin with /dev/null without
+# allocating (every page a fork child writes is a copy-on-write fault): a descriptor open on
+# /dev/null and a spare text wrapper for descriptor 0.
+_devnull_fd = None
+_spare_stdin = None
+
+
+def _prepare_fork_stdin():
+    global _devnull_fd, _spare_stdin
+    if _spare_stdin is not None:
+        return
+    try:
+        if sys.stdin is None or sys.stdin.fileno() != 0:
+            return
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except (AttributeError, OSError, ValueError):
+        return
+    _devnull_fd = fd
+    _spare_stdin = open(0, encoding="utf-8", closefd=False)
+
+
 def _close_stdin():
     if sys.stdin is None:
         return
     try:
+        on_fd0 = _spare_stdin is not None and sys.stdin.fileno() == 0
+    except (AttributeError, OSError, ValueError):
+        on_fd0 = False
+    try:
         sys.stdin.close()
     except (OSError, ValueError):
         pass
+    if on_fd0:
+        try:
+            os.dup2(_devnull_fd, 0, inheritable=False)
+        except OSError:
+            pass
+        else:
+            sys.stdin = _spare_stdin
+            return
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
         try:
@@ -392,3 +442,7 @@ def _cleanup_tests():
     forkserver._forkserver._stop()
     _run_finalizers()
     process._current_process._config.pop("tempdir", None)
+
+
+# The child's bootstrap reaches this module without an import statement (see process.py).
+process._util = sys.modules[__name__]

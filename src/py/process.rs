@@ -30,7 +30,9 @@ fn spawn(path: Vec<u8>, argv: Vec<Vec<u8>>, env: Vec<Vec<u8>>, keep: Vec<i32>) -
         .into_iter()
         .map(|a| cstring(a, "environment"))
         .collect::<PyResult<Vec<_>>>()?;
-    Ok(sys_spawn::spawn(&path, &argv, &env, &keep)?)
+    let pid = sys_spawn::spawn(&path, &argv, &env, &keep)?;
+    log::debug!(target: "ferroproc", "posix_spawn {path:?} keeping fds {keep:?}: pid {pid}");
+    Ok(pid)
 }
 
 /// Waits until any of `fds` is readable (or closed by its peer), for at most `timeout` seconds
