@@ -37,7 +37,8 @@ import time
 
 from . import _ferroproc, context, process
 
-__all__ = ["Barrier", "BoundedSemaphore", "Condition", "Event", "Lock", "RLock", "Semaphore"]
+# As the stdlib: Barrier is public but not in __all__.
+__all__ = ["BoundedSemaphore", "Condition", "Event", "Lock", "RLock", "Semaphore"]
 
 # The stdlib's kind numbers (RLock uses RECURSIVE_MUTEX, everything else SEMAPHORE); MUTEX is
 # ferroproc's single-owner robust lock.
@@ -110,6 +111,10 @@ class SemLock(_ferroproc.SemLock):
     def __new__(cls, kind, value, maxvalue, *, ctx):
         return super().__new__(cls, kind, value, maxvalue, fork_ctx=_is_fork_ctx(ctx))
 
+    def __init__(self, kind, value, maxvalue, *, ctx):
+        # The native state is built by __new__; __init__ only keeps the stdlib's signature.
+        pass
+
     @property
     def _semlock(self):
         # The stdlib keeps the native object in `_semlock`; here it is the object itself.
@@ -125,7 +130,10 @@ class Semaphore(SemLock):
     """A counter of available units shared between processes."""
 
     def __new__(cls, value=1, *, ctx):
-        return super().__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
+        return SemLock.__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
+
+    def __init__(self, value=1, *, ctx):
+        pass
 
     def get_value(self):
         """The number of units currently available."""
@@ -145,6 +153,9 @@ class BoundedSemaphore(Semaphore):
     def __new__(cls, value=1, *, ctx):
         return SemLock.__new__(cls, SEMAPHORE, value, value, ctx=ctx)
 
+    def __init__(self, value=1, *, ctx):
+        pass
+
     def __repr__(self):
         try:
             value = self._get_value()
@@ -157,7 +168,10 @@ class Lock(SemLock):
     """A non-recursive lock; any thread or process may release it. Robust to a dead holder."""
 
     def __new__(cls, *, ctx):
-        return super().__new__(cls, MUTEX, 1, 1, ctx=ctx)
+        return SemLock.__new__(cls, MUTEX, 1, 1, ctx=ctx)
+
+    def __init__(self, *, ctx):
+        pass
 
     def __repr__(self):
         try:
@@ -178,7 +192,10 @@ class RLock(SemLock):
     """A recursive lock owned by one thread of one process. Robust to a dead holder."""
 
     def __new__(cls, *, ctx):
-        return super().__new__(cls, RECURSIVE_MUTEX, 1, 1, ctx=ctx)
+        return SemLock.__new__(cls, RECURSIVE_MUTEX, 1, 1, ctx=ctx)
+
+    def __init__(self, *, ctx):
+        pass
 
     def __repr__(self):
         try:
@@ -279,24 +296,39 @@ class Condition:
         return result
 
 
-def _rebuild_event(cls, dupfd):
-    fd = _detach(dupfd)
-    try:
-        return _ferroproc.EventFlag.__new__(cls, fd=fd)
-    finally:
-        os.close(fd)
+class Event:
+    """A flag processes can set, clear and wait for."""
 
+    def __init__(self, *, ctx):
+        self._flag = _ferroproc.EventFlag()
 
-class Event(_ferroproc.EventFlag):
-    """A flag processes can set, clear and wait for; ``set``/``wait`` are native."""
+    def __getstate__(self):
+        return _dup_for_child(self, self._flag.handle)
 
-    def __new__(cls, *, ctx):
-        return super().__new__(cls)
+    def __setstate__(self, dupfd):
+        fd = _detach(dupfd)
+        try:
+            self._flag = _ferroproc.EventFlag(fd=fd)
+        finally:
+            os.close(fd)
 
-    def __reduce__(self):
-        return _rebuild_event, (type(self), _dup_for_child(self, self.handle))
+    def is_set(self):
+        """Whether the flag is set."""
+        return self._flag.is_set()
 
-    def __repr__(self):
+    def set(self):
+        """Sets the flag and wakes every waiter."""
+        self._flag.set()
+
+    def clear(self):
+        """Clears the flag."""
+        self._flag.clear()
+
+    def wait(self, timeout=None):
+        """Waits until the flag is set or `timeout` passes; returns whether it is set."""
+        return self._flag.wait(timeout)
+
+    def __repr__(self) -> str:
         set_status = "set" if self.is_set() else "unset"
         return f"<{type(self).__qualname__} at {id(self):#x} {set_status}>"
 

@@ -228,7 +228,7 @@ impl PySemLock {
     }
 
     /// Acquires (see `ferroproc.synchronize.Lock.acquire`).
-    #[pyo3(signature = (block = None, timeout = None))]
+    #[pyo3(signature = (block = None, timeout = None), text_signature = "($self, block=True, timeout=None)")]
     fn acquire(
         &self,
         py: Python<'_>,
