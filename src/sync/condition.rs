@@ -227,4 +227,56 @@ mod tests {
         assert_eq!(c.waiters(), 0);
         assert_eq!(c.unconsumed(), 0);
     }
+
+    /// Takes turns with another process: each side waits (under the mutex) until the shared
+    /// counter has its parity, bumps it and notifies.
+    fn take_turns(
+        lock: &crate::sync::RobustMutex,
+        cv: &Condition,
+        parity: i32,
+        turns: i32,
+    ) -> bool {
+        let me = crate::sys::futex::pid();
+        for _ in 0..turns {
+            lock.lock_deadline(me, Deadline::never()).unwrap().unwrap();
+            while cv.user[0].load(Ordering::SeqCst) % 2 != parity {
+                let t = cv.register();
+                lock.unlock().unwrap();
+                let got = until(Deadline::after_secs(Some(10.0)), |s| {
+                    Ok(cv.wait_slice(t, s)?.then_some(()))
+                })
+                .unwrap();
+                if got.is_none() && !cv.withdraw(t) {
+                    return false;
+                }
+                lock.lock_deadline(me, Deadline::never()).unwrap().unwrap();
+            }
+            cv.user[0].fetch_add(1, Ordering::SeqCst);
+            cv.notify(1);
+            lock.unlock().unwrap();
+        }
+        true
+    }
+
+    #[test]
+    fn processes_take_turns() {
+        use crate::shm::Segment;
+        use crate::sync::testing::{fork_run, shared};
+        use crate::sync::Mode;
+
+        let lock = shared();
+        lock.get().init(Mode::Mutex, 1, 1);
+        let cv = Segment::<Condition>::create("ferroproc-test").unwrap();
+        let child = fork_run(Duration::from_secs(30), || {
+            if take_turns(&lock.get().mutex, cv.get(), 1, 300) {
+                0
+            } else {
+                1
+            }
+        });
+        assert!(take_turns(&lock.get().mutex, cv.get(), 0, 300));
+        assert_eq!(child.join(), 0);
+        assert_eq!(cv.get().user[0].load(Ordering::SeqCst), 600);
+        assert_eq!(cv.get().waiters(), 0);
+    }
 }

@@ -83,4 +83,36 @@ mod tests {
         e.clear();
         assert!(!e.wait_slice(Duration::from_millis(1)).unwrap());
     }
+
+    #[test]
+    fn processes_ping_pong() {
+        use crate::shm::Segment;
+        use crate::sync::testing::fork_run;
+
+        let ping = Segment::<Event>::create("ferroproc-test").unwrap();
+        let pong = Segment::<Event>::create("ferroproc-test").unwrap();
+        let wait = |e: &Event| {
+            until(Deadline::after_secs(Some(10.0)), |s| {
+                Ok(e.wait_slice(s)?.then_some(()))
+            })
+            .unwrap()
+            .is_some()
+        };
+        let child = fork_run(Duration::from_secs(30), || {
+            for _ in 0..300 {
+                if !wait(ping.get()) {
+                    return 1;
+                }
+                ping.get().clear();
+                pong.get().set();
+            }
+            0
+        });
+        for _ in 0..300 {
+            ping.get().set();
+            assert!(wait(pong.get()));
+            pong.get().clear();
+        }
+        assert_eq!(child.join(), 0);
+    }
 }
