@@ -105,3 +105,8 @@ def rlock_state(rlock, out):
     if rlock.acquire(False):
         sys.exit(12)
     out.release()
+
+
+def release_lock(lock):
+    """Releases a Lock another process holds (allowed for Lock, as in the stdlib)."""
+    lock.release()

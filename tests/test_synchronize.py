@@ -415,6 +415,31 @@ def test_condition_wait_for_across_processes(ctx):
         join_ok(p)
 
 
+def test_notify_then_lock_released_elsewhere(ctx):
+    # The notifier's lock is released by another thread, then by another process: the waiter
+    # must still wake (ferroproc issues a notify's wake-up at the lock's release).
+    lock = ctx.Lock()
+    cond, sleeping, woken = ctx.Condition(lock), ctx.Semaphore(0), ctx.Semaphore(0)
+    procs = [start(ctx, w.cond_waiter, cond, sleeping, woken) for _ in range(2)]
+    try:
+        for _ in procs:
+            assert sleeping.acquire(timeout=SHORT_TIMEOUT)
+        time.sleep(0.1)
+        cond.acquire()
+        cond.notify()
+        t = threading.Thread(target=lock.release)
+        t.start()
+        t.join(SHORT_TIMEOUT)
+        assert woken.acquire(timeout=SHORT_TIMEOUT)
+        cond.acquire()
+        cond.notify()
+        join_ok(start(ctx, w.release_lock, lock))
+        assert woken.acquire(timeout=SHORT_TIMEOUT)
+    finally:
+        for p in procs:
+            join_ok(p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Event
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //! stdlib's per-process bookkeeping (acquire count and last thread), with no syscall and no
 //! GIL release; only a wait goes through `blocking::wait_until`.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::exceptions::{PyAssertionError, PyIndexError, PyValueError};
 use pyo3::prelude::*;
@@ -53,6 +54,9 @@ pub(crate) struct PySemLock {
     last_tid: AtomicUsize,
     /// `futex::fork_generation()` the bookkeeping belongs to: a forked child starts at 0.
     generation: AtomicU32,
+    /// Condition wake-ups granted while this lock was held, to issue once it is released.
+    deferred: Mutex<Vec<(Arc<Segment<Condition>>, u32)>>,
+    has_deferred: AtomicBool,
 }
 
 impl PySemLock {
@@ -169,7 +173,30 @@ impl PySemLock {
         }
         self.count
             .store(self.local_count().wrapping_sub(1), Ordering::Relaxed);
+        if self.has_deferred.load(Ordering::Relaxed) {
+            self.flush_deferred();
+        }
         Ok(())
+    }
+
+    /// Records condition wake-ups to issue at the next release of this lock.
+    fn defer_wake(&self, cv: &Arc<Segment<Condition>>, n: u32) {
+        let mut d = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        d.push((Arc::clone(cv), n));
+        self.has_deferred.store(true, Ordering::Relaxed);
+    }
+
+    /// Issues the wake-ups recorded by `defer_wake` (the lock was just released).
+    #[cold]
+    fn flush_deferred(&self) {
+        let pending = {
+            let mut d = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            self.has_deferred.store(false, Ordering::Relaxed);
+            std::mem::take(&mut *d)
+        };
+        for (cv, n) in pending {
+            cv.get().wake(n);
+        }
     }
 }
 
@@ -224,6 +251,8 @@ impl PySemLock {
             count: AtomicI32::new(0),
             last_tid: AtomicUsize::new(0),
             generation: AtomicU32::new(futex::fork_generation()),
+            deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
         })
     }
 
@@ -345,7 +374,7 @@ impl PySemLock {
 /// The shared words of a condition variable; `wait`/`notify` take the associated `SemLock`.
 #[pyclass(module = "ferroproc._ferroproc", name = "CondVar", frozen)]
 pub(crate) struct PyCondVar {
-    seg: Segment<Condition>,
+    seg: Arc<Segment<Condition>>,
 }
 
 #[pymethods]
@@ -357,7 +386,7 @@ impl PyCondVar {
             Some(f) => attach::<Condition>(f)?,
             None => Segment::create(SEGMENT_NAME)?,
         };
-        Ok(Self { seg })
+        Ok(Self { seg: Arc::new(seg) })
     }
 
     /// Releases `lock` completely, waits for a notify or `timeout`, re-acquires `lock` as many
@@ -401,15 +430,21 @@ impl PyCondVar {
         result
     }
 
-    /// Wakes up to `n` waiters; returns how many were granted a wake-up.
+    /// Wakes up to `n` waiters; returns how many were granted a wake-up. The wake-up itself
+    /// is issued when `lock` is next released, so the woken find it free.
     fn notify(&self, lock: &Bound<'_, PySemLock>, n: i64) -> PyResult<u32> {
-        if !lock.get().is_mine() {
+        let l = lock.get();
+        if !l.is_mine() {
             return Err(PyAssertionError::new_err("lock is not owned"));
         }
-        Ok(self
+        let granted = self
             .seg
             .get()
-            .notify(u32::try_from(n.max(0)).unwrap_or(u32::MAX)))
+            .grant(u32::try_from(n.max(0)).unwrap_or(u32::MAX));
+        if granted > 0 {
+            l.defer_wake(&self.seg, granted);
+        }
+        Ok(granted)
     }
 
     /// Registered waiters not yet woken.

@@ -109,6 +109,16 @@ impl Condition {
     /// Grants up to `n` tokens to registered waiters and wakes that many; returns the number
     /// granted. Call with the associated lock held.
     pub fn notify(&self, n: u32) -> u32 {
+        let granted = self.grant(n);
+        self.wake(granted);
+        granted
+    }
+
+    /// The first half of [`notify`](Self::notify): grants up to `n` tokens and bumps the futex
+    /// word (so no waiter goes to sleep past the grant), without the wake syscall. Callers
+    /// that hold the lock call [`wake`](Self::wake) after releasing it, so that the woken
+    /// waiters find the lock free instead of sleeping on it again ("wait morphing" by hand).
+    pub fn grant(&self, n: u32) -> u32 {
         let mut c = self.counts.load(Ordering::SeqCst);
         let granted = loop {
             let (wakeup, woken) = split(c);
@@ -128,8 +138,14 @@ impl Condition {
             }
         };
         self.futex.fetch_add(1, Ordering::SeqCst);
-        futex::wake(&self.futex, granted);
         granted
+    }
+
+    /// Wakes up to `n` sleeping waiters (after [`grant`](Self::grant)).
+    pub fn wake(&self, n: u32) {
+        if n > 0 {
+            futex::wake(&self.futex, n);
+        }
     }
 
     /// Registered waiters not yet granted a token.
