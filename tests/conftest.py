@@ -79,11 +79,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("ctx", ("fork",) if fork_only else START_METHODS, indirect=True)
 
 
-@pytest.fixture
-def fork_ctx(impl):
-    return impl.get_context("fork")
-
-
 # ---------------------------------------------------------------------------------------------
 # Hygiene
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ log_to_stderr = _ctx.log_to_stderr
 set_executable = _ctx.set_executable
 set_forkserver_preload = _ctx.set_forkserver_preload
 set_start_method = _ctx.set_start_method
-reducer = context.reduction
 
 SUBDEBUG = 5
 SUBWARNING = 25
@@ -65,8 +64,13 @@ SUBWARNING = 25
 
 def __getattr__(name):
     # ProcessError, BufferTooShort, TimeoutError, AuthenticationError: the stdlib's classes,
-    # resolved on first use (see context.__getattr__).
-    return getattr(context, name) if name in context._EXCEPTIONS else _missing(name)
+    # resolved on first use (see context.__getattr__). `reducer`: the reduction module, also
+    # imported on first use so a spawned child's start-up does not pay for it.
+    if name in context._EXCEPTIONS:
+        return getattr(context, name)
+    if name == "reducer":
+        return _ctx.reducer
+    return _missing(name)
 
 
 def _missing(name):

@@ -10,7 +10,7 @@ import _thread
 import os
 import sys
 
-from . import process, reduction
+from . import process
 
 __all__ = [
     "AuthenticationError",  # noqa: F822 - resolved lazily by __getattr__
@@ -39,8 +39,14 @@ def __getattr__(name):
     # The exception classes are the stdlib's own. They are looked up on first use, so a spawned
     # child that never touches them does not pay for importing the stdlib package.
     if name in _EXCEPTIONS:
-        from multiprocessing import context as std
-
+        std = process._stdlib_module("context")
+        if std is None:
+            if sys.modules.get("multiprocessing.context") is sys.modules[__name__]:
+                raise ImportError(
+                    "multiprocessing.context is aliased to ferroproc.context: import the stdlib's"
+                    " multiprocessing before aliasing it, so the shared exception classes exist"
+                )
+            from multiprocessing import context as std
         for n in _EXCEPTIONS:
             globals()[n] = getattr(std, n)
         return globals()[name]
@@ -175,7 +181,12 @@ class BaseContext:
     @property
     def reducer(self):
         """The pickling module used to send objects to children."""
-        return globals().get("reduction")
+        if "reduction" not in globals():
+            # Imported on first use: a spawned child unpickles with the C pickler directly.
+            from . import reduction
+
+            globals()["reduction"] = reduction
+        return globals()["reduction"]
 
     @reducer.setter
     def reducer(self, reduction):
@@ -284,11 +295,6 @@ class SpawnContext(BaseContext):
 class ForkServerContext(BaseContext):
     _name = "forkserver"
     Process = ForkServerProcess
-
-    def _check_available(self):
-
-        if not reduction.HAVE_SEND_HANDLE:
-            raise ValueError("forkserver start method not available")
 
 
 _concrete_contexts = {

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 
-from . import context, popen_fork, reduction, spawn, util
+from . import context, popen_fork, process, reduction, spawn, util
 
 __all__ = ["Popen"]
 
@@ -25,8 +24,8 @@ def set_spawning(popen):
     """Marks `popen` as the process being started, for ferroproc's and the stdlib's pickling
     checks (stdlib objects such as a `concurrent.futures` call queue consult the latter)."""
     context.set_spawning_popen(popen)
-    std = sys.modules.get("multiprocessing.context")
-    if std is not None and std is not context:
+    std = process._stdlib_module("context")
+    if std is not None:
         std.set_spawning_popen(popen)
 
 

@@ -302,12 +302,25 @@ class BaseProcess:
                 std_util._run_after_forkers()
 
 
+# The stdlib's multiprocessing modules, remembered once seen: tools that alias
+# `sys.modules["multiprocessing.*"]` to ferroproc afterwards must not hide them from us.
+_stdlib_modules: dict = {}
+
+
 def _stdlib_module(name):
-    """The stdlib's `multiprocessing.<name>` if it is loaded and is not ferroproc's own."""
-    mod = sys.modules.get(f"multiprocessing.{name}")
-    if mod is None or mod.__name__.startswith("ferroproc"):
-        return None
+    """The stdlib's `multiprocessing.<name>` if it is loaded (never ferroproc's own)."""
+    mod = _stdlib_modules.get(name)
+    if mod is None:
+        mod = sys.modules.get(f"multiprocessing.{name}")
+        if mod is None or mod.__name__.startswith("ferroproc"):
+            return None
+        _stdlib_modules[name] = mod
     return mod
+
+
+for _name in ("context", "process", "reduction", "util"):
+    _stdlib_module(_name)
+del _name
 
 
 class AuthenticationString(bytes):

@@ -54,8 +54,8 @@ _cache: dict = {}
 
 
 def _stdlib_extras():
-    std = sys.modules.get("multiprocessing.reduction")
-    if std is None or std is sys.modules[__name__]:
+    std = context.process._stdlib_module("reduction")
+    if std is None:
         return None
     return getattr(std.ForkingPickler, "_extra_reducers", None)
 

@@ -26,7 +26,7 @@ import unittest
 
 # Watchdog slack after the per-test SIGALRM: the worker is killed (faulthandler, exit=True)
 # when a test or fixture still has not returned, and the parent restarts it.
-WATCHDOG_GRACE = 30.0
+WATCHDOG_GRACE = float(os.environ.get("FERROPROC_COMPAT_WATCHDOG_GRACE", "30"))
 
 
 class HarnessTimeout(BaseException):
@@ -95,8 +95,9 @@ class Classifier:
     def classify(self, raw: str, exc, usage: list[tuple[int, str, str]]):
         """Returns (outcome, notes)."""
         notes: list[str] = []
-        if raw == "error" and isinstance(exc, HarnessTimeout):
-            return "hung", notes
+        hung = raw == "error" and isinstance(exc, HarnessTimeout)
+        if hung:
+            raw = "hung"
         if self.sub is None or raw == "skipped":
             return raw, notes
         missing, gaps, fallback = [], [], []
@@ -113,6 +114,8 @@ class Classifier:
         if gaps:
             notes.append("ferroproc lacks (implemented subsystem): " + ", ".join(sorted(set(gaps))))
         if missing or fallback:
+            if hung:
+                notes.append("hung after using missing API")
             if missing:
                 notes.append("missing: " + ", ".join(sorted(set(missing))))
             if fallback:
@@ -291,7 +294,7 @@ class HarnessResult(unittest.TestResult):
                 "raw": cur["raw"],
                 "detail": cur["detail"],
                 "notes": notes,
-                "tb": cur["tb"] if outcome in ("failed", "error", "hung") else "",
+                "tb": cur["tb"] if outcome != "passed" else "",
                 "seconds": round(time.monotonic() - cur["t0"], 3),
             },
         )
