@@ -301,6 +301,23 @@ def test_killed_holder_is_recovered(ctx, impl, kind, caplog):
     lock.release()
 
 
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_killed_holder_is_recovered_by_non_blocking_acquire(impl, kind):
+    ctx = impl.get_context("fork")
+    lock, acquired = getattr(ctx, kind)(), ctx.Event()
+    p = start(ctx, w.hold_and_hang, lock, acquired)
+    try:
+        assert acquired.wait(SHORT_TIMEOUT)
+        assert lock.acquire(False) is False
+    finally:
+        kill_and_join(p)
+    time.sleep(0.06)  # the non-blocking probe runs at most once per 50 ms slice
+    got = lock.acquire(False)
+    assert got is is_ferro(impl)
+    if got:
+        lock.release()
+
+
 def test_killed_holder_is_recovered_by_a_blocked_waiter(impl):
     if not is_ferro(impl):
         pytest.skip("the stdlib lock stays wedged (see test_killed_holder_is_recovered)")

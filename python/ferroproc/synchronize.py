@@ -14,11 +14,16 @@ Objects are inherited by forked children and pickle (only while a child is being
 as in the stdlib) into a descriptor handed to the child, which maps the same memory.
 
 Robustness: a `Lock` or `RLock` whose holder dies (even by ``kill -9``) is recovered by the
-next process that waits for it, within one wait slice (about 50 ms) of its timeout or of the
-holder's death. A warning is logged on the ``ferroproc.synchronize`` logger, because the data
-the lock protected may have been left half-updated. A non-blocking ``acquire(False)`` does not
-check the holder. Semaphore units have no single owner (any process may release them), so a
-unit held by a killed process stays lost, as with the stdlib.
+next process that tries to take it: a waiting ``acquire`` takes it over within one wait slice
+(about 50 ms) of the holder's death, a timed one at the latest when its timeout expires, and a
+failed non-blocking ``acquire(False)`` checks the holder at most once per slice. The lock word
+holds the holder's pid; a holder counts as dead once it has exited, even if its parent has not
+reaped it yet. A warning is logged on the ``ferroproc.synchronize`` logger, because the data
+the lock protected may have been left half-updated: the new owner must check or rebuild it.
+If the pid is reused by a new process before anyone notices, the lock waits for that process.
+Semaphore units have no single owner (any process may release them), so a unit held by a
+killed process stays lost, as with the stdlib. A process killed while waiting on a
+`Condition` may leave one wake-up behind, which a later waiter takes as a spurious wake-up.
 
 Differences:
     ``Semaphore(-1)`` raises ``ValueError`` (the stdlib's POSIX call fails with ``OSError``).
