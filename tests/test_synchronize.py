@@ -5,6 +5,7 @@ locks, argument validation), the test states both behaviours."""
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import pickle
@@ -358,6 +359,25 @@ def test_condition_requires_the_lock(ctx):
     assert repr(cond).startswith("<Condition(<Lock(owner=None)>, 0)")
 
 
+def test_condition_methods_return_like_the_stdlib_and_can_be_overridden(ctx, impl):
+    synchronize = importlib.import_module(impl.__name__ + ".synchronize")
+
+    class Counting(synchronize.Condition):
+        calls = 0
+
+        def wait(self, timeout=None):
+            Counting.calls += 1
+            return super().wait(timeout)
+
+    cond = Counting(ctx=ctx)
+    with cond:
+        assert cond.notify() is None
+        assert cond.notify_all() is None
+        assert cond.wait(0) is False
+        assert cond.wait_for(lambda: False, 0.01) is False
+    assert Counting.calls >= 2
+
+
 def test_condition_rlock_is_fully_released_while_waiting(ctx):
     cond = ctx.Condition()  # RLock by default
     with cond, cond:
@@ -528,7 +548,8 @@ def test_barrier_local_api(ctx, impl):
     if is_ferro(impl):
         with pytest.raises(ValueError, match="parties must be > 0"):
             ctx.Barrier(0)
-    assert impl.synchronize.Barrier.__mro__[1] is threading.Barrier
+    synchronize = importlib.import_module(impl.__name__ + ".synchronize")
+    assert synchronize.Barrier.__mro__[1] is threading.Barrier
 
 
 def test_barrier_across_processes(ctx):

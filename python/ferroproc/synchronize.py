@@ -35,6 +35,7 @@ Differences:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -239,6 +240,15 @@ class Condition:
         self.acquire = self._lock.acquire
         self.release = self._lock.release
         cv = self._cv
+        # The hot methods go straight to native code (no Python frame) unless a subclass
+        # overrides them; the class methods below document them.
+        cls = type(self)
+        if cls.wait is Condition.wait:
+            self.wait = functools.partial(cv.wait, self._lock)
+        if cls.notify is Condition.notify:
+            self.notify = functools.partial(cv.notify, self._lock)
+        if cls.notify_all is Condition.notify_all:
+            self.notify_all = functools.partial(cv.notify, self._lock, sys.maxsize)
         # Read-only views for code that inspects the stdlib's internal semaphores.
         self._sleeping_count = _WaiterCount(cv.waiters)
         self._woken_count = _WaiterCount(lambda: 0)

@@ -467,9 +467,10 @@ impl PyCondVar {
         result
     }
 
-    /// Wakes up to `n` waiters; returns how many were granted a wake-up. The wake-up itself
-    /// is issued when `lock` is next released, so the woken find it free.
-    fn notify(&self, lock: &Bound<'_, PySemLock>, n: i64) -> PyResult<u32> {
+    /// Wakes up to `n` waiters (`notify(lock, n=1)`). The wake-up itself is issued when
+    /// `lock` is next released, so the woken find it free.
+    #[pyo3(signature = (lock, n = 1))]
+    fn notify(&self, lock: &Bound<'_, PySemLock>, n: i64) -> PyResult<()> {
         let l = lock.get();
         if !l.is_mine() {
             return Err(PyAssertionError::new_err("lock is not owned"));
@@ -481,7 +482,7 @@ impl PyCondVar {
         if granted > 0 {
             l.defer_wake(&self.seg, granted);
         }
-        Ok(granted)
+        Ok(())
     }
 
     /// Registered waiters not yet woken.
