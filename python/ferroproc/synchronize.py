@@ -316,6 +316,15 @@ class Event:
 
     def __init__(self, *, ctx):
         self._flag = _ferroproc.EventFlag()
+        self._bind()
+
+    def _bind(self):
+        # The methods go straight to native code (no Python frame) unless a subclass
+        # overrides them; the class methods below document them.
+        cls = type(self)
+        for name in ("is_set", "set", "clear", "wait"):
+            if getattr(cls, name) is getattr(Event, name):
+                setattr(self, name, getattr(self._flag, name))
 
     def __getstate__(self):
         return _dup_for_child(self, self._flag.handle)
@@ -326,6 +335,7 @@ class Event:
             self._flag = _ferroproc.EventFlag(fd=fd)
         finally:
             os.close(fd)
+        self._bind()
 
     def is_set(self):
         """Whether the flag is set."""
