@@ -42,29 +42,16 @@ def start(ctx, target, *args):
     return p
 
 
-def _reap_reported_children():
-    # Workaround: ferroproc's fork join() returns on the child's exit report, before the
-    # child is reaped; reap it here so the hygiene fixture does not see a zombie.
-    proc = sys.modules.get("ferroproc.process")
-    deadline = time.monotonic() + 5.0
-    while proc is not None and proc._unreaped and time.monotonic() < deadline:
-        proc._reap_unreaped()
-        if proc._unreaped:
-            time.sleep(0.005)
-
-
 def join_ok(p, code=0):
     p.join(SHORT_TIMEOUT)
     assert not p.is_alive()
     assert p.exitcode == code
-    _reap_reported_children()
 
 
 def kill_and_join(p):
     p.kill()
     p.join(SHORT_TIMEOUT)
     assert not p.is_alive()
-    _reap_reported_children()
 
 
 # ---------------------------------------------------------------------------------------------
