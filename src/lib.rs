@@ -6,6 +6,8 @@ Layers: `sys` (the only libc/nix calls), `process` (start strategies, forkserver
 pub mod deadline;
 pub mod error;
 pub mod process;
+pub mod shm;
+pub mod sync;
 pub mod sys;
 
 mod py;

@@ -13,6 +13,7 @@ import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.reduction
 import multiprocessing.spawn
+import multiprocessing.synchronize
 import multiprocessing.util
 
 import ferroproc
@@ -20,6 +21,7 @@ import ferroproc.context
 import ferroproc.process
 import ferroproc.reduction
 import ferroproc.spawn
+import ferroproc.synchronize
 import ferroproc.util
 import pytest
 
@@ -27,13 +29,6 @@ import pytest
 NOT_YET = {
     "Pipe": "connections",
     "allow_connection_pickling": "connections",
-    "Lock": "synchronization",
-    "RLock": "synchronization",
-    "Semaphore": "synchronization",
-    "BoundedSemaphore": "synchronization",
-    "Condition": "synchronization",
-    "Event": "synchronization",
-    "Barrier": "synchronization",
     "Value": "synchronization",
     "Array": "synchronization",
     "RawValue": "synchronization",
@@ -53,6 +48,7 @@ SUBMODULES = [
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.reduction, ferroproc.reduction),
     (multiprocessing.spawn, ferroproc.spawn),
+    (multiprocessing.synchronize, ferroproc.synchronize),
     (multiprocessing.util, ferroproc.util),
 ]
 

@@ -10,9 +10,16 @@ from .process import active_children, current_process, parent_process
 
 __all__ = [
     "AuthenticationError",
+    "Barrier",
+    "BoundedSemaphore",
     "BufferTooShort",
+    "Condition",
+    "Event",
+    "Lock",
     "Process",
     "ProcessError",
+    "RLock",
+    "Semaphore",
     "TimeoutError",
     "active_children",
     "cpu_count",
@@ -33,6 +40,13 @@ __all__ = [
 _ctx = context._default_context
 
 Process = context.Process
+Barrier = _ctx.Barrier
+BoundedSemaphore = _ctx.BoundedSemaphore
+Condition = _ctx.Condition
+Event = _ctx.Event
+Lock = _ctx.Lock
+RLock = _ctx.RLock
+Semaphore = _ctx.Semaphore
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support
 get_all_start_methods = _ctx.get_all_start_methods

@@ -6,9 +6,11 @@ pub(crate) mod blocking;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
+mod synchronize;
 
 use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    process::register(m)
+    process::register(m)?;
+    synchronize::register(m)
 }

@@ -139,3 +139,7 @@ def floor_fork(_mod: None, n: int) -> float:
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"forked child exited with wait status {status:#x}")
     return total
+
+
+# Subsystem case modules (registered on import).
+from ferroproc.bench import cases_sync  # noqa: E402, F401
