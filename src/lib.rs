@@ -7,6 +7,8 @@ pub mod channel;
 pub mod deadline;
 pub mod error;
 pub mod process;
+pub mod shm;
+pub mod sync;
 pub mod sys;
 
 mod py;

@@ -14,6 +14,7 @@ import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.reduction
 import multiprocessing.spawn
+import multiprocessing.synchronize
 import multiprocessing.util
 
 import ferroproc
@@ -22,18 +23,12 @@ import ferroproc.context
 import ferroproc.process
 import ferroproc.reduction
 import ferroproc.spawn
+import ferroproc.synchronize
 import ferroproc.util
 import pytest
 
 # name -> the issue that implements it
 NOT_YET = {
-    "Lock": "synchronization",
-    "RLock": "synchronization",
-    "Semaphore": "synchronization",
-    "BoundedSemaphore": "synchronization",
-    "Condition": "synchronization",
-    "Event": "synchronization",
-    "Barrier": "synchronization",
     "Value": "synchronization",
     "Array": "synchronization",
     "RawValue": "synchronization",
@@ -54,6 +49,7 @@ SUBMODULES = [
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.reduction, ferroproc.reduction),
     (multiprocessing.spawn, ferroproc.spawn),
+    (multiprocessing.synchronize, ferroproc.synchronize),
     (multiprocessing.util, ferroproc.util),
 ]
 

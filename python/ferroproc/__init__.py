@@ -10,10 +10,17 @@ from .process import active_children, current_process, parent_process
 
 __all__ = [
     "AuthenticationError",
+    "Barrier",
+    "BoundedSemaphore",
     "BufferTooShort",
+    "Condition",
+    "Event",
+    "Lock",
     "Pipe",
     "Process",
     "ProcessError",
+    "RLock",
+    "Semaphore",
     "TimeoutError",
     "active_children",
     "allow_connection_pickling",
@@ -37,6 +44,13 @@ _ctx = context._default_context
 Pipe = _ctx.Pipe
 allow_connection_pickling = _ctx.allow_connection_pickling
 Process = context.Process
+Barrier = _ctx.Barrier
+BoundedSemaphore = _ctx.BoundedSemaphore
+Condition = _ctx.Condition
+Event = _ctx.Event
+Lock = _ctx.Lock
+RLock = _ctx.RLock
+Semaphore = _ctx.Semaphore
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support
 get_all_start_methods = _ctx.get_all_start_methods

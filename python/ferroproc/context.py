@@ -127,6 +127,48 @@ class BaseContext:
 
         set_forkserver_preload(module_names)
 
+    def Lock(self):
+        """A non-recursive lock shared between processes."""
+        from .synchronize import Lock
+
+        return Lock(ctx=self.get_context())
+
+    def RLock(self):
+        """A recursive lock shared between processes."""
+        from .synchronize import RLock
+
+        return RLock(ctx=self.get_context())
+
+    def Condition(self, lock=None):
+        """A condition variable over `lock` (a new RLock by default)."""
+        from .synchronize import Condition
+
+        return Condition(lock, ctx=self.get_context())
+
+    def Semaphore(self, value=1):
+        """A semaphore shared between processes."""
+        from .synchronize import Semaphore
+
+        return Semaphore(value, ctx=self.get_context())
+
+    def BoundedSemaphore(self, value=1):
+        """A semaphore that refuses to be released above its initial value."""
+        from .synchronize import BoundedSemaphore
+
+        return BoundedSemaphore(value, ctx=self.get_context())
+
+    def Event(self):
+        """An event flag shared between processes."""
+        from .synchronize import Event
+
+        return Event(ctx=self.get_context())
+
+    def Barrier(self, parties, action=None, timeout=None):
+        """A barrier for `parties` processes."""
+        from .synchronize import Barrier
+
+        return Barrier(parties, action, timeout, ctx=self.get_context())
+
     def get_context(self, method=None):
         """The context for `method`, or this one when `method` is None."""
         if method is None:

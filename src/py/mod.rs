@@ -7,10 +7,12 @@ mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
+mod synchronize;
 
 use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
-    connection::register(m)
+    connection::register(m)?;
+    synchronize::register(m)
 }

@@ -141,5 +141,6 @@ def floor_fork(_mod: None, n: int) -> float:
     return total
 
 
-# Subsystem case modules register themselves on import.
+# Subsystem case modules (registered on import).
+from ferroproc.bench import cases_sync  # noqa: E402, F401
 from ferroproc.bench import conn_cases  # noqa: E402, F401

@@ -1,6 +1,8 @@
 //! Linux implementation of the system layer.
 
 pub mod fd;
+pub mod futex;
+pub mod shm;
 pub mod sock;
 pub mod spawn;
 pub mod stream;

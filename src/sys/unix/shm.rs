@@ -1,0 +1,100 @@
+//! Anonymous shared memory: memfd creation, sizing and `MAP_SHARED` mappings.
+//!
+//! A memfd has no name in any filesystem, so nothing can outlive the last descriptor and the
+//! last mapping: a crash (even `kill -9`) leaks nothing.
+
+use std::ffi::c_void;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use nix::errno::Errno;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+use crate::error::Result;
+
+/// Creates a close-on-exec memfd of `len` zero bytes. `name` shows up in `/proc/<pid>/fd` and
+/// `/proc/<pid>/maps` (as `/memfd:<name> (deleted)`) for debugging only.
+///
+/// # Errors
+/// The `memfd_create`/`ftruncate` errno (EMFILE, ENOMEM).
+pub fn create(name: &str, len: usize) -> Result<OwnedFd> {
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
+    let len = libc::off_t::try_from(len).map_err(|_| Errno::EINVAL)?;
+    nix::unistd::ftruncate(&fd, len)?;
+    Ok(fd)
+}
+
+/// The current size in bytes of the file behind `fd`.
+///
+/// # Errors
+/// The `fstat` errno (EBADF).
+pub fn size(fd: BorrowedFd<'_>) -> Result<usize> {
+    let st = nix::sys::stat::fstat(fd)?;
+    usize::try_from(st.st_size).map_err(|_| Errno::EOVERFLOW.into())
+}
+
+/// A `MAP_SHARED`, read-write mapping of the first `len` bytes of a file. Unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<c_void>,
+    len: NonZeroUsize,
+}
+
+// SAFETY: a Mapping is an address range owned by this value alone; it has no thread affinity,
+// and moving it to another thread moves the duty to unmap with it.
+unsafe impl Send for Mapping {}
+// SAFETY: `&Mapping` only hands out the base address; what is stored in the range is
+// accessed through atomics by the layers above (shm::segment enforces that).
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared and read-write.
+    ///
+    /// # Errors
+    /// EINVAL for `len == 0`; the `mmap` errno (ENOMEM, EACCES).
+    pub fn new(fd: impl AsFd, len: usize) -> Result<Self> {
+        let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        // SAFETY: we ask the kernel for a fresh range (no fixed address), so no existing Rust
+        // object is aliased or overwritten; the result is owned by the returned Mapping.
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The base address (page aligned).
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr().cast()
+    }
+
+    /// The mapped length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len.get()
+    }
+
+    /// Always false: mappings are never empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe exactly the range mmap returned in `new`, mapped once and
+        // unmapped only here; borrows handed out by `shm::Segment` cannot outlive `self`.
+        let r = unsafe { munmap(self.ptr, self.len.get()) };
+        debug_assert!(r.is_ok(), "munmap of our own mapping cannot fail");
+    }
+}
