@@ -174,7 +174,9 @@ pub fn step_slice<S: Source + ?Sized>(
 /// Drives `step` until it is ready, waiting for readability in between, for at most about
 /// `budget` (so the caller can run signal handlers). `Ok(None)` when the budget ran out.
 /// With `poll_first`, waits for readability before the first step (the caller just saw the
-/// source run dry, so trying again at once would only cost a wasted system call).
+/// source run dry, so trying again at once would only cost a wasted system call). A non-zero
+/// `spin_window` retries without sleeping for that long each time the source runs dry (in the
+/// middle of a message, the rest is usually in flight).
 ///
 /// # Errors
 /// Whatever `step` or `poll` fail with.
@@ -182,6 +184,7 @@ pub fn drive<T>(
     src: &mut FdSource<'_>,
     budget: Duration,
     poll_first: bool,
+    spin_window: Duration,
     mut step: impl FnMut(&mut FdSource<'_>) -> Result<Progress<T>>,
 ) -> Result<Option<T>> {
     let start = Instant::now();
@@ -191,6 +194,11 @@ pub fn drive<T>(
     loop {
         if let Progress::Ready(v) = step(src)? {
             return Ok(Some(v));
+        }
+        if !spin_window.is_zero() {
+            if let Some(v) = spin(src, spin_window, &mut step)? {
+                return Ok(Some(v));
+            }
         }
         let left = budget.saturating_sub(start.elapsed());
         if left.is_zero() || !src.wait_readable(left)? {

@@ -346,6 +346,12 @@ impl Connection {
         let fails = self.spin_fails.load(Ordering::Relaxed);
         let mut spin = learn && fails < SPIN_GIVE_UP && multi_cpu();
         let mut spun_out = false;
+        // In the middle of a message the rest is usually in flight: spin before each sleep.
+        let mid_spin = if learn || !multi_cpu() {
+            Duration::ZERO
+        } else {
+            SPIN_WINDOW
+        };
         let start = Instant::now();
         let got = wait_until(py, Deadline::never(), |slice| {
             if std::mem::take(&mut spin) {
@@ -354,7 +360,7 @@ impl Connection {
                 }
                 spun_out = true;
             }
-            let r = conn::drive(src, slice, poll_first, &mut step);
+            let r = conn::drive(src, slice, poll_first, mid_spin, &mut step);
             poll_first = true;
             r
         });
