@@ -381,6 +381,13 @@ class _MainProcess(BaseProcess):
 
 _parent_process = None
 _current_process = _MainProcess()
+if _stdlib_module("process") is not None:
+    # Both libraries' main processes share one authkey, so children started by either one
+    # authenticate with the other's helpers (the stdlib's resource sharer). A spawned child
+    # replaces it with the inherited key while it prepares.
+    _current_process._config["authkey"] = AuthenticationString(
+        _stdlib_module("process").current_process().authkey
+    )
 _process_counter = itertools.count(1)
 _children: set = set()
 del _MainProcess

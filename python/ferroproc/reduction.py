@@ -144,6 +144,12 @@ def DupFd(fd):
     otherwise a resource sharer serves it on request.
     """
     popen_obj = context.get_spawning_popen()
+    if popen_obj is None:
+        # A stdlib process being started (a ferroproc object in its arguments): hand the
+        # descriptor to that child directly, as the stdlib would.
+        std_context = context.process._stdlib_module("context")
+        if std_context is not None:
+            popen_obj = std_context.get_spawning_popen()
     if popen_obj is not None:
         return popen_obj.DupFd(popen_obj.duplicate_for_child(fd))
     return _SharedFd(fd)
@@ -151,14 +157,19 @@ def DupFd(fd):
 
 def _share_authkey():
     # The stdlib's resource sharer authenticates both ends with the stdlib's own
-    # `current_process().authkey`; ferroproc's processes agree on ferroproc's key (children
-    # inherit it), so the stdlib's is aligned with it before either end uses the sharer.
+    # `current_process().authkey`. The key that this process's relatives agree on is the one
+    # of the library that started it (inherited); the other library's key is aligned to it.
     std = context.process._stdlib_module("process")
     if std is None:
         import multiprocessing.process as std
-    ours = context.process.current_process().authkey
-    if std.current_process().authkey != ours:
-        std.current_process().authkey = ours
+    ours = context.process.current_process()
+    theirs = std.current_process()
+    if context.process.parent_process() is None and std.parent_process() is not None:
+        # Started by the stdlib: its key is the inherited one.
+        if ours.authkey != theirs.authkey:
+            ours.authkey = theirs.authkey
+    elif theirs.authkey != ours.authkey:
+        theirs.authkey = ours.authkey
 
 
 class _SharedFd:
