@@ -4,22 +4,22 @@ Every case takes the module under test (``multiprocessing`` or ``ferroproc``) an
 uses from that module's contexts, so the same code times both. Child targets are module-level
 functions here: spawn and forkserver children find them by importing this module.
 
-Note on spawn and forkserver: their children import this module and therefore the ``ferroproc``
-package, and, under ``python -m ferroproc.bench``, re-import ``ferroproc.bench.__main__`` as
-``__mp_main__``. The stdlib's children pay that import too, so both columns carry the same extra.
+Child targets live in ``ferroproc.bench.targets``, a module without imports: spawn and
+forkserver children import it to find their target, and the timings should show the libraries'
+start-up cost rather than this harness's. Under ``python -m ferroproc.bench`` the main module is
+``ferroproc.bench.__main__``, which neither library re-imports in children.
 
-Later subsystems add their cases below with ``@case``; keep this module's imports cheap, since
-every spawned child imports it.
+Later subsystems add their cases below with ``@case``, and their child targets to ``targets``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import TYPE_CHECKING
 
 from ferroproc.bench.registry import SkipCase, case
+from ferroproc.bench.targets import exit_with, noop
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -36,16 +36,7 @@ FORK_FLOOR = "floor_os_fork_exit_waitpid"
 _perf = time.perf_counter
 
 
-# -- child targets -------------------------------------------------------------------------
-
-
-def noop() -> None:
-    """Child target that returns at once."""
-
-
-def exit_with(arg: int) -> None:
-    """Child target that exits with status ``arg % 256`` through ``SystemExit``."""
-    sys.exit(arg % 256)
+# -- child targets: see ferroproc.bench.targets (kept import-free) ----------------------
 
 
 # -- helpers -------------------------------------------------------------------------------
