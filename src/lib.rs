@@ -3,6 +3,7 @@ Layers: `sys` (the only libc/nix calls), `process` (start strategies, forkserver
 `py` (the only pyo3 code). See the repository README for the Python API."]
 #![warn(missing_docs)]
 
+pub mod channel;
 pub mod deadline;
 pub mod error;
 pub mod process;

@@ -1,0 +1,3 @@
+//! Channels between processes: the shared-memory message ring behind `Queue`.
+
+pub mod ring;
