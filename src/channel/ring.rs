@@ -233,7 +233,11 @@ impl RingBuffer {
         let map = Mapping::new(&fd, size)?;
         // SAFETY: the mapping is `size` > 4096 bytes, page aligned, fresh and not yet visible to
         // any other process or reference, so a plain write of the header cannot race.
-        unsafe { map.as_ptr().cast::<Header>().write(Header::new::<RingShared>(size)) };
+        unsafe {
+            map.as_ptr()
+                .cast::<Header>()
+                .write(Header::new::<RingShared>(size))
+        };
         let ring = Self { map, fd, capacity };
         let ctl = &ring.shared().ctl;
         ctl.capacity.store(capacity as u64, Ordering::Relaxed);
@@ -249,7 +253,9 @@ impl RingBuffer {
     pub fn attach(fd: OwnedFd) -> Result<Self> {
         let size = shm::size(fd.as_fd())?;
         if size < DATA_OFFSET + MIN_CAPACITY {
-            return Err(Error::Protocol(format!("queue segment too small ({size} bytes)")));
+            return Err(Error::Protocol(format!(
+                "queue segment too small ({size} bytes)"
+            )));
         }
         let map = Mapping::new(&fd, size)?;
         // SAFETY: the mapping is ≥ 4096 bytes and page aligned; the header is plain integers
@@ -265,7 +271,9 @@ impl RingBuffer {
         };
         let cap = usize::try_from(ring.shared().ctl.capacity.load(Ordering::Relaxed)).unwrap_or(0);
         if !cap.is_power_of_two() || cap < MIN_CAPACITY || DATA_OFFSET + cap != size {
-            return Err(Error::Protocol(format!("queue segment has a bad capacity ({cap})")));
+            return Err(Error::Protocol(format!(
+                "queue segment has a bad capacity ({cap})"
+            )));
         }
         ring.capacity = cap;
         Ok(ring)

@@ -6,11 +6,13 @@ pub(crate) mod blocking;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
+mod queues;
 mod synchronize;
 
 use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
+    queues::register(m)?;
     synchronize::register(m)
 }

@@ -29,7 +29,10 @@ fn header_and_frame_math() {
 #[test]
 fn capacity_is_a_clamped_power_of_two() {
     assert_eq!(RingBuffer::create(1000, 1, 0).unwrap().capacity(), 1024);
-    assert_eq!(RingBuffer::create(1, 1, 0).unwrap().capacity(), MIN_CAPACITY);
+    assert_eq!(
+        RingBuffer::create(1, 1, 0).unwrap().capacity(),
+        MIN_CAPACITY
+    );
 }
 
 #[test]
@@ -97,7 +100,10 @@ fn streamed_message_between_threads() {
 fn nonblocking_write_never_starts_a_stream() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
     let mut st = WriteState::default();
-    assert!(matches!(ring.write_step(&[1; 1000], &mut st, true), WriteStep::Full { .. }));
+    assert!(matches!(
+        ring.write_step(&[1; 1000], &mut st, true),
+        WriteStep::Full { .. }
+    ));
     assert!(ring.is_empty());
 }
 
@@ -105,14 +111,23 @@ fn nonblocking_write_never_starts_a_stream() {
 fn an_aborted_stream_is_dropped_by_the_reader() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
     let mut st = WriteState::default();
-    assert!(matches!(ring.write_step(&[1; 1000], &mut st, false), WriteStep::Full { .. }));
+    assert!(matches!(
+        ring.write_step(&[1; 1000], &mut st, false),
+        WriteStep::Full { .. }
+    ));
     assert!(st.streaming);
     let mut rs = ReadState::default();
-    assert!(matches!(ring.read_step(&mut rs).unwrap(), ReadStep::Empty { .. }));
+    assert!(matches!(
+        ring.read_step(&mut rs).unwrap(),
+        ReadStep::Empty { .. }
+    ));
     assert!(rs.in_stream());
     ring.abort_stream(&mut st);
     assert_eq!(write(&ring, b"next"), WriteStep::Done);
-    assert_eq!(ring.read_step(&mut rs).unwrap(), ReadStep::Message(b"next".to_vec()));
+    assert_eq!(
+        ring.read_step(&mut rs).unwrap(),
+        ReadStep::Message(b"next".to_vec())
+    );
     assert_eq!(ring.len(), 0);
 }
 
@@ -121,7 +136,10 @@ fn orphan_chunks_of_a_dead_reader_are_skipped() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
     let mut st = WriteState::default();
     let msg = [3u8; 300];
-    assert!(matches!(ring.write_step(&msg, &mut st, false), WriteStep::Full { .. }));
+    assert!(matches!(
+        ring.write_step(&msg, &mut st, false),
+        WriteStep::Full { .. }
+    ));
     let mut rs = ReadState::default();
     let _ = ring.read_step(&mut rs).unwrap(); // takes START, then "dies"
     drop(rs);

@@ -1,0 +1,209 @@
+"""Queues shared between processes: `Queue`, `JoinableQueue` and `SimpleQueue`.
+
+Same API as `multiprocessing.queues`, on a different engine: each queue is a ring buffer in
+anonymous shared memory (one memfd, plus an eventfd for `select`-style waiting), and there is
+**no feeder thread**. ``put`` pickles the object (with `reduction.ForkingPickler`, so
+``copyreg`` and ``ForkingPickler.register`` apply) and copies it into the ring before it
+returns; ``get`` copies the next message out and unpickles it after releasing the reader lock.
+So:
+
+* a pickling error is raised by ``put`` itself, and nothing is enqueued;
+* a process never hangs at exit flushing unread data (``join_thread`` and
+  ``cancel_join_thread`` have nothing to wait for);
+* messages of any size work: one larger than a quarter of the ring is streamed through it
+  in pieces while the writer holds the writer lock;
+* every wait is a process-shared futex wait in short slices with signal handlers run in
+  between, so Ctrl-C interrupts a blocked ``get`` or ``put``;
+* nothing is left in ``/dev/shm``, even after ``kill -9``.
+
+Robustness: writers and readers each serialize on a robust lock (a dead holder's lock is
+taken over by the next waiter within a wait slice of about 50 ms). A message becomes visible
+only once completely written and is freed only once completely read, so a producer or consumer
+killed with ``kill -9`` in the middle of ``put`` or ``get`` never makes another process receive
+a partial message: a killed writer's message is dropped, a killed reader's message is read by
+the next reader (for a message streamed in pieces, the killed reader takes it with it).
+
+Differences:
+    ``put`` raises pickling errors itself (the stdlib's feeder thread prints them and drops
+    the object). A ``put`` waits while the ring has no room for the message even below
+    ``maxsize`` (the stdlib buffers without bound in the feeder's memory); ``put(block=False)``
+    then raises `queue.Full`, and waits at most 10 ms for the writer lock of another writer.
+    ``empty()`` is true only when no message is waiting, right after ``put`` returns in any
+    process (the stdlib's may lag behind its feeder thread). ``close()`` affects only this
+    handle. A ``get`` that has started reading a streamed message (larger than a quarter of
+    the ring) finishes it even past its timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from queue import Empty, Full
+
+from . import _ferroproc
+
+__all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
+
+#: Bytes of shared ring per queue (the memory is only touched as messages pass through it).
+#: The native constructor reads it from the class: subclasses may set their own.
+_DEFAULT_RING_BYTES = 1 << 20
+
+
+def _dup_for_child(obj, fd):
+    from .synchronize import _dup_for_child
+
+    return _dup_for_child(obj, fd)
+
+
+def _rebuild(cls, ring_dupfd, event_dupfd, state):
+    fds = [ring_dupfd.detach(), event_dupfd.detach()]
+    try:
+        obj = cls._native.__new__(cls, fd=fds[0], efd=fds[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    obj.__dict__.update(state)
+    return obj
+
+
+class _Reader:
+    """The reading end as a connection-like object (``fileno``, ``poll``, ``recv``), for code
+    that waits on ``queue._reader`` with `multiprocessing.connection.wait` (as
+    `concurrent.futures.ProcessPoolExecutor` does). Its descriptor is an eventfd that polls
+    readable while messages are waiting."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def fileno(self):
+        return self._queue._reader_fileno()
+
+    def poll(self, timeout=0.0):
+        return self._queue._poll(timeout)
+
+    def recv_bytes(self, maxlength=None):
+        return self._queue._get_bytes()
+
+    def recv(self):
+        from .reduction import ForkingPickler
+
+        return ForkingPickler.loads(self._queue._get_bytes())
+
+    def close(self):
+        self._queue.close()
+
+    @property
+    def closed(self):
+        return self._queue._closed
+
+
+class _Writer:
+    """The writing end as a connection-like object (``send``, ``close``)."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def send(self, obj):
+        self._queue.put(obj)
+
+    def close(self):
+        self._queue.close()
+
+    @property
+    def closed(self):
+        return self._queue._closed
+
+
+class Queue(_ferroproc.RingQueue):
+    """A FIFO of picklable objects shared between processes (see the module docstring).
+
+    ``put(obj, block=True, timeout=None)`` raises `queue.Full` when ``maxsize`` messages are
+    waiting (or the ring has no room) past the timeout; ``get(block=True, timeout=None)``
+    raises `queue.Empty` when nothing arrives in time. Both raise ValueError once this handle
+    is closed. A negative timeout counts as zero.
+    """
+
+    _native = _ferroproc.RingQueue
+    _joinable = False
+    _ring_bytes = _DEFAULT_RING_BYTES
+
+    def __init__(self, maxsize=0, *, ctx):
+        self._ignore_epipe = False
+
+    def __reduce__(self):
+        ring_fd, event_fd = self._handles
+        return _rebuild, (
+            type(self),
+            _dup_for_child(self, ring_fd),
+            _dup_for_child(self, event_fd),
+            dict(self.__dict__),
+        )
+
+    def join_thread(self):
+        """Returns at once: there is no feeder thread to wait for (the queue must be closed)."""
+        assert self._closed, f"Queue {self!r} not closed"
+
+    def cancel_join_thread(self):
+        """Does nothing: there is no feeder thread, so exit never waits for unread data."""
+
+    @property
+    def _reader(self):
+        return _Reader(self)
+
+    @property
+    def _writer(self):
+        return _Writer(self)
+
+
+class JoinableQueue(Queue):
+    """A `Queue` that counts unfinished tasks: ``task_done()`` after each ``get``, ``join()``
+    to wait until every object put was marked done."""
+
+    _joinable = True
+
+    def task_done(self):
+        """Marks one object taken from the queue as processed."""
+        if not self._task_done():
+            raise ValueError("task_done() called too many times")
+
+    def join(self):
+        """Blocks until every object put has been marked done with `task_done`."""
+        self._join()
+
+
+class SimpleQueue(_ferroproc.SimpleRing):
+    """A minimal FIFO: blocking ``put(obj)`` and ``get()``, ``empty()``, ``close()``. After
+    ``close()``, every method raises ``OSError("handle is closed")`` as the stdlib's does."""
+
+    _native = _ferroproc.SimpleRing
+    _ring_bytes = _DEFAULT_RING_BYTES
+
+    def __init__(self, *, ctx):
+        pass
+
+    def __reduce__(self):
+        ring_fd, event_fd = self._handles
+        return _rebuild, (
+            type(self),
+            _dup_for_child(self, ring_fd),
+            _dup_for_child(self, event_fd),
+            dict(self.__dict__),
+        )
+
+    @property
+    def _reader(self):
+        return _Reader(self)
+
+    @property
+    def _writer(self):
+        return _Writer(self)
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+# Re-exported for code that catches them through this module.
+_EXCEPTIONS = (Empty, Full)
