@@ -10,8 +10,10 @@ So:
 * a pickling error is raised by ``put`` itself, and nothing is enqueued;
 * a process never hangs at exit flushing unread data (``join_thread`` and
   ``cancel_join_thread`` have nothing to wait for);
-* messages of any size work: one larger than a quarter of the ring is streamed through it
-  in pieces while the writer holds the writer lock;
+* messages of any size work, and ``put`` never waits for a reader to make room (only for
+  ``maxsize``): a message that does not fit the ring's free space goes to an overflow log in
+  the same memfd (freed as it is read); a large message is streamed through the ring instead
+  when a reader is already waiting for it;
 * every wait is a process-shared futex wait in short slices with signal handlers run in
   between, so Ctrl-C interrupts a blocked ``get`` or ``put``;
 * nothing is left in ``/dev/shm``, even after ``kill -9``.
@@ -25,13 +27,12 @@ the next reader (for a message streamed in pieces, the killed reader takes it wi
 
 Differences:
     ``put`` raises pickling errors itself (the stdlib's feeder thread prints them and drops
-    the object). A ``put`` waits while the ring has no room for the message even below
-    ``maxsize`` (the stdlib buffers without bound in the feeder's memory); ``put(block=False)``
-    then raises `queue.Full`, and waits at most 10 ms for the writer lock of another writer.
-    ``empty()`` is true only when no message is waiting, right after ``put`` returns in any
-    process (the stdlib's may lag behind its feeder thread). ``close()`` affects only this
-    handle. A ``get`` that has started reading a streamed message (larger than a quarter of
-    the ring) finishes it even past its timeout.
+    the object). ``put(block=False)`` waits at most 10 ms for another writer's lock before
+    raising `queue.Full`. ``empty()`` is true only when no message is waiting, right after
+    ``put`` returns in any process (the stdlib's may lag behind its feeder thread).
+    ``close()`` affects only this handle. A ``get`` that has started reading a streamed
+    message finishes it even past its timeout. A reader interrupted (Ctrl-C) or killed in the
+    middle of a streamed message takes that message with it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,16 @@
 //! [`CHUNK`] frames, and an [`END`] frame, written while the writer holds the writer lock and
 //! read while the reader holds the reader lock, so the ring never needs to hold it at once.
 //!
+//! # Overflow log
+//! A message that does not fit the free space of the ring is appended to an *overflow log*
+//! kept in the same memfd after the mapped part (positional writes at the log base plus
+//! `log_w`), so `put` waits only for `maxsize`, never for a reader to make room (as with the
+//! stdlib's feeder buffer). While the log holds messages, every new message goes to the log
+//! too; readers take from the log only when the ring is empty, so FIFO order holds. Read
+//! records are punched out of the file (their memory is freed). A large message is streamed
+//! through the ring instead when a live process holds the reader lock and the log is empty;
+//! if the readers go away mid-stream, the writer moves the message to the log.
+//!
 //! # Commit and crash semantics
 //! Writers hold `wlock`, readers `rlock` (both [`RobustMutex`]: a dead holder's lock is taken
 //! over by the next process that waits for it). A frame becomes visible only when the writer
@@ -37,6 +47,7 @@ use crate::error::{Error, Result};
 use crate::shm::layout::{segment_size, Header, SharedLayout};
 use crate::sync::RobustMutex;
 use crate::sys::futex::{self, Wake};
+use crate::sys::memfile;
 use crate::sys::shm::{self, Mapping};
 
 /// Where the data area starts (page aligned).
@@ -56,6 +67,9 @@ pub const CHUNK: u32 = 3;
 pub const END: u32 = 4;
 
 const FRAME_HEADER: usize = 8;
+/// Overflow-log record header: the payload length (u64) and a reserved word.
+const LOG_HEADER: usize = 16;
+const PAGE: u64 = 4096;
 /// Spins on an empty/full ring before sleeping (a running peer usually answers in µs).
 const SPIN_TRIES: u32 = 200;
 
@@ -109,6 +123,8 @@ pub struct WriterSide {
     pub data_seq: AtomicU32,
     /// Readers possibly sleeping on `data_seq` (a hint: skip the wake syscall when zero).
     pub data_waiters: AtomicU32,
+    /// Bytes ever appended to the overflow log.
+    pub log_w: AtomicU64,
 }
 
 /// Words the readers update.
@@ -123,6 +139,8 @@ pub struct ReaderSide {
     pub space_seq: AtomicU32,
     /// Writers possibly sleeping on `space_seq`.
     pub space_waiters: AtomicU32,
+    /// Bytes ever taken from the overflow log.
+    pub log_r: AtomicU64,
 }
 
 /// `JoinableQueue` bookkeeping.
@@ -251,19 +269,28 @@ impl RingBuffer {
     /// # Errors
     /// `Error::Protocol` for a descriptor that is not a compatible ring; fstat/mmap errnos.
     pub fn attach(fd: OwnedFd) -> Result<Self> {
-        let size = shm::size(fd.as_fd())?;
-        if size < DATA_OFFSET + MIN_CAPACITY {
+        let file_size = shm::size(fd.as_fd())?;
+        if file_size < DATA_OFFSET + MIN_CAPACITY {
             return Err(Error::Protocol(format!(
-                "queue segment too small ({size} bytes)"
+                "queue segment too small ({file_size} bytes)"
             )));
         }
-        let map = Mapping::new(&fd, size)?;
-        // SAFETY: the mapping is ≥ 4096 bytes and page aligned; the header is plain integers
+        let first = Mapping::new(&fd, DATA_OFFSET)?;
+        // SAFETY: the mapping is 4096 bytes and page aligned; the header is plain integers
         // written once by the creator before the fd was shared (any bit pattern is valid).
-        let header = unsafe { map.as_ptr().cast::<Header>().read() };
+        let header = unsafe { first.as_ptr().cast::<Header>().read() };
+        drop(first);
+        // The file may be longer than the mapped part: the overflow log follows it.
+        let size = usize::try_from(header.size).unwrap_or(usize::MAX);
+        if size > file_size {
+            return Err(Error::Protocol(format!(
+                "queue segment size {size} exceeds its file ({file_size})"
+            )));
+        }
         header
             .validate::<RingShared>(size)
             .map_err(Error::Protocol)?;
+        let map = Mapping::new(&fd, size)?;
         let mut ring = Self {
             map,
             fd,
@@ -333,6 +360,59 @@ impl RingBuffer {
     pub fn is_empty(&self) -> bool {
         let sh = self.shared();
         sh.w.head.load(Ordering::Acquire) == sh.r.tail.load(Ordering::Acquire)
+            && sh.w.log_w.load(Ordering::Acquire) == sh.r.log_r.load(Ordering::Acquire)
+    }
+
+    /// File offset of the overflow log.
+    fn log_base(&self) -> u64 {
+        (DATA_OFFSET + self.capacity) as u64
+    }
+
+    /// Appends `msg` to the overflow log and publishes it (writer lock held).
+    fn append_log(&self, msg: &[u8]) -> Result<()> {
+        let w = &self.shared().w;
+        let at = w.log_w.load(Ordering::Relaxed);
+        let mut header = [0u8; LOG_HEADER];
+        header[..8].copy_from_slice(&(msg.len() as u64).to_ne_bytes());
+        memfile::write_all_at(self.fd.as_fd(), &[&header, msg], self.log_base() + at)?;
+        w.log_w
+            .store(at + (LOG_HEADER + msg.len()) as u64, Ordering::Release);
+        self.after_publish(true);
+        Ok(())
+    }
+
+    /// Takes the next overflow-log message, if any (reader lock held, ring empty).
+    fn take_log(&self) -> Result<Option<Vec<u8>>> {
+        let sh = self.shared();
+        let at = sh.r.log_r.load(Ordering::Relaxed);
+        let end = sh.w.log_w.load(Ordering::Acquire);
+        if at == end {
+            return Ok(None);
+        }
+        let base = self.log_base();
+        let mut header = [0u8; LOG_HEADER];
+        memfile::read_exact_at(self.fd.as_fd(), &mut header, base + at)?;
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(&header[..8]);
+        let len = u64::from_ne_bytes(len_bytes);
+        if len > end - at - LOG_HEADER as u64 {
+            return Err(Error::Protocol(format!(
+                "corrupted queue overflow record ({len} bytes)"
+            )));
+        }
+        let len_usize = usize::try_from(len)
+            .map_err(|_| Error::Protocol("queue overflow record too large".to_owned()))?;
+        let mut v = vec![0u8; len_usize];
+        memfile::read_exact_at(self.fd.as_fd(), &mut v, base + at + LOG_HEADER as u64)?;
+        let next = at + LOG_HEADER as u64 + len;
+        sh.r.log_r.store(next, Ordering::Release);
+        sh.r.consumed.fetch_add(1, Ordering::SeqCst);
+        // Free the whole pages this record was the last user of.
+        let (from, to) = ((base + at) / PAGE * PAGE, (base + next) / PAGE * PAGE);
+        if to > from {
+            memfile::punch_hole(self.fd.as_fd(), from, to - from);
+        }
+        Ok(Some(v))
     }
 
     /// Largest payload sent as one frame.
@@ -432,31 +512,49 @@ impl RingBuffer {
     }
 
     /// Writes as much of `msg` as fits now. Call with `wlock` held, with a fresh
-    /// [`WriteState`] per message. `nonblocking`: only publish when the whole message fits at
-    /// once (never start a stream that could not finish).
-    pub fn write_step(&self, msg: &[u8], st: &mut WriteState, nonblocking: bool) -> WriteStep {
+    /// [`WriteState`] per message. Below `maxsize`, a message that does not fit the ring goes
+    /// to the overflow log, so only a stream (a large message handed to a waiting reader
+    /// piece by piece) can report [`WriteStep::Full`] for lack of bytes. `nonblocking` never
+    /// starts a stream.
+    ///
+    /// # Errors
+    /// The errno of an overflow-log write (ENOSPC, ENOMEM); nothing was published then.
+    pub fn write_step(
+        &self,
+        msg: &[u8],
+        st: &mut WriteState,
+        nonblocking: bool,
+    ) -> Result<WriteStep> {
         let sh = self.shared();
         let cap = self.capacity as u64;
         let seen = sh.r.space_seq.load(Ordering::SeqCst);
         let mut head = sh.w.head.load(Ordering::Relaxed);
         if !st.streaming {
             if self.len() >= self.maxsize() {
-                return WriteStep::Full { seen };
+                return Ok(WriteStep::Full { seen });
             }
+            let log_empty =
+                sh.w.log_w.load(Ordering::Relaxed) == sh.r.log_r.load(Ordering::Acquire);
             let free = cap - (head - sh.r.tail.load(Ordering::Acquire));
+            if !log_empty {
+                self.append_log(msg)?;
+                return Ok(WriteStep::Done);
+            }
             if msg.len() <= self.max_whole() {
                 if (frame_len(msg.len()) as u64) > free {
-                    return WriteStep::Full { seen };
+                    self.append_log(msg)?;
+                    return Ok(WriteStep::Done);
                 }
                 self.put_frame(head, WHOLE, &[msg]);
                 self.after_publish(true);
-                return WriteStep::Done;
+                return Ok(WriteStep::Done);
             }
-            // A stream. Start once a useful first chunk fits.
+            // Large: stream it to a reader that is waiting, else use the log.
             let chunk_max = self.max_whole() - 8;
             let first_min = (FRAME_HEADER + 8 + chunk_max.min(4096)) as u64;
-            if nonblocking || free < first_min {
-                return WriteStep::Full { seen };
+            if nonblocking || free < first_min || !self.reader_present(true) {
+                self.append_log(msg)?;
+                return Ok(WriteStep::Done);
             }
             let n = chunk_max.min(free as usize - FRAME_HEADER - 8) & !7;
             sh.ctl.stream_owner.store(futex::pid(), Ordering::SeqCst);
@@ -473,7 +571,11 @@ impl RingBuffer {
             let left = msg.len() - st.sent;
             let want = left.min(chunk_max);
             if (free as usize) < FRAME_HEADER + want.min(4096) {
-                return WriteStep::Full { seen };
+                if !self.reader_present(false) {
+                    self.divert_stream(msg, st)?;
+                    return Ok(WriteStep::Done);
+                }
+                return Ok(WriteStep::Full { seen });
             }
             let n = if want <= free as usize - FRAME_HEADER {
                 want
@@ -492,7 +594,26 @@ impl RingBuffer {
             }
             self.after_publish(last);
         }
-        WriteStep::Done
+        Ok(WriteStep::Done)
+    }
+
+    /// Whether a process holds the reader lock (and, with `check_alive`, is still running):
+    /// only then is a large message streamed, since a reader is there to take the pieces.
+    #[must_use]
+    pub fn reader_present(&self, check_alive: bool) -> bool {
+        match self.shared().ctl.rlock.owner() {
+            None => false,
+            Some(p) => !check_alive || p == futex::pid() || futex::pid_is_alive(p),
+        }
+    }
+
+    /// Moves a stream that no reader is taking to the overflow log, whole (writer lock held).
+    ///
+    /// # Errors
+    /// The errno of the log write (the stream is given up either way).
+    pub fn divert_stream(&self, msg: &[u8], st: &mut WriteState) -> Result<()> {
+        self.abort_stream(st);
+        self.append_log(msg)
     }
 
     /// Gives up a started stream (deadline, interrupt): readers drop what they took of it.
@@ -513,6 +634,12 @@ impl RingBuffer {
         if message_done {
             r.consumed.fetch_add(1, Ordering::SeqCst);
         }
+        self.free_space_signal();
+    }
+
+    /// Tells writers waiting for room (bytes or `maxsize`) to look again.
+    fn free_space_signal(&self) {
+        let r = &self.shared().r;
         r.space_seq.fetch_add(1, Ordering::SeqCst);
         if r.space_waiters.load(Ordering::SeqCst) != 0 {
             futex::wake(&r.space_seq, u32::MAX);
@@ -531,9 +658,16 @@ impl RingBuffer {
             let tail = sh.r.tail.load(Ordering::Relaxed);
             let head = sh.w.head.load(Ordering::Acquire);
             if head == tail {
-                if st.partial.is_some() && self.stream_abandoned(tail) {
-                    st.partial = None;
-                    continue;
+                if st.partial.is_some() {
+                    if self.stream_abandoned(tail) {
+                        st.partial = None;
+                        continue;
+                    }
+                    return Ok(ReadStep::Empty { seen });
+                }
+                if let Some(m) = self.take_log()? {
+                    self.free_space_signal();
+                    return Ok(ReadStep::Message(m));
                 }
                 return Ok(ReadStep::Empty { seen });
             }

@@ -250,7 +250,7 @@ impl Core {
     ) -> PyResult<bool> {
         let ring = &self.ring;
         let mut st = WriteState::default();
-        let mut seen = match ring.write_step(data, &mut st, !block) {
+        let mut seen = match ring.write_step(data, &mut st, !block)? {
             WriteStep::Done => return Ok(true),
             WriteStep::Full { seen } => seen,
         };
@@ -259,9 +259,14 @@ impl Core {
         }
         let res = wait_until(py, deadline, |slice| {
             ring.wait_space(seen, slice)?;
-            Ok(match ring.write_step(data, &mut st, false) {
+            Ok(match ring.write_step(data, &mut st, false)? {
                 WriteStep::Done => Some(()),
                 WriteStep::Full { seen: s } => {
+                    if s == seen && st.streaming && !ring.reader_present(true) {
+                        // No progress for a whole slice and the reader is dead: log it.
+                        ring.divert_stream(data, &mut st)?;
+                        return Ok(Some(()));
+                    }
                     seen = s;
                     None
                 }

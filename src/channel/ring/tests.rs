@@ -1,12 +1,14 @@
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 use crate::sync::testing::fork_run;
 use crate::sys::fd::dup_cloexec;
 
 fn write(ring: &RingBuffer, msg: &[u8]) -> WriteStep {
     let mut st = WriteState::default();
-    ring.write_step(msg, &mut st, false)
+    ring.write_step(msg, &mut st, false).unwrap()
 }
 
 fn read(ring: &RingBuffer) -> Option<Vec<u8>> {
@@ -63,10 +65,47 @@ fn full_by_bytes_and_by_maxsize() {
     }
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
     let big = [7u8; 56]; // max whole frame: 64 bytes in a 256-byte ring
-    for _ in 0..4 {
-        assert_eq!(write(&ring, &big), WriteStep::Done);
+    for i in 0..10u8 {
+        // The first four fill the ring, the rest go to the overflow log.
+        assert_eq!(write(&ring, &[i; 56]), WriteStep::Done);
     }
-    assert!(matches!(write(&ring, &big), WriteStep::Full { .. }));
+    assert_eq!(ring.len(), 10);
+    assert_eq!(
+        read(&ring).unwrap(),
+        big.to_vec().iter().map(|_| 0u8).collect::<Vec<_>>()
+    );
+    // While the log holds messages, new ones queue behind them (FIFO across ring and log).
+    assert_eq!(write(&ring, b"tail"), WriteStep::Done);
+    for i in 1..10u8 {
+        assert_eq!(read(&ring).unwrap(), vec![i; 56]);
+    }
+    assert_eq!(read(&ring).unwrap(), b"tail");
+    assert!(ring.is_empty());
+    // Back to the ring once the log drained.
+    assert_eq!(write(&ring, b"ring"), WriteStep::Done);
+    assert_eq!(
+        ring.shared().w.log_w.load(Ordering::Relaxed),
+        ring.shared().r.log_r.load(Ordering::Relaxed)
+    );
+    assert_eq!(read(&ring).unwrap(), b"ring");
+}
+
+#[test]
+fn large_messages_without_a_waiting_reader_use_the_log() {
+    let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    let msg: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    for _ in 0..3 {
+        assert_eq!(write(&ring, &msg), WriteStep::Done);
+    }
+    for _ in 0..3 {
+        assert_eq!(read(&ring).unwrap(), msg);
+    }
+    assert!(ring.is_empty());
+}
+
+/// Takes the reader lock, so that large writes stream.
+fn with_waiting_reader(ring: &RingBuffer) {
+    assert!(ring.shared().ctl.rlock.try_lock(futex::pid()));
 }
 
 #[test]
@@ -78,7 +117,7 @@ fn streamed_message_between_threads() {
     let h = std::thread::spawn(move || {
         let mut st = WriteState::default();
         loop {
-            match r2.write_step(&m2, &mut st, false) {
+            match r2.write_step(&m2, &mut st, false).unwrap() {
                 WriteStep::Done => break,
                 WriteStep::Full { seen } => r2.wait_space(seen, Duration::from_millis(50)).unwrap(),
             }
@@ -99,21 +138,24 @@ fn streamed_message_between_threads() {
 #[test]
 fn nonblocking_write_never_starts_a_stream() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    with_waiting_reader(&ring);
     let mut st = WriteState::default();
-    assert!(matches!(
-        ring.write_step(&[1; 1000], &mut st, true),
-        WriteStep::Full { .. }
-    ));
-    assert!(ring.is_empty());
+    assert_eq!(
+        ring.write_step(&[1; 1000], &mut st, true).unwrap(),
+        WriteStep::Done
+    );
+    assert!(!st.streaming);
+    assert_eq!(read(&ring).unwrap(), vec![1; 1000]);
 }
 
 #[test]
 fn an_aborted_stream_is_dropped_by_the_reader() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    with_waiting_reader(&ring);
     let mut st = WriteState::default();
     assert!(matches!(
         ring.write_step(&[1; 1000], &mut st, false),
-        WriteStep::Full { .. }
+        Ok(WriteStep::Full { .. })
     ));
     assert!(st.streaming);
     let mut rs = ReadState::default();
@@ -134,17 +176,18 @@ fn an_aborted_stream_is_dropped_by_the_reader() {
 #[test]
 fn orphan_chunks_of_a_dead_reader_are_skipped() {
     let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    with_waiting_reader(&ring);
     let mut st = WriteState::default();
     let msg = [3u8; 300];
     assert!(matches!(
-        ring.write_step(&msg, &mut st, false),
+        ring.write_step(&msg, &mut st, false).unwrap(),
         WriteStep::Full { .. }
     ));
     let mut rs = ReadState::default();
     let _ = ring.read_step(&mut rs).unwrap(); // takes START, then "dies"
     drop(rs);
     loop {
-        if ring.write_step(&msg, &mut st, false) == WriteStep::Done {
+        if ring.write_step(&msg, &mut st, false).unwrap() == WriteStep::Done {
             break;
         }
         let mut other = ReadState::default();
@@ -172,6 +215,7 @@ fn writer_killed_mid_stream_is_dropped_across_processes() {
     let child = fork_run(Duration::from_secs(10), || {
         let me = futex::pid();
         assert!(ring.shared().ctl.wlock.try_lock(me));
+        with_waiting_reader(&ring);
         let mut st = WriteState::default();
         // Starts a stream that cannot finish (nobody reads), then dies holding the lock.
         let _ = ring.write_step(&[9u8; 5000], &mut st, false);
@@ -211,7 +255,7 @@ fn producer_and_consumer_processes() {
             let msg = vec![(i % 251) as u8; (i % 700) as usize];
             let mut st = WriteState::default();
             loop {
-                match ring.write_step(&msg, &mut st, false) {
+                match ring.write_step(&msg, &mut st, false).unwrap() {
                     WriteStep::Done => break,
                     WriteStep::Full { seen } => {
                         ring.wait_space(seen, Duration::from_millis(50)).unwrap();
@@ -221,6 +265,8 @@ fn producer_and_consumer_processes() {
         }
         0
     });
+    // Hold the reader lock like a blocked `get`: large messages then stream.
+    with_waiting_reader(&ring);
     for i in 0..n {
         let mut st = ReadState::default();
         let m = loop {

@@ -3,6 +3,7 @@
 pub mod eventfd;
 pub mod fd;
 pub mod futex;
+pub mod memfile;
 pub mod shm;
 pub mod sock;
 pub mod spawn;
