@@ -20,8 +20,10 @@
 //! stdlib's feeder buffer). While the log holds messages, every new message goes to the log
 //! too; readers take from the log only when the ring is empty, so FIFO order holds. Read
 //! records are punched out of the file (their memory is freed). A large message is streamed
-//! through the ring instead when a live process holds the reader lock and the log is empty;
-//! if the readers go away mid-stream, the writer moves the message to the log.
+//! through the ring instead when readers are active and the log is empty. When readers are
+//! active (one holds the reader lock or consumed a message in the last few milliseconds), a
+//! writer facing a full ring waits for room rather than using the log; after a whole wait
+//! slice without progress and no live reader, it moves the message to the log.
 //!
 //! # Commit and crash semantics
 //! Writers hold `wlock`, readers `rlock` (both [`RobustMutex`]: a dead holder's lock is taken
@@ -47,8 +49,8 @@ use crate::error::{Error, Result};
 use crate::shm::layout::{segment_size, Header, SharedLayout};
 use crate::sync::RobustMutex;
 use crate::sys::futex::{self, Wake};
-use crate::sys::memfile;
 use crate::sys::shm::{self, Mapping};
+use crate::sys::{clock, memfile};
 
 /// Where the data area starts (page aligned).
 pub const DATA_OFFSET: usize = 4096;
@@ -70,8 +72,10 @@ const FRAME_HEADER: usize = 8;
 /// Overflow-log record header: the payload length (u64) and a reserved word.
 const LOG_HEADER: usize = 16;
 const PAGE: u64 = 4096;
+/// How long after the last consumption readers still count as active (see `reader_active`).
+const READER_ACTIVE_MS: u64 = 20;
 /// Spins on an empty/full ring before sleeping (a running peer usually answers in µs).
-const SPIN_TRIES: u32 = 200;
+const SPIN_TRIES: u32 = 2000;
 
 /// Bytes a frame with `len` payload bytes occupies.
 #[must_use]
@@ -141,6 +145,8 @@ pub struct ReaderSide {
     pub space_waiters: AtomicU32,
     /// Bytes ever taken from the overflow log.
     pub log_r: AtomicU64,
+    /// `clock::coarse_ms()` of the last consumption: readers are "active" shortly after.
+    pub last_read_ms: AtomicU64,
 }
 
 /// `JoinableQueue` bookkeeping.
@@ -542,6 +548,11 @@ impl RingBuffer {
             }
             if msg.len() <= self.max_whole() {
                 if (frame_len(msg.len()) as u64) > free {
+                    // Readers at work free room soon: wait for them (backpressure keeps the
+                    // fast path); with none around, buffer in the log as the stdlib would.
+                    if !nonblocking && self.reader_active() {
+                        return Ok(WriteStep::Full { seen });
+                    }
                     self.append_log(msg)?;
                     return Ok(WriteStep::Done);
                 }
@@ -552,9 +563,12 @@ impl RingBuffer {
             // Large: stream it to a reader that is waiting, else use the log.
             let chunk_max = self.max_whole() - 8;
             let first_min = (FRAME_HEADER + 8 + chunk_max.min(4096)) as u64;
-            if nonblocking || free < first_min || !self.reader_present(true) {
+            if nonblocking || !self.reader_active() {
                 self.append_log(msg)?;
                 return Ok(WriteStep::Done);
+            }
+            if free < first_min {
+                return Ok(WriteStep::Full { seen });
             }
             let n = chunk_max.min(free as usize - FRAME_HEADER - 8) & !7;
             sh.ctl.stream_owner.store(futex::pid(), Ordering::SeqCst);
@@ -571,10 +585,6 @@ impl RingBuffer {
             let left = msg.len() - st.sent;
             let want = left.min(chunk_max);
             if (free as usize) < FRAME_HEADER + want.min(4096) {
-                if !self.reader_present(false) {
-                    self.divert_stream(msg, st)?;
-                    return Ok(WriteStep::Done);
-                }
                 return Ok(WriteStep::Full { seen });
             }
             let n = if want <= free as usize - FRAME_HEADER {
@@ -607,11 +617,22 @@ impl RingBuffer {
         }
     }
 
-    /// Moves a stream that no reader is taking to the overflow log, whole (writer lock held).
+    /// Whether readers are at work: one holds the reader lock, or one consumed a message in
+    /// the last few milliseconds. Writers then wait for room instead of using the log.
+    #[must_use]
+    pub fn reader_active(&self) -> bool {
+        let sh = self.shared();
+        sh.ctl.rlock.owner().is_some()
+            || clock::coarse_ms().saturating_sub(sh.r.last_read_ms.load(Ordering::Relaxed))
+                < READER_ACTIVE_MS
+    }
+
+    /// Moves a message that no reader is making room for to the overflow log, whole (giving
+    /// up its stream if one was started). Writer lock held.
     ///
     /// # Errors
-    /// The errno of the log write (the stream is given up either way).
-    pub fn divert_stream(&self, msg: &[u8], st: &mut WriteState) -> Result<()> {
+    /// The errno of the log write (a stream is given up either way).
+    pub fn divert(&self, msg: &[u8], st: &mut WriteState) -> Result<()> {
         self.abort_stream(st);
         self.append_log(msg)
     }
@@ -640,6 +661,7 @@ impl RingBuffer {
     /// Tells writers waiting for room (bytes or `maxsize`) to look again.
     fn free_space_signal(&self) {
         let r = &self.shared().r;
+        r.last_read_ms.store(clock::coarse_ms(), Ordering::Relaxed);
         r.space_seq.fetch_add(1, Ordering::SeqCst);
         if r.space_waiters.load(Ordering::SeqCst) != 0 {
             futex::wake(&r.space_seq, u32::MAX);

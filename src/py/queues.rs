@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
 use crate::channel::ring::{ReadState, ReadStep, RingBuffer, WriteState, WriteStep, FLAG_JOINABLE};
@@ -34,6 +34,7 @@ const NONBLOCKING_LOCK_WAIT: f64 = 0.01;
 
 struct Globals {
     bytesio: Py<PyAny>,
+    namespace: Py<PyAny>,
     pickler: Py<PyAny>,
     loads: Py<PyAny>,
     copyreg_table: Py<PyDict>,
@@ -51,6 +52,7 @@ fn globals(py: Python<'_>) -> PyResult<&Globals> {
         let our_extras = pickler.getattr("_extra_reducers")?.cast_into::<PyDict>()?;
         Ok::<_, PyErr>(Globals {
             bytesio: py.import("io")?.getattr("BytesIO")?.unbind(),
+            namespace: py.import("types")?.getattr("SimpleNamespace")?.unbind(),
             loads: py.import("_pickle")?.getattr("loads")?.unbind(),
             copyreg_table: py
                 .import("copyreg")?
@@ -97,26 +99,28 @@ fn reducer_signature(py: Python<'_>, g: &Globals) -> PyResult<(usize, usize, usi
     ))
 }
 
-/// A `ForkingPickler` writing to a `BytesIO`, reused message after message.
+/// A `ForkingPickler` reused message after message. Its file is a namespace whose `write` is
+/// `list.append`: the C pickler hands over its whole output buffer at the end of `dump` (one
+/// `bytes` for a small object), so no `BytesIO` is involved.
 struct Pickler {
     dump: Py<PyAny>,
     clear_memo: Py<PyAny>,
-    getvalue: Py<PyAny>,
-    seek: Py<PyAny>,
-    truncate: Py<PyAny>,
+    chunks: Py<PyList>,
     signature: (usize, usize, usize),
 }
 
 impl Pickler {
     fn new(py: Python<'_>, g: &Globals, signature: (usize, usize, usize)) -> PyResult<Self> {
-        let file = g.bytesio.bind(py).call0()?;
-        let p = g.pickler.bind(py).call1((&file,))?;
+        let chunks = PyList::empty(py);
+        let sink = g.namespace.bind(py).call(
+            (),
+            Some(&[("write", chunks.getattr("append")?)].into_py_dict(py)?),
+        )?;
+        let p = g.pickler.bind(py).call1((&sink,))?;
         Ok(Self {
             dump: p.getattr("dump")?.unbind(),
             clear_memo: p.getattr("clear_memo")?.unbind(),
-            getvalue: file.getattr("getvalue")?.unbind(),
-            seek: file.getattr("seek")?.unbind(),
-            truncate: file.getattr("truncate")?.unbind(),
+            chunks: chunks.unbind(),
             signature,
         })
     }
@@ -126,12 +130,24 @@ impl Pickler {
         py: Python<'py>,
         obj: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        self.dump.bind(py).call1((obj,))?;
-        let out = self.getvalue.bind(py).call0()?.cast_into::<PyBytes>()?;
-        self.seek.bind(py).call1((0,))?;
-        self.truncate.bind(py).call0()?;
+        let chunks = self.chunks.bind(py);
+        let res = self.dump.bind(py).call1((obj,)).and_then(|_| {
+            let single = if chunks.len() == 1 {
+                chunks.get_item(0)?.cast_into::<PyBytes>().ok()
+            } else {
+                None
+            };
+            match single {
+                Some(b) => Ok(b),
+                // Large pickles arrive in pieces (frames, big payloads passed through).
+                None => Ok(PyBytes::new(py, &[])
+                    .call_method1("join", (chunks,))?
+                    .cast_into::<PyBytes>()?),
+            }
+        });
+        chunks.del_slice(0, chunks.len())?;
         self.clear_memo.bind(py).call0()?;
-        Ok(out)
+        res
     }
 }
 
@@ -262,9 +278,11 @@ impl Core {
             Ok(match ring.write_step(data, &mut st, false)? {
                 WriteStep::Done => Some(()),
                 WriteStep::Full { seen: s } => {
-                    if s == seen && st.streaming && !ring.reader_present(true) {
-                        // No progress for a whole slice and the reader is dead: log it.
-                        ring.divert_stream(data, &mut st)?;
+                    let below_max = ring.len() < ring.maxsize();
+                    if s == seen && below_max && !ring.reader_present(true) {
+                        // Waiting for bytes (not `maxsize`), no progress for a whole slice
+                        // and no live reader: log it.
+                        ring.divert(data, &mut st)?;
                         return Ok(Some(()));
                     }
                     seen = s;
@@ -274,6 +292,12 @@ impl Core {
         });
         match res {
             Ok(Some(())) => Ok(true),
+            Ok(None) if ring.len() < ring.maxsize() => {
+                // The deadline passed waiting for bytes, not for `maxsize`: the stdlib's put
+                // would have buffered it, so log it rather than raise Full.
+                ring.divert(data, &mut st)?;
+                Ok(true)
+            }
             Ok(None) => {
                 ring.abort_stream(&mut st);
                 Ok(false)

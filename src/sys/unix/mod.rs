@@ -1,5 +1,6 @@
 //! Linux implementation of the system layer.
 
+pub mod clock;
 pub mod eventfd;
 pub mod fd;
 pub mod futex;
