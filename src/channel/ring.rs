@@ -438,14 +438,14 @@ impl RingBuffer {
         // mapping. The range lies in [head, head + free), which no reader touches until the
         // writer (the wlock holder, our caller) publishes `head`; `src` is local memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(off), first);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.data().wrapping_add(off), first);
         }
         if first < src.len() {
             // SAFETY: the rest (`len - first < capacity`) goes to the start of the data area,
             // same ownership argument as above.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    src.as_ptr().add(first),
+                    src.as_ptr().wrapping_add(first),
                     self.data(),
                     src.len() - first,
                 );
@@ -461,14 +461,14 @@ impl RingBuffer {
         // published by a writer (acquire load of `head` by our caller) and not reused until
         // the reader (the rlock holder, our caller) publishes `tail`; `dst` is local memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.data().add(off), dst.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(self.data().wrapping_add(off), dst.as_mut_ptr(), first);
         }
         if first < dst.len() {
             // SAFETY: the wrapped rest from the start of the data area, as above.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     self.data(),
-                    dst.as_mut_ptr().add(first),
+                    dst.as_mut_ptr().wrapping_add(first),
                     dst.len() - first,
                 );
             }

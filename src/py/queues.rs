@@ -216,7 +216,7 @@ impl Core {
             return fresh_dumps(py, g, obj);
         };
         let sig = reducer_signature(py, g)?;
-        if slot.as_ref().is_none_or(|p| p.signature != sig) {
+        if !matches!(slot.as_ref(), Some(p) if p.signature == sig) {
             *slot = Some(Pickler::new(py, g, sig)?);
         }
         let res = slot.as_ref().map(|p| p.dumps(py, obj));

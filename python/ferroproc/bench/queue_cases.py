@@ -94,9 +94,7 @@ def queue_2to2_small(mod: ModuleType, n: int) -> float:
     ctx = _ctx(mod)
     q, go, done = ctx.Queue(), ctx.Queue(), ctx.Queue()
     half = n // 2
-    producers = [
-        ctx.Process(target=targets.queue_produce, args=(q, go, half)) for _ in range(2)
-    ]
+    producers = [ctx.Process(target=targets.queue_produce, args=(q, go, half)) for _ in range(2)]
     consumers = [
         ctx.Process(target=targets.queue_consume_until_none, args=(q, done)) for _ in range(2)
     ]
