@@ -47,7 +47,7 @@ __all__ = ["JoinableQueue", "Queue", "SimpleQueue"]
 
 #: Bytes of shared ring per queue (the memory is only touched as messages pass through it).
 #: The native constructor reads it from the class: subclasses may set their own.
-_DEFAULT_RING_BYTES = 1 << 20
+_DEFAULT_RING_BYTES = 4 << 20
 
 
 def _dup_for_child(obj, fd):

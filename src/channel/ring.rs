@@ -222,6 +222,19 @@ impl ReadState {
     }
 }
 
+/// What [`RingBuffer::peek`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// A complete frame of this many bytes in the ring.
+    Whole(usize),
+    /// A complete overflow-log record of this many bytes (the ring is empty).
+    Log(usize),
+    /// A streamed message or orphan pieces: use [`RingBuffer::read_step`].
+    Other,
+    /// Nothing to read.
+    Empty,
+}
+
 /// Outcome of one reading step.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStep {
@@ -375,29 +388,32 @@ impl RingBuffer {
     }
 
     /// Appends `msg` to the overflow log and publishes it (writer lock held).
-    fn append_log(&self, msg: &[u8]) -> Result<()> {
+    fn append_log(&self, parts: &[&[u8]]) -> Result<()> {
         let w = &self.shared().w;
         let at = w.log_w.load(Ordering::Relaxed);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut header = [0u8; LOG_HEADER];
-        header[..8].copy_from_slice(&(msg.len() as u64).to_ne_bytes());
-        memfile::write_all_at(self.fd.as_fd(), &[&header, msg], self.log_base() + at)?;
+        header[..8].copy_from_slice(&(len as u64).to_ne_bytes());
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(&header);
+        all.extend_from_slice(parts);
+        memfile::write_all_at(self.fd.as_fd(), &all, self.log_base() + at)?;
         w.log_w
-            .store(at + (LOG_HEADER + msg.len()) as u64, Ordering::Release);
+            .store(at + (LOG_HEADER + len) as u64, Ordering::Release);
         self.after_publish(true);
         Ok(())
     }
 
-    /// Takes the next overflow-log message, if any (reader lock held, ring empty).
-    fn take_log(&self) -> Result<Option<Vec<u8>>> {
+    /// The length of the next overflow-log record, if any (reader lock held, ring empty).
+    fn peek_log(&self) -> Result<Option<usize>> {
         let sh = self.shared();
         let at = sh.r.log_r.load(Ordering::Relaxed);
         let end = sh.w.log_w.load(Ordering::Acquire);
         if at == end {
             return Ok(None);
         }
-        let base = self.log_base();
         let mut header = [0u8; LOG_HEADER];
-        memfile::read_exact_at(self.fd.as_fd(), &mut header, base + at)?;
+        memfile::read_exact_at(self.fd.as_fd(), &mut header, self.log_base() + at)?;
         let mut len_bytes = [0u8; 8];
         len_bytes.copy_from_slice(&header[..8]);
         let len = u64::from_ne_bytes(len_bytes);
@@ -406,11 +422,19 @@ impl RingBuffer {
                 "corrupted queue overflow record ({len} bytes)"
             )));
         }
-        let len_usize = usize::try_from(len)
-            .map_err(|_| Error::Protocol("queue overflow record too large".to_owned()))?;
-        let mut v = vec![0u8; len_usize];
-        memfile::read_exact_at(self.fd.as_fd(), &mut v, base + at + LOG_HEADER as u64)?;
-        let next = at + LOG_HEADER as u64 + len;
+        usize::try_from(len)
+            .map(Some)
+            .map_err(|_| Error::Protocol("queue overflow record too large".to_owned()))
+    }
+
+    /// Copies the next overflow-log record (of `buf.len()` bytes, from [`Self::peek_log`])
+    /// into `buf` and frees it.
+    fn take_log_into(&self, buf: &mut [u8]) -> Result<()> {
+        let sh = self.shared();
+        let base = self.log_base();
+        let at = sh.r.log_r.load(Ordering::Relaxed);
+        memfile::read_exact_at(self.fd.as_fd(), buf, base + at + LOG_HEADER as u64)?;
+        let next = at + (LOG_HEADER + buf.len()) as u64;
         sh.r.log_r.store(next, Ordering::Release);
         sh.r.consumed.fetch_add(1, Ordering::SeqCst);
         // Free the whole pages this record was the last user of.
@@ -418,12 +442,70 @@ impl RingBuffer {
         if to > from {
             memfile::punch_hole(self.fd.as_fd(), from, to - from);
         }
-        Ok(Some(v))
+        self.free_space_signal();
+        Ok(())
+    }
+
+    /// Takes the next overflow-log message, if any (reader lock held, ring empty).
+    fn take_log(&self) -> Result<Option<Vec<u8>>> {
+        match self.peek_log()? {
+            None => Ok(None),
+            Some(len) => {
+                let mut v = vec![0u8; len];
+                self.take_log_into(&mut v)?;
+                Ok(Some(v))
+            }
+        }
+    }
+
+    /// What the next read would find, for readers that copy straight into their own buffer
+    /// (reader lock held). Streams and orphan pieces are left to [`Self::read_step`].
+    ///
+    /// # Errors
+    /// `Error::Protocol` for a corrupted log record; the log read errno.
+    pub fn peek(&self) -> Result<Next> {
+        let sh = self.shared();
+        let tail = sh.r.tail.load(Ordering::Relaxed);
+        let head = sh.w.head.load(Ordering::Acquire);
+        if head == tail {
+            return Ok(match self.peek_log()? {
+                Some(len) => Next::Log(len),
+                None => Next::Empty,
+            });
+        }
+        let (kind, len) = decode_header(self.read_u64(tail));
+        let len = len as usize;
+        if kind == WHOLE && frame_len(len) as u64 <= head - tail {
+            Ok(Next::Whole(len))
+        } else {
+            Ok(Next::Other)
+        }
+    }
+
+    /// Copies the message [`Self::peek`] announced into `buf` (exactly its length) and frees
+    /// it. `next` must be the `Whole`/`Log` value just returned, under the same reader lock.
+    ///
+    /// # Errors
+    /// The log read errno; `Error::Protocol` for a misuse (another `next` or length).
+    pub fn take_into(&self, next: Next, buf: &mut [u8]) -> Result<()> {
+        match next {
+            Next::Whole(len) if len == buf.len() => {
+                let tail = self.shared().r.tail.load(Ordering::Relaxed);
+                self.copy_out(tail + FRAME_HEADER as u64, buf);
+                self.free_to(tail + frame_len(len) as u64, true);
+                Ok(())
+            }
+            Next::Log(len) if len == buf.len() => self.take_log_into(buf),
+            _ => Err(Error::Protocol(
+                "take_into without a matching peek".to_owned(),
+            )),
+        }
     }
 
     /// Largest payload sent as one frame.
-    fn max_whole(&self) -> usize {
-        self.capacity / 4 - FRAME_HEADER
+    #[must_use]
+    pub fn max_whole(&self) -> usize {
+        self.capacity / 2 - FRAME_HEADER
     }
 
     fn data(&self) -> *mut u8 {
@@ -531,6 +613,28 @@ impl RingBuffer {
         st: &mut WriteState,
         nonblocking: bool,
     ) -> Result<WriteStep> {
+        self.write_parts_step(&[msg], st, nonblocking)
+    }
+
+    /// [`Self::write_step`] for a message given as consecutive `parts` (written without
+    /// joining them, except to stream a message given in several parts).
+    ///
+    /// # Errors
+    /// As [`Self::write_step`].
+    pub fn write_parts_step(
+        &self,
+        parts: &[&[u8]],
+        st: &mut WriteState,
+        nonblocking: bool,
+    ) -> Result<WriteStep> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > self.max_whole() && parts.len() > 1 {
+            // Streams slice one contiguous buffer; large multi-part messages are rare (the
+            // caller joins them first), so this copy is a fallback.
+            return self.write_parts_step(&[&parts.concat()], st, nonblocking);
+        }
+        // A stream (only ever of a single part, see above) slices this.
+        let msg: &[u8] = parts.first().copied().unwrap_or_default();
         let sh = self.shared();
         let cap = self.capacity as u64;
         let seen = sh.r.space_seq.load(Ordering::SeqCst);
@@ -543,20 +647,20 @@ impl RingBuffer {
                 sh.w.log_w.load(Ordering::Relaxed) == sh.r.log_r.load(Ordering::Acquire);
             let free = cap - (head - sh.r.tail.load(Ordering::Acquire));
             if !log_empty {
-                self.append_log(msg)?;
+                self.append_log(parts)?;
                 return Ok(WriteStep::Done);
             }
-            if msg.len() <= self.max_whole() {
-                if (frame_len(msg.len()) as u64) > free {
+            if total <= self.max_whole() {
+                if (frame_len(total) as u64) > free {
                     // Readers at work free room soon: wait for them (backpressure keeps the
                     // fast path); with none around, buffer in the log as the stdlib would.
                     if !nonblocking && self.reader_active() {
                         return Ok(WriteStep::Full { seen });
                     }
-                    self.append_log(msg)?;
+                    self.append_log(parts)?;
                     return Ok(WriteStep::Done);
                 }
-                self.put_frame(head, WHOLE, &[msg]);
+                self.put_frame(head, WHOLE, parts);
                 self.after_publish(true);
                 return Ok(WriteStep::Done);
             }
@@ -564,7 +668,7 @@ impl RingBuffer {
             let chunk_max = self.max_whole() - 8;
             let first_min = (FRAME_HEADER + 8 + chunk_max.min(4096)) as u64;
             if nonblocking || !self.reader_active() {
-                self.append_log(msg)?;
+                self.append_log(parts)?;
                 return Ok(WriteStep::Done);
             }
             if free < first_min {
@@ -632,9 +736,9 @@ impl RingBuffer {
     ///
     /// # Errors
     /// The errno of the log write (a stream is given up either way).
-    pub fn divert(&self, msg: &[u8], st: &mut WriteState) -> Result<()> {
+    pub fn divert(&self, parts: &[&[u8]], st: &mut WriteState) -> Result<()> {
         self.abort_stream(st);
-        self.append_log(msg)
+        self.append_log(parts)
     }
 
     /// Gives up a started stream (deadline, interrupt): readers drop what they took of it.
@@ -688,7 +792,6 @@ impl RingBuffer {
                     return Ok(ReadStep::Empty { seen });
                 }
                 if let Some(m) = self.take_log()? {
-                    self.free_space_signal();
                     return Ok(ReadStep::Message(m));
                 }
                 return Ok(ReadStep::Empty { seen });

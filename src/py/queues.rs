@@ -21,7 +21,9 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
-use crate::channel::ring::{ReadState, ReadStep, RingBuffer, WriteState, WriteStep, FLAG_JOINABLE};
+use crate::channel::ring::{
+    Next, ReadState, ReadStep, RingBuffer, WriteState, WriteStep, FLAG_JOINABLE,
+};
 use crate::deadline::Deadline;
 use crate::sync::Acquired;
 use crate::sys::{eventfd, fd, futex};
@@ -125,25 +127,24 @@ impl Pickler {
         })
     }
 
-    fn dumps<'py>(
-        &self,
-        py: Python<'py>,
-        obj: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    /// Pickles `obj`; returns the pickle as the pieces the pickler wrote (one `bytes` for a
+    /// small object; a large `bytes` payload is passed through as is, not copied).
+    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
         let chunks = self.chunks.bind(py);
         let res = self.dump.bind(py).call1((obj,)).and_then(|_| {
-            let single = if chunks.len() == 1 {
-                chunks.get_item(0)?.cast_into::<PyBytes>().ok()
-            } else {
-                None
-            };
-            match single {
-                Some(b) => Ok(b),
-                // Large pickles arrive in pieces (frames, big payloads passed through).
-                None => Ok(PyBytes::new(py, &[])
-                    .call_method1("join", (chunks,))?
-                    .cast_into::<PyBytes>()?),
+            let mut parts = Vec::with_capacity(chunks.len());
+            for item in chunks.iter() {
+                parts.push(match item.cast_into::<PyBytes>() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let any = e.into_inner();
+                        py.get_type::<PyBytes>()
+                            .call1((any,))?
+                            .cast_into::<PyBytes>()?
+                    }
+                });
             }
+            Ok(parts)
         });
         chunks.del_slice(0, chunks.len())?;
         self.clear_memo.bind(py).call0()?;
@@ -151,22 +152,27 @@ impl Pickler {
     }
 }
 
-fn fresh_dumps<'py>(
-    py: Python<'py>,
-    g: &Globals,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyBytes>> {
+/// A pickle as consecutive pieces.
+type Parts<'py> = Vec<Bound<'py, PyBytes>>;
+
+fn slices<'a>(parts: &'a [Bound<'_, PyBytes>]) -> Vec<&'a [u8]> {
+    parts.iter().map(|b| b.as_bytes()).collect()
+}
+
+fn fresh_dumps<'py>(py: Python<'py>, g: &Globals, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
     let file = g.bytesio.bind(py).call0()?;
     g.pickler
         .bind(py)
         .call1((&file,))?
         .call_method1("dump", (obj,))?;
-    Ok(file.call_method0("getvalue")?.cast_into::<PyBytes>()?)
+    Ok(vec![file
+        .call_method0("getvalue")?
+        .cast_into::<PyBytes>()?])
 }
 
-fn loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+fn loads<'py>(py: Python<'py>, data: Bound<'py, PyBytes>) -> PyResult<Bound<'py, PyAny>> {
     let g = globals(py)?;
-    g.loads.bind(py).call1((PyBytes::new(py, data),))
+    g.loads.bind(py).call1((data,))
 }
 
 fn log_recovered(how: Acquired, which: &str) {
@@ -206,11 +212,18 @@ impl Core {
         })
     }
 
-    fn dumps<'py>(
-        &self,
-        py: Python<'py>,
-        obj: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
+        let parts = self.dumps_parts(py, obj)?;
+        let total: usize = parts.iter().map(|b| b.as_bytes().len()).sum();
+        if parts.len() > 1 && total > self.ring.max_whole() {
+            // Too big for one frame: it may be streamed, which needs one contiguous buffer.
+            let joined = PyBytes::new(py, &[]).call_method1("join", (parts,))?;
+            return Ok(vec![joined.cast_into::<PyBytes>()?]);
+        }
+        Ok(parts)
+    }
+
+    fn dumps_parts<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
         let g = globals(py)?;
         let Ok(mut slot) = self.pickler.try_lock() else {
             return fresh_dumps(py, g, obj);
@@ -223,7 +236,7 @@ impl Core {
         match res {
             Some(Ok(b)) => Ok(b),
             Some(Err(e)) => {
-                // The pickler's buffer and memo hold a partial message: start afresh next time.
+                // The pickler's memo may hold a partial message: start afresh next time.
                 *slot = None;
                 Err(e)
             }
@@ -260,13 +273,13 @@ impl Core {
     fn write_locked(
         &self,
         py: Python<'_>,
-        data: &[u8],
+        data: &[&[u8]],
         block: bool,
         deadline: Deadline,
     ) -> PyResult<bool> {
         let ring = &self.ring;
         let mut st = WriteState::default();
-        let mut seen = match ring.write_step(data, &mut st, !block)? {
+        let mut seen = match ring.write_parts_step(data, &mut st, !block)? {
             WriteStep::Done => return Ok(true),
             WriteStep::Full { seen } => seen,
         };
@@ -275,7 +288,7 @@ impl Core {
         }
         let res = wait_until(py, deadline, |slice| {
             ring.wait_space(seen, slice)?;
-            Ok(match ring.write_step(data, &mut st, false)? {
+            Ok(match ring.write_parts_step(data, &mut st, false)? {
                 WriteStep::Done => Some(()),
                 WriteStep::Full { seen: s } => {
                     let below_max = ring.len() < ring.maxsize();
@@ -327,7 +340,7 @@ impl Core {
         if !self.lock_writer(py, block, deadline)? {
             return Ok(false);
         }
-        let res = self.write_locked(py, data.as_bytes(), block, deadline);
+        let res = self.write_locked(py, &slices(&data), block, deadline);
         self.unlock_writer();
         if matches!(res, Ok(true)) {
             self.signal_pollers();
@@ -357,7 +370,7 @@ impl Core {
         let mut done = 0;
         let mut res = Ok(());
         for d in &datas {
-            match self.write_locked(py, d.as_bytes(), block, deadline) {
+            match self.write_locked(py, &slices(d), block, deadline) {
                 Ok(true) => done += 1,
                 Ok(false) => break,
                 Err(e) => {
@@ -445,16 +458,56 @@ impl Core {
         }
     }
 
-    fn get_bytes(
+    /// Reads the next message with the reader lock held, straight into a new `bytes` when it
+    /// is a complete frame or log record, else through `read_locked` (streams).
+    fn read_obj<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         block: bool,
         deadline: Deadline,
-    ) -> PyResult<Option<Vec<u8>>> {
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let ring = &self.ring;
+        loop {
+            match ring.peek()? {
+                n @ (Next::Whole(len) | Next::Log(len)) => {
+                    let b = PyBytes::new_with(py, len, |buf| Ok(ring.take_into(n, buf)?))?;
+                    return Ok(Some(b));
+                }
+                Next::Other => {
+                    return Ok(self
+                        .read_locked(py, block, deadline)?
+                        .map(|v| PyBytes::new(py, &v)));
+                }
+                Next::Empty => {
+                    if !block {
+                        return Ok(None);
+                    }
+                    let got = wait_until(py, deadline, |slice| {
+                        let seen = ring.shared().w.data_seq.load(Ordering::SeqCst);
+                        if !ring.is_empty() {
+                            return Ok(Some(()));
+                        }
+                        ring.wait_data(seen, slice)?;
+                        Ok((!ring.is_empty()).then_some(()))
+                    })?;
+                    if got.is_none() {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn get_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        block: bool,
+        deadline: Deadline,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         if !self.lock_reader(py, block, deadline)? {
             return Ok(None);
         }
-        let res = self.read_locked(py, block, deadline);
+        let res = self.read_obj(py, block, deadline);
         self.unlock_reader();
         res
     }
@@ -466,7 +519,7 @@ impl Core {
         deadline: Deadline,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         match self.get_bytes(py, block, deadline)? {
-            Some(m) => loads(py, &m).map(Some),
+            Some(b) => loads(py, b).map(Some),
             None => Ok(None),
         }
     }
@@ -485,37 +538,29 @@ impl Core {
             return Ok(None);
         }
         let mut msgs = Vec::new();
-        let first = self.read_locked(py, block, deadline);
-        let first = match first {
-            Ok(Some(m)) => {
-                msgs.push(m);
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        };
-        if matches!(first, Ok(true)) {
-            let mut st = ReadState::default();
+        let mut res = self.read_obj(py, block, deadline);
+        if let Ok(Some(b)) = res {
+            msgs.push(b);
+            res = Ok(None);
             while msgs.len() < max {
-                match self.ring.read_step(&mut st) {
-                    Ok(ReadStep::Message(m)) => msgs.push(m),
-                    Ok(ReadStep::Empty { .. }) if st.in_stream() => {
-                        match self.read_locked(py, true, Deadline::never()) {
-                            Ok(Some(m)) => msgs.push(m),
-                            _ => break,
-                        }
+                match self.read_obj(py, false, deadline) {
+                    Ok(Some(b)) => msgs.push(b),
+                    Ok(None) => break,
+                    Err(e) => {
+                        res = Err(e);
+                        break;
                     }
-                    _ => break,
                 }
             }
         }
         self.unlock_reader();
-        if !first? {
+        res?;
+        if msgs.is_empty() {
             return Ok(None);
         }
         let out = PyList::empty(py);
-        for m in &msgs {
-            out.append(loads(py, m)?)?;
+        for b in msgs {
+            out.append(loads(py, b)?)?;
         }
         Ok(Some(out))
     }
@@ -816,7 +861,7 @@ impl PyRingQueue {
             .core
             .get_bytes(py, block, deadline_of(block, timeout))?
         {
-            Some(m) => Ok(PyBytes::new(py, &m)),
+            Some(m) => Ok(m),
             None => Err(Empty::new_err(())),
         }
     }
@@ -946,7 +991,7 @@ impl PySimpleRing {
             .core
             .get_bytes(py, block, deadline_of(block, timeout))?
         {
-            Some(m) => Ok(PyBytes::new(py, &m)),
+            Some(m) => Ok(m),
             None => Err(Empty::new_err(())),
         }
     }
