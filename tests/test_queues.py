@@ -381,6 +381,32 @@ def test_consumer_killed_mid_get_leaves_the_queue_usable(ctx, monkeypatch):
     finish(ready)
 
 
+@pytest.mark.slow
+@pytest.mark.fork_only
+def test_soak_random_kills_of_producers_and_consumers(ctx, monkeypatch):
+    if not is_ferro(ctx):
+        pytest.skip("stdlib: see the module docstring")
+    monkeypatch.setattr(importlib.import_module("ferroproc.queues").Queue, "_ring_bytes", 1 << 16)
+    q, ready = ctx.Queue(), ctx.Queue()
+    rng = random.Random(7)
+    for round_ in range(40):
+        producers = [start(ctx, w.put_forever, q, round_ * 10 + k, 100_000) for k in range(2)]
+        consumer = start(ctx, w.get_forever, q, ready)
+        assert ready.get(timeout=SHORT_TIMEOUT) == consumer.pid
+        time.sleep(rng.uniform(0.005, 0.1))
+        victims = [*producers, consumer]
+        rng.shuffle(victims)
+        for p in victims:
+            assert p.is_alive(), f"round {round_}: child exited with {p.exitcode}"
+            kill(p)
+        for msg in _drain(q):
+            assert w.check(msg), round_
+    q.put(w.message(3, 500_000), timeout=SHORT_TIMEOUT)
+    assert w.check(q.get(timeout=SHORT_TIMEOUT))
+    finish(q)
+    finish(ready)
+
+
 def test_memory_is_anonymous(impl):
     if impl.__name__ != "ferroproc":
         pytest.skip("the stdlib's queues use pipes and named semaphores")

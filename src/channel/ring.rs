@@ -488,14 +488,24 @@ impl RingBuffer {
     /// # Errors
     /// The log read errno; `Error::Protocol` for a misuse (another `next` or length).
     pub fn take_into(&self, next: Next, buf: &mut [u8]) -> Result<()> {
+        // Cheap re-validation (the header is re-read), so a misuse cannot desynchronize the
+        // ring: only the message that is really next, with its real length, is taken.
+        let sh = self.shared();
+        let tail = sh.r.tail.load(Ordering::Relaxed);
+        let ring_empty = sh.w.head.load(Ordering::Acquire) == tail;
         match next {
-            Next::Whole(len) if len == buf.len() => {
-                let tail = self.shared().r.tail.load(Ordering::Relaxed);
+            Next::Whole(len)
+                if len == buf.len()
+                    && !ring_empty
+                    && decode_header(self.read_u64(tail)) == (WHOLE, len as u32) =>
+            {
                 self.copy_out(tail + FRAME_HEADER as u64, buf);
                 self.free_to(tail + frame_len(len) as u64, true);
                 Ok(())
             }
-            Next::Log(len) if len == buf.len() => self.take_log_into(buf),
+            Next::Log(len) if len == buf.len() && ring_empty && self.peek_log()? == Some(len) => {
+                self.take_log_into(buf)
+            }
             _ => Err(Error::Protocol(
                 "take_into without a matching peek".to_owned(),
             )),

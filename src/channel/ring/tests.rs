@@ -281,3 +281,56 @@ fn producer_and_consumer_processes() {
     }
     assert_eq!(child.join(), 0);
 }
+
+#[test]
+fn peek_and_take_into_cover_ring_and_log() {
+    let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    assert_eq!(ring.peek().unwrap(), Next::Empty);
+    // A message in two parts fits the ring as one frame.
+    let mut st = WriteState::default();
+    assert_eq!(
+        ring.write_parts_step(&[b"ab", b"cde"], &mut st, false)
+            .unwrap(),
+        WriteStep::Done
+    );
+    // A large one in parts goes to the log (no reader), still in one record.
+    let big = vec![4u8; 1000];
+    let mut st = WriteState::default();
+    assert_eq!(
+        ring.write_parts_step(&[b"hdr", &big], &mut st, false)
+            .unwrap(),
+        WriteStep::Done
+    );
+    let n = ring.peek().unwrap();
+    assert_eq!(n, Next::Whole(5));
+    let mut buf = vec![0u8; 5];
+    ring.take_into(n, &mut buf).unwrap();
+    assert_eq!(buf, b"abcde");
+    let n = ring.peek().unwrap();
+    assert_eq!(n, Next::Log(1003));
+    assert!(ring.take_into(Next::Log(7), &mut [0u8; 7]).is_err());
+    let mut buf = vec![0u8; 1003];
+    ring.take_into(n, &mut buf).unwrap();
+    assert_eq!(&buf[..3], b"hdr");
+    assert_eq!(&buf[3..], &big[..]);
+    assert_eq!(ring.peek().unwrap(), Next::Empty);
+    assert_eq!(ring.len(), 0);
+}
+
+#[test]
+fn a_writer_waits_for_an_active_reader_instead_of_logging() {
+    let ring = RingBuffer::create(256, u32::MAX, 0).unwrap();
+    for _ in 0..4 {
+        assert_eq!(write(&ring, &[1; 56]), WriteStep::Done);
+    }
+    // A reader holds the reader lock: backpressure instead of the log.
+    assert!(ring.shared().ctl.rlock.try_lock(futex::pid()));
+    assert!(matches!(write(&ring, &[2; 56]), WriteStep::Full { .. }));
+    // Non-blocking writers never wait for bytes.
+    let mut st = WriteState::default();
+    assert_eq!(
+        ring.write_step(&[3; 56], &mut st, true).unwrap(),
+        WriteStep::Done
+    );
+    ring.shared().ctl.rlock.unlock().unwrap();
+}
