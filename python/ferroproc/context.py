@@ -4,8 +4,6 @@ The exception classes are the stdlib's own, so `except multiprocessing.TimeoutEr
 ferroproc's timeouts and the other way round.
 """
 
-from __future__ import annotations
-
 import _thread
 import os
 import sys

@@ -8,13 +8,10 @@ and its descriptors (`SCM_RIGHTS`); the server forks, replies with the pid, and 
 child's exit code on the child's status pipe when it reaps it.
 """
 
-from __future__ import annotations
-
+import _signal
+import _thread
 import os
-import signal
-import socket
 import sys
-import threading
 
 from . import process, spawn, util
 
@@ -35,7 +32,7 @@ class ForkServer:
     def __init__(self):
         self._ctl = None
         self._pid = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._preload_modules = ["__main__"]
         self._inherited_fds = None
 
@@ -87,6 +84,8 @@ class ForkServer:
                 self._ctl = self._pid = None
             else:
                 return
+        import socket
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             main_path = sys_path = None
@@ -168,7 +167,8 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
                 pass
     util._close_stdin()
     # Ctrl-C in the terminal reaches the whole process group: the server must survive it.
-    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (`_signal`, not `signal`: the server stays small, and so does every fork of it.)
+    old_sigint = _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     server = NativeServer(ctl_fd)
     os.close(ctl_fd)
     while True:
@@ -185,7 +185,7 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
             code = 1
             try:
                 fds = server.child_after_fork()
-                signal.signal(signal.SIGINT, old_sigint)
+                _signal.signal(_signal.SIGINT, old_sigint)
                 code = _serve_child(payload, fds)
             finally:
                 try:

@@ -6,8 +6,6 @@ the pid is reaped right after, or at the next start/`active_children()` if still
 `sentinel` is a pidfd: readable exactly when the process has ended.
 """
 
-from __future__ import annotations
-
 import os
 import signal
 

@@ -1,7 +1,5 @@
 """Forkserver start method: a clean server process forks the child on request."""
 
-from __future__ import annotations
-
 import io
 import os
 

@@ -1,7 +1,5 @@
 """Spawn start method: `posix_spawn` of the interpreter running ferroproc's child bootstrap."""
 
-from __future__ import annotations
-
 import io
 import os
 

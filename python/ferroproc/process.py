@@ -5,8 +5,6 @@ The module keeps the stdlib's module-level state names (`_children`, `_current_p
 reach for them.
 """
 
-from __future__ import annotations
-
 import itertools
 import os
 import sys

@@ -6,8 +6,6 @@ objects such as its `Connection` pickle into ferroproc children). Unlike the std
 dispatch table is cached and rebuilt only when one of its sources changes.
 """
 
-from __future__ import annotations
-
 # The C pickler itself: `pickle.py` would pull in `re` and friends, which a spawned child's
 # start-up should not pay for.
 import _pickle

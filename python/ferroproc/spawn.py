@@ -6,8 +6,6 @@ process object from a pipe, re-imports the parent's main module as `__mp_main__`
 process.
 """
 
-from __future__ import annotations
-
 import _pickle
 import os
 import sys

@@ -14,11 +14,16 @@ Objects are inherited by forked children and pickle (only while a child is being
 as in the stdlib) into a descriptor handed to the child, which maps the same memory.
 
 Robustness: a `Lock` or `RLock` whose holder dies (even by ``kill -9``) is recovered by the
-next process that waits for it, within one wait slice (about 50 ms) of its timeout or of the
-holder's death. A warning is logged on the ``ferroproc.synchronize`` logger, because the data
-the lock protected may have been left half-updated. A non-blocking ``acquire(False)`` does not
-check the holder. Semaphore units have no single owner (any process may release them), so a
-unit held by a killed process stays lost, as with the stdlib.
+next process that tries to take it: a waiting ``acquire`` takes it over within one wait slice
+(about 50 ms) of the holder's death, a timed one at the latest when its timeout expires, and a
+failed non-blocking ``acquire(False)`` checks the holder at most once per slice. The lock word
+holds the holder's pid; a holder counts as dead once it has exited, even if its parent has not
+reaped it yet. A warning is logged on the ``ferroproc.synchronize`` logger, because the data
+the lock protected may have been left half-updated: the new owner must check or rebuild it.
+If the pid is reused by a new process before anyone notices, the lock waits for that process.
+Semaphore units have no single owner (any process may release them), so a unit held by a
+killed process stays lost, as with the stdlib. A process killed while waiting on a
+`Condition` may leave one wake-up behind, which a later waiter takes as a spurious wake-up.
 
 Differences:
     ``Semaphore(-1)`` raises ``ValueError`` (the stdlib's POSIX call fails with ``OSError``).
@@ -30,6 +35,7 @@ Differences:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -234,6 +240,15 @@ class Condition:
         self.acquire = self._lock.acquire
         self.release = self._lock.release
         cv = self._cv
+        # The hot methods go straight to native code (no Python frame) unless a subclass
+        # overrides them; the class methods below document them.
+        cls = type(self)
+        if cls.wait is Condition.wait:
+            self.wait = functools.partial(cv.wait, self._lock)
+        if cls.notify is Condition.notify:
+            self.notify = functools.partial(cv.notify, self._lock)
+        if cls.notify_all is Condition.notify_all:
+            self.notify_all = functools.partial(cv.notify, self._lock, sys.maxsize)
         # Read-only views for code that inspects the stdlib's internal semaphores.
         self._sleeping_count = _WaiterCount(cv.waiters)
         self._woken_count = _WaiterCount(lambda: 0)
@@ -301,6 +316,15 @@ class Event:
 
     def __init__(self, *, ctx):
         self._flag = _ferroproc.EventFlag()
+        self._bind()
+
+    def _bind(self):
+        # The methods go straight to native code (no Python frame) unless a subclass
+        # overrides them; the class methods below document them.
+        cls = type(self)
+        for name in ("is_set", "set", "clear", "wait"):
+            if getattr(cls, name) is getattr(Event, name):
+                setattr(self, name, getattr(self._flag, name))
 
     def __getstate__(self):
         return _dup_for_child(self, self._flag.handle)
@@ -311,6 +335,7 @@ class Event:
             self._flag = _ferroproc.EventFlag(fd=fd)
         finally:
             os.close(fd)
+        self._bind()
 
     def is_set(self):
         """Whether the flag is set."""

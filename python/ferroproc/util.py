@@ -4,8 +4,6 @@ Names and behaviour follow `multiprocessing.util`, so code that configures
 `multiprocessing.get_logger()` or registers `Finalize` callbacks keeps working.
 """
 
-from __future__ import annotations
-
 import _thread
 import atexit
 import itertools

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use pyo3::exceptions::{PyAssertionError, PyIndexError, PyValueError};
 use pyo3::prelude::*;
@@ -57,6 +58,8 @@ pub(crate) struct PySemLock {
     /// Condition wake-ups granted while this lock was held, to issue once it is released.
     deferred: Mutex<Vec<(Arc<Segment<Condition>>, u32)>>,
     has_deferred: AtomicBool,
+    /// When a failed non-blocking acquire last checked the holder's liveness.
+    last_probe: Mutex<Option<Instant>>,
 }
 
 impl PySemLock {
@@ -125,12 +128,7 @@ impl PySemLock {
         match got {
             None => Ok(false),
             Some(how) => {
-                if let Acquired::Recovered { dead_pid } = how {
-                    log::warn!(
-                        target: "ferroproc::synchronize",
-                        "lock recovered from process {dead_pid}, which died holding it; the data it protected may be inconsistent"
-                    );
-                }
+                self.log_recovery(how);
                 self.note_acquired();
                 Ok(true)
             }
@@ -142,10 +140,48 @@ impl PySemLock {
             return Ok(true);
         }
         if !block {
-            return Ok(false);
+            return Ok(self.probe_dead_holder());
         }
         // As semaphore.c: a negative timeout counts as zero (one more attempt, then False).
         self.acquire_blocking(py, Deadline::after_secs(timeout.map(|t| t.max(0.0))))
+    }
+
+    /// After a failed non-blocking acquire of a Lock/RLock: at most once per wait slice,
+    /// checks whether the holder is dead and, if so, recovers the lock.
+    #[cold]
+    fn probe_dead_holder(&self) -> bool {
+        if !self.mode.is_mutex() {
+            return false;
+        }
+        {
+            let mut last = self
+                .last_probe
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < super::blocking::SLICE) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        match self.shared().mutex.try_recover(futex::pid()) {
+            None => false,
+            Some(how) => {
+                self.log_recovery(how);
+                self.note_acquired();
+                true
+            }
+        }
+    }
+
+    fn log_recovery(&self, how: Acquired) {
+        if let Acquired::Recovered { dead_pid } = how {
+            log::warn!(
+                target: "ferroproc::synchronize",
+                "lock recovered from process {dead_pid}, which died holding it; the data it \
+                 protected may be inconsistent"
+            );
+        }
     }
 
     #[inline]
@@ -253,6 +289,7 @@ impl PySemLock {
             generation: AtomicU32::new(futex::fork_generation()),
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
+            last_probe: Mutex::new(None),
         })
     }
 
@@ -430,9 +467,10 @@ impl PyCondVar {
         result
     }
 
-    /// Wakes up to `n` waiters; returns how many were granted a wake-up. The wake-up itself
-    /// is issued when `lock` is next released, so the woken find it free.
-    fn notify(&self, lock: &Bound<'_, PySemLock>, n: i64) -> PyResult<u32> {
+    /// Wakes up to `n` waiters (`notify(lock, n=1)`). The wake-up itself is issued when
+    /// `lock` is next released, so the woken find it free.
+    #[pyo3(signature = (lock, n = 1))]
+    fn notify(&self, lock: &Bound<'_, PySemLock>, n: i64) -> PyResult<()> {
         let l = lock.get();
         if !l.is_mine() {
             return Err(PyAssertionError::new_err("lock is not owned"));
@@ -444,7 +482,7 @@ impl PyCondVar {
         if granted > 0 {
             l.defer_wake(&self.seg, granted);
         }
-        Ok(granted)
+        Ok(())
     }
 
     /// Registered waiters not yet woken.

@@ -13,6 +13,8 @@ pub struct Event {
     waiters: AtomicU32,
 }
 
+const _: () = assert!(std::mem::size_of::<Event>() == 8);
+
 impl Event {
     /// Whether the flag is set.
     #[inline]

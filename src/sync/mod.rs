@@ -11,6 +11,8 @@
 //! the lock and recording the owner). A waiter whose slice expires checks whether that pid is
 //! still alive (a pidfd that polls readable, i.e. exited or zombie, counts as dead) and, if not,
 //! takes the lock over with a CAS; the caller learns about it through [`Acquired::Recovered`].
+//! [`RobustMutex::try_recover`] does the same check without waiting (for non-blocking
+//! acquires, rate-limited by the caller).
 //! Whatever the dead owner protected may be half-updated. Pid reuse before a waiter notices is
 //! not detected (the lock then waits for the new process with that pid).
 //!

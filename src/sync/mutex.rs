@@ -122,6 +122,15 @@ impl RobustMutex {
         false
     }
 
+    /// Without waiting: takes the lock over if its holder is dead (a liveness check costs a
+    /// few syscalls; callers rate-limit it).
+    pub fn try_recover(&self, me: u32) -> Option<Acquired> {
+        match self.word.load(Ordering::Relaxed) {
+            0 => self.try_lock(me).then_some(Acquired::Normally),
+            seen => self.recover_from(seen, me),
+        }
+    }
+
     /// If the word still is `seen` and its owner is dead, takes the lock over.
     fn recover_from(&self, seen: u32, me: u32) -> Option<Acquired> {
         let owner = seen & !CONTENDED;
@@ -251,6 +260,29 @@ mod tests {
             .unwrap();
         assert_eq!(got, Some(Acquired::Recovered { dead_pid: pid }));
         assert_eq!(seg.get().mutex.owner(), Some(futex::pid()));
+    }
+
+    #[test]
+    fn try_recover_takes_over_only_from_the_dead() {
+        let seg = shared();
+        seg.get().init(Mode::Mutex, 1, 1);
+        let me = futex::pid();
+        assert!(seg.get().mutex.try_lock(me));
+        assert_eq!(seg.get().mutex.try_recover(me), None);
+        let child = fork_run(Duration::from_secs(10), || {
+            i32::from(seg.get().mutex.try_recover(futex::pid()).is_some())
+        });
+        assert_eq!(child.join(), 0);
+        seg.get().mutex.unlock().unwrap();
+        let child = fork_run(Duration::from_secs(10), || {
+            i32::from(!seg.get().mutex.try_lock(futex::pid()))
+        });
+        let dead = child.pid();
+        assert_eq!(child.join(), 0);
+        assert_eq!(
+            seg.get().mutex.try_recover(me),
+            Some(Acquired::Recovered { dead_pid: dead })
+        );
     }
 
     #[test]

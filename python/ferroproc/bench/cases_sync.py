@@ -1,16 +1,16 @@
 """Benchmark cases for ``synchronize``: uncontended locks and cross-process round trips.
 
-Imported by :mod:`ferroproc.bench.cases`; child targets live here at module level so spawn and
-forkserver children can import them.
+Imported by :mod:`ferroproc.bench.cases`; the child targets live in the lean
+:mod:`ferroproc.bench.targets_sync`.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING
 
 from ferroproc.bench.registry import SkipCase, case
+from ferroproc.bench.targets_sync import condition_partner, event_partner, lock_partner
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -37,36 +37,6 @@ def _stop(proc) -> None:
     if proc.exitcode != 0:
         raise RuntimeError(f"child {proc.pid} exited with {proc.exitcode}")
     proc.close()
-
-
-# -- child targets -------------------------------------------------------------------------
-
-
-def event_partner(ping, pong, n: int) -> None:
-    """Waits for `ping`, clears it and sets `pong`, `n` times."""
-    for _ in range(n):
-        if not ping.wait(WAIT_TIMEOUT):
-            sys.exit(3)
-        ping.clear()
-        pong.set()
-
-
-def condition_partner(cond, box, n: int) -> None:
-    """Answers `n` turns: waits until `box` holds 1 (a Semaphore used as a flag), takes it,
-    and notifies the parent."""
-    for _ in range(n):
-        with cond:
-            while box.get_value() != 1:
-                if not cond.wait(WAIT_TIMEOUT):
-                    sys.exit(4)
-            box.acquire()
-            cond.notify()
-
-
-def lock_partner(lock, n: int) -> None:
-    for _ in range(n):
-        with lock:
-            pass
 
 
 # -- cases ---------------------------------------------------------------------------------
