@@ -15,6 +15,8 @@ pub enum Error {
     Eof,
     /// The peer broke a protocol (a malformed message, a missing fd).
     Protocol(String),
+    /// The object's handle was already closed (`OSError("handle is closed")`).
+    Closed,
 }
 
 impl From<Errno> for Error {
@@ -30,6 +32,7 @@ impl fmt::Display for Error {
             Self::Timeout => f.write_str("timed out"),
             Self::Eof => f.write_str("end of file"),
             Self::Protocol(m) => f.write_str(m),
+            Self::Closed => f.write_str("handle is closed"),
         }
     }
 }

@@ -7,3 +7,11 @@ def put_pair(q, value):
 
 def noop():
     pass
+
+
+def echo_over_received_connection(control):
+    """Receives a connection over `control` (outside process start) and echoes one message."""
+    conn = control.recv()
+    conn.send(("echo", conn.recv()))
+    conn.close()
+    control.close()

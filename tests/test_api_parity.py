@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.queues
@@ -18,6 +19,7 @@ import multiprocessing.synchronize
 import multiprocessing.util
 
 import ferroproc
+import ferroproc.connection
 import ferroproc.context
 import ferroproc.process
 import ferroproc.queues
@@ -29,8 +31,6 @@ import pytest
 
 # name -> the issue that implements it
 NOT_YET = {
-    "Pipe": "connections",
-    "allow_connection_pickling": "connections",
     "Value": "synchronization",
     "Array": "synchronization",
     "RawValue": "synchronization",
@@ -55,6 +55,7 @@ SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {
 }
 
 SUBMODULES = [
+    (multiprocessing.connection, ferroproc.connection),
     (multiprocessing.context, ferroproc.context),
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.queues, ferroproc.queues),

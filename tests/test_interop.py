@@ -8,6 +8,7 @@ stdlib's after-fork and exit hooks, which a ferroproc child must run too.
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import _interop_workers
 import pytest
@@ -21,8 +22,17 @@ def _helpers_running():
     import multiprocessing.resource_tracker
 
     import ferroproc
+    import ferroproc.reduction as ferroproc_reduction
 
     multiprocessing.resource_tracker.ensure_running()
+    # The resource sharer's listener (started on first use, lives until exit): one local
+    # round trip starts it.
+    r, w = os.pipe()
+    try:
+        os.close(ferroproc_reduction.DupFd(r).detach())
+    finally:
+        os.close(r)
+        os.close(w)
     for method in ferroproc.get_all_start_methods():
         p = ferroproc.get_context(method).Process(target=_interop_workers.noop)
         p.start()
@@ -60,3 +70,30 @@ def test_stdlib_queue_refuses_pickling_outside_a_start():
     finally:
         q.close()
         q.join_thread()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_connection_sent_to_a_running_child(method):
+    # Outside process start, descriptors travel through the stdlib's resource sharer, which
+    # authenticates with the stdlib's authkey: ferroproc children must agree on it.
+    import ferroproc
+
+    ctx = ferroproc.get_context(method)
+    control, child_control = ctx.Pipe()
+    mine, theirs = ctx.Pipe()
+    p = ctx.Process(target=_interop_workers.echo_over_received_connection, args=(child_control,))
+    p.start()
+    try:
+        control.send(theirs)
+        theirs.close()
+        mine.send("ping")
+        assert mine.poll(SHORT_TIMEOUT)
+        assert mine.recv() == ("echo", "ping")
+        p.join(SHORT_TIMEOUT)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(SHORT_TIMEOUT)
+        for c in (control, child_control, mine):
+            c.close()

@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "JoinableQueue",
     "Lock",
+    "Pipe",
     "Process",
     "ProcessError",
     "Queue",
@@ -25,6 +26,7 @@ __all__ = [
     "SimpleQueue",
     "TimeoutError",
     "active_children",
+    "allow_connection_pickling",
     "cpu_count",
     "current_process",
     "freeze_support",
@@ -42,6 +44,8 @@ __all__ = [
 
 _ctx = context._default_context
 
+Pipe = _ctx.Pipe
+allow_connection_pickling = _ctx.allow_connection_pickling
 Process = context.Process
 Barrier = _ctx.Barrier
 BoundedSemaphore = _ctx.BoundedSemaphore

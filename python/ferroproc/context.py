@@ -79,6 +79,16 @@ class BaseContext:
     parent_process = staticmethod(process.parent_process)
     active_children = staticmethod(process.active_children)
 
+    def Pipe(self, duplex=True):
+        """Two connected `Connection` ends (see `ferroproc.connection.Pipe`)."""
+        from .connection import Pipe
+
+        return Pipe(duplex)
+
+    def allow_connection_pickling(self):
+        """Makes connections picklable (loading `ferroproc.connection` registers them)."""
+        from . import connection  # noqa: F401
+
     def cpu_count(self):
         """The number of CPUs in the system."""
         num = os.cpu_count()

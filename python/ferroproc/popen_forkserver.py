@@ -1,11 +1,10 @@
 """Forkserver start method: a clean server process forks the child on request."""
 
-import io
 import os
 
-from . import forkserver, popen_fork, reduction, spawn, util
+from . import forkserver, popen_fork, util
 from ._ferroproc import read_exit_report, wait_readable
-from .popen_spawn_posix import set_spawning
+from .popen_spawn_posix import pickle_for_child
 
 __all__ = ["Popen"]
 
@@ -37,14 +36,7 @@ class Popen(popen_fork.Popen):
         return len(self._fds) - 1
 
     def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        fp = io.BytesIO()
-        set_spawning(self)
-        try:
-            reduction.dump(prep_data, fp)
-            reduction.dump(process_obj, fp)
-        finally:
-            set_spawning(None)
+        fp = pickle_for_child(self, process_obj)
         status_r, status_w = os.pipe()
         try:
             self.pid = forkserver.request(fp.getvalue(), [status_w, *self._fds])

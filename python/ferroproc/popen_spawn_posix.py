@@ -27,6 +27,20 @@ def set_spawning(popen):
         std.set_spawning_popen(popen)
 
 
+def pickle_for_child(popen, process_obj):
+    """The preparation data and `process_obj`, pickled while `popen` counts as spawning (so
+    descriptors and spawning-only objects can be handed to the child)."""
+    prep_data = spawn.get_preparation_data(process_obj._name)
+    fp = io.BytesIO()
+    set_spawning(popen)
+    try:
+        reduction.dump(prep_data, fp)
+        reduction.dump(process_obj, fp)
+    finally:
+        set_spawning(None)
+    return fp
+
+
 class Popen(popen_fork.Popen):
     """Handle on a child started by spawn. `sentinel` is a pidfd of the child."""
 
@@ -42,14 +56,7 @@ class Popen(popen_fork.Popen):
         return fd
 
     def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        fp = io.BytesIO()
-        set_spawning(self)
-        try:
-            reduction.dump(prep_data, fp)
-            reduction.dump(process_obj, fp)
-        finally:
-            set_spawning(None)
+        fp = pickle_for_child(self, process_obj)
         child_r = parent_w = None
         try:
             child_r, parent_w = os.pipe()

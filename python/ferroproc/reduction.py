@@ -146,11 +146,36 @@ def DupFd(fd):
     popen_obj = context.get_spawning_popen()
     if popen_obj is not None:
         return popen_obj.DupFd(popen_obj.duplicate_for_child(fd))
-    # Outside process start the stdlib's resource sharer (a thread serving fds over a unix
-    # socket) is used as is.
-    from multiprocessing import resource_sharer
+    return _SharedFd(fd)
 
-    return resource_sharer.DupFd(fd)
+
+def _share_authkey():
+    # The stdlib's resource sharer authenticates both ends with the stdlib's own
+    # `current_process().authkey`; ferroproc's processes agree on ferroproc's key (children
+    # inherit it), so the stdlib's is aligned with it before either end uses the sharer.
+    std = context.process._stdlib_module("process")
+    if std is None:
+        import multiprocessing.process as std
+    ours = context.process.current_process().authkey
+    if std.current_process().authkey != ours:
+        std.current_process().authkey = ours
+
+
+class _SharedFd:
+    """A descriptor served to whichever process unpickles this, outside process start.
+
+    The stdlib's resource sharer (a thread serving fds over a unix socket) does the work.
+    """
+
+    def __init__(self, fd):
+        _share_authkey()
+        from multiprocessing import resource_sharer
+
+        self._inner = resource_sharer.DupFd(fd)
+
+    def detach(self):
+        _share_authkey()
+        return self._inner.detach()
 
 
 def _reduce_method(m):

@@ -26,7 +26,6 @@ killed process stays lost, as with the stdlib. A process killed while waiting on
 `Condition` may leave one wake-up behind, which a later waiter takes as a spurious wake-up.
 
 Differences:
-    ``Semaphore(-1)`` raises ``ValueError`` (the stdlib's POSIX call fails with ``OSError``).
     ``Barrier(0)`` raises ``ValueError`` like `threading.Barrier` (the stdlib accepts it and
     then misbehaves). A `Condition` wakes waiters without the stdlib's notifier/waiter
     hand-shake (``notify`` does not wait for the woken process to run), and a `Condition` or

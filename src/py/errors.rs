@@ -13,6 +13,7 @@ impl From<Error> for PyErr {
             Error::Timeout => PyTimeoutError::new_err("timed out"),
             Error::Eof => PyEOFError::new_err(()),
             Error::Protocol(msg) => PyOSError::new_err(msg),
+            Error::Closed => PyOSError::new_err("handle is closed"),
         }
     }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod blocking;
+mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
+    connection::register(m)?;
     queues::register(m)?;
     synchronize::register(m)
 }

@@ -260,15 +260,11 @@ impl PySemLock {
                 .ok()
                 .and_then(Mode::from_u32)
                 .ok_or_else(|| PyValueError::new_err("unrecognized kind"))?;
-            if value < 0 {
-                return Err(PyValueError::new_err(
-                    "semaphore initial value must be >= 0",
-                ));
-            }
+            // A negative or too large value: EINVAL, as the stdlib's sem_open reports it.
             let max = u32::try_from(maxvalue).ok().filter(|m| *m <= SEM_VALUE_MAX);
             let val = u32::try_from(value).ok().filter(|v| *v <= SEM_VALUE_MAX);
             let (Some(max), Some(val)) = (max, val) else {
-                return Err(PyValueError::new_err("semaphore value out of range"));
+                return Err(crate::error::Error::Os(nix::errno::Errno::EINVAL).into());
             };
             let seg = Segment::<SemLockShared>::create(SEGMENT_NAME)?;
             seg.get().init(mode, val, max);

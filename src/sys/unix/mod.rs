@@ -8,4 +8,5 @@ pub mod memfile;
 pub mod shm;
 pub mod sock;
 pub mod spawn;
+pub mod stream;
 pub mod wait;
