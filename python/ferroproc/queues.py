@@ -10,10 +10,12 @@ So:
 * a pickling error is raised by ``put`` itself, and nothing is enqueued;
 * a process never hangs at exit flushing unread data (``join_thread`` and
   ``cancel_join_thread`` have nothing to wait for);
-* messages of any size work, and ``put`` never waits for a reader to make room (only for
-  ``maxsize``): a message that does not fit the ring's free space goes to an overflow log in
-  the same memfd (freed as it is read); a large message is streamed through the ring instead
-  when a reader is already waiting for it;
+* messages of any size work, and ``put`` never blocks for want of a reader (only for
+  ``maxsize``): a message that does not fit the ring's free space waits for room only while
+  readers are at work (one is in ``get``, or took a message in the last few milliseconds),
+  and otherwise goes to an overflow log in the same memfd (freed as it is read), which keeps
+  FIFO order with the ring. A message larger than half the ring (4 MiB by default) is
+  streamed through it in pieces when readers are at work;
 * every wait is a process-shared futex wait in short slices with signal handlers run in
   between, so Ctrl-C interrupts a blocked ``get`` or ``put``;
 * nothing is left in ``/dev/shm``, even after ``kill -9``.
