@@ -210,6 +210,18 @@ def test_pickling_outside_process_start_is_refused(ctx):
         finish(q)
 
 
+@pytest.mark.parametrize("factory", ["Queue", "JoinableQueue", "SimpleQueue"])
+def test_fork_context_queue_is_refused_by_spawn_children(impl, factory):
+    q = getattr(impl.get_context("fork"), factory)()
+    for method in ("spawn", "forkserver"):
+        p = impl.get_context(method).Process(target=w.put_objects, args=(q, []))
+        with pytest.raises(RuntimeError, match="fork context is being shared"):
+            p.start()
+    q.close()
+    if hasattr(q, "join_thread"):
+        q.join_thread()
+
+
 def test_unpicklable_object(ctx, capsys):
     q = ctx.Queue()
     bad = threading.Lock()

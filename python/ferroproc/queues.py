@@ -12,9 +12,9 @@ So:
   ``cancel_join_thread`` have nothing to wait for);
 * messages of any size work, and ``put`` never blocks for want of a reader (only for
   ``maxsize``): a message that does not fit the ring's free space waits for room only while
-  readers are at work (one is in ``get``, or took a message in the last few milliseconds),
-  and otherwise goes to an overflow log in the same memfd (freed as it is read), which keeps
-  FIFO order with the ring. A message larger than half the ring (4 MiB by default) is
+  readers are at work (one is in ``get``, or another process took a message in the last few
+  milliseconds), and otherwise goes to an overflow log in the same memfd (freed as it is
+  read), which keeps FIFO order with the ring. A message larger than half the ring (4 MiB by default) is
   streamed through it in pieces when readers are at work;
 * every wait is a process-shared futex wait in short slices with signal handlers run in
   between, so Ctrl-C interrupts a blocked ``get`` or ``put``;
@@ -56,6 +56,29 @@ def _dup_for_child(obj, fd):
     from .synchronize import _dup_for_child
 
     return _dup_for_child(obj, fd)
+
+
+def _is_fork_ctx(ctx):
+    from .synchronize import _is_fork_ctx
+
+    return _is_fork_ctx(ctx)
+
+
+def _reduce(obj):
+    """Pickles a queue for a child being started: its two descriptors and its attributes."""
+    if obj.__dict__.get("_is_fork_ctx"):
+        from .synchronize import _FORK_MIX_MESSAGE, _spawning_popen
+
+        if _spawning_popen() is not None:
+            # The stdlib refuses this through the queue's locks; keep the rule.
+            raise RuntimeError(_FORK_MIX_MESSAGE)
+    ring_fd, event_fd = obj._handles
+    return _rebuild, (
+        type(obj),
+        _dup_for_child(obj, ring_fd),
+        _dup_for_child(obj, event_fd),
+        dict(obj.__dict__),
+    )
 
 
 def _rebuild(cls, ring_dupfd, event_dupfd, state):
@@ -136,15 +159,9 @@ class Queue(_ferroproc.RingQueue):
 
     def __init__(self, maxsize=0, *, ctx):
         self._ignore_epipe = False
+        self._is_fork_ctx = _is_fork_ctx(ctx)
 
-    def __reduce__(self):
-        ring_fd, event_fd = self._handles
-        return _rebuild, (
-            type(self),
-            _dup_for_child(self, ring_fd),
-            _dup_for_child(self, event_fd),
-            dict(self.__dict__),
-        )
+    __reduce__ = _reduce
 
     def join_thread(self):
         """Returns at once: there is no feeder thread to wait for (the queue must be closed)."""
@@ -186,16 +203,9 @@ class SimpleQueue(_ferroproc.SimpleRing):
     _ring_bytes = _DEFAULT_RING_BYTES
 
     def __init__(self, *, ctx):
-        pass
+        self._is_fork_ctx = _is_fork_ctx(ctx)
 
-    def __reduce__(self):
-        ring_fd, event_fd = self._handles
-        return _rebuild, (
-            type(self),
-            _dup_for_child(self, ring_fd),
-            _dup_for_child(self, event_fd),
-            dict(self.__dict__),
-        )
+    __reduce__ = _reduce
 
     @property
     def _reader(self):

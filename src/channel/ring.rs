@@ -21,9 +21,9 @@
 //! too; readers take from the log only when the ring is empty, so FIFO order holds. Read
 //! records are punched out of the file (their memory is freed). A large message is streamed
 //! through the ring instead when readers are active and the log is empty. When readers are
-//! active (one holds the reader lock or consumed a message in the last few milliseconds), a
-//! writer facing a full ring waits for room rather than using the log; after a whole wait
-//! slice without progress and no live reader, it moves the message to the log.
+//! active (one holds the reader lock, or another process consumed a message in the last few
+//! milliseconds), a writer facing a full ring waits for room rather than using the log; after
+//! a whole wait slice without progress and no live reader, it moves the message to the log.
 //!
 //! # Commit and crash semantics
 //! Writers hold `wlock`, readers `rlock` (both [`RobustMutex`]: a dead holder's lock is taken
@@ -147,6 +147,8 @@ pub struct ReaderSide {
     pub log_r: AtomicU64,
     /// `clock::coarse_ms()` of the last consumption: readers are "active" shortly after.
     pub last_read_ms: AtomicU64,
+    /// Pid of the process that made the last consumption.
+    pub last_reader: AtomicU32,
 }
 
 /// `JoinableQueue` bookkeeping.
@@ -736,8 +738,13 @@ impl RingBuffer {
     #[must_use]
     pub fn reader_active(&self) -> bool {
         let sh = self.shared();
-        sh.ctl.rlock.owner().is_some()
-            || clock::coarse_ms().saturating_sub(sh.r.last_read_ms.load(Ordering::Relaxed))
+        if sh.ctl.rlock.owner().is_some() {
+            return true;
+        }
+        // A recent read by this very process (say, a thread that alternates put and get)
+        // does not count: nobody else is there to make room.
+        sh.r.last_reader.load(Ordering::Relaxed) != futex::pid()
+            && clock::coarse_ms().saturating_sub(sh.r.last_read_ms.load(Ordering::Relaxed))
                 < READER_ACTIVE_MS
     }
 
@@ -776,6 +783,7 @@ impl RingBuffer {
     fn free_space_signal(&self) {
         let r = &self.shared().r;
         r.last_read_ms.store(clock::coarse_ms(), Ordering::Relaxed);
+        r.last_reader.store(futex::pid(), Ordering::Relaxed);
         r.space_seq.fetch_add(1, Ordering::SeqCst);
         if r.space_waiters.load(Ordering::SeqCst) != 0 {
             futex::wake(&r.space_seq, u32::MAX);
