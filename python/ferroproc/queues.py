@@ -14,8 +14,8 @@ So:
   ``maxsize``): a message that does not fit the ring's free space waits for room only while
   readers are at work (one is in ``get``, or another process took a message in the last few
   milliseconds), and otherwise goes to an overflow log in the same memfd (freed as it is
-  read), which keeps FIFO order with the ring. A message larger than half the ring (4 MiB by default) is
-  streamed through it in pieces when readers are at work;
+  read), which keeps FIFO order with the ring. A message larger than half the ring (4 MiB
+  by default) is streamed through it in pieces when readers are at work;
 * every wait is a process-shared futex wait in short slices with signal handlers run in
   between, so Ctrl-C interrupts a blocked ``get`` or ``put``;
 * nothing is left in ``/dev/shm``, even after ``kill -9``.
