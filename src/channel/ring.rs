@@ -75,7 +75,7 @@ const PAGE: u64 = 4096;
 /// How long after the last consumption readers still count as active (see `reader_active`).
 const READER_ACTIVE_MS: u64 = 20;
 /// Spins on an empty/full ring before sleeping (a running peer usually answers in µs).
-const SPIN_TRIES: u32 = 2000;
+const SPIN_TRIES: u32 = 600;
 
 /// Bytes a frame with `len` payload bytes occupies.
 #[must_use]
