@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
+import multiprocessing.queues
 import multiprocessing.reduction
 import multiprocessing.spawn
 import multiprocessing.synchronize
@@ -21,6 +22,7 @@ import ferroproc
 import ferroproc.connection
 import ferroproc.context
 import ferroproc.process
+import ferroproc.queues
 import ferroproc.reduction
 import ferroproc.spawn
 import ferroproc.synchronize
@@ -33,20 +35,30 @@ NOT_YET = {
     "Array": "synchronization",
     "RawValue": "synchronization",
     "RawArray": "synchronization",
-    "Queue": "queues",
-    "SimpleQueue": "queues",
-    "JoinableQueue": "queues",
     "Pool": "pool",
     "Manager": "managers",
 }
 
 # (module, qualified name) -> why ferroproc's signature differs
-SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {}
+_NATIVE_SELF = (
+    "native method: `self` is positional-only (as for the stdlib's own _multiprocessing.SemLock"
+    " methods); the other parameters match"
+)
+SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {
+    ("multiprocessing.queues", f"{cls}.{meth}"): _NATIVE_SELF
+    for cls, meths in {
+        "Queue": ("put", "get", "qsize", "empty", "full", "get_nowait", "put_nowait", "close"),
+        "JoinableQueue": ("put",),
+        "SimpleQueue": ("put", "get", "empty", "close"),
+    }.items()
+    for meth in meths
+}
 
 SUBMODULES = [
     (multiprocessing.connection, ferroproc.connection),
     (multiprocessing.context, ferroproc.context),
     (multiprocessing.process, ferroproc.process),
+    (multiprocessing.queues, ferroproc.queues),
     (multiprocessing.reduction, ferroproc.reduction),
     (multiprocessing.spawn, ferroproc.spawn),
     (multiprocessing.synchronize, ferroproc.synchronize),

@@ -15,12 +15,15 @@ __all__ = [
     "BufferTooShort",
     "Condition",
     "Event",
+    "JoinableQueue",
     "Lock",
     "Pipe",
     "Process",
     "ProcessError",
+    "Queue",
     "RLock",
     "Semaphore",
+    "SimpleQueue",
     "TimeoutError",
     "active_children",
     "allow_connection_pickling",
@@ -48,9 +51,12 @@ Barrier = _ctx.Barrier
 BoundedSemaphore = _ctx.BoundedSemaphore
 Condition = _ctx.Condition
 Event = _ctx.Event
+JoinableQueue = _ctx.JoinableQueue
 Lock = _ctx.Lock
+Queue = _ctx.Queue
 RLock = _ctx.RLock
 Semaphore = _ctx.Semaphore
+SimpleQueue = _ctx.SimpleQueue
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support
 get_all_start_methods = _ctx.get_all_start_methods

@@ -169,6 +169,24 @@ class BaseContext:
 
         return Barrier(parties, action, timeout, ctx=self.get_context())
 
+    def Queue(self, maxsize=0):
+        """A FIFO queue shared between processes (no feeder thread: see `ferroproc.queues`)."""
+        from .queues import Queue
+
+        return Queue(maxsize, ctx=self.get_context())
+
+    def JoinableQueue(self, maxsize=0):
+        """A `Queue` with ``task_done()`` and ``join()``."""
+        from .queues import JoinableQueue
+
+        return JoinableQueue(maxsize, ctx=self.get_context())
+
+    def SimpleQueue(self):
+        """A minimal queue: blocking ``put``/``get``, ``empty`` and ``close``."""
+        from .queues import SimpleQueue
+
+        return SimpleQueue(ctx=self.get_context())
+
     def get_context(self, method=None):
         """The context for `method`, or this one when `method` is None."""
         if method is None:

@@ -1,6 +1,8 @@
-//! Connections: the stdlib-compatible frame format and the descriptor-backed byte streams that
-//! `Pipe`, `Listener` and `Client` connections read and write.
+//! Channels between processes: the stdlib-compatible frame format and the descriptor-backed
+//! byte streams of `Pipe`, `Listener` and `Client` connections, and the shared-memory message
+//! ring behind `Queue`.
 
 pub mod connection;
 pub mod framing;
 pub mod pybuf;
+pub mod ring;

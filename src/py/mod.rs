@@ -7,6 +7,7 @@ mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
+mod queues;
 mod synchronize;
 
 use pyo3::prelude::*;
@@ -14,5 +15,6 @@ use pyo3::prelude::*;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
+    queues::register(m)?;
     synchronize::register(m)
 }

@@ -1,7 +1,10 @@
 //! Linux implementation of the system layer.
 
+pub mod clock;
+pub mod eventfd;
 pub mod fd;
 pub mod futex;
+pub mod memfile;
 pub mod shm;
 pub mod sock;
 pub mod spawn;

@@ -1,0 +1,159 @@
+"""Benchmark cases for ``queues``: throughput of small and large messages, fan-in/fan-out, and
+put→get latency, on the fork start method.
+
+Imported by :mod:`ferroproc.bench.cases`. Child targets live in the import-free
+:mod:`ferroproc.bench.targets`. The batched case uses ferroproc's ``put_many``/``get_many``
+extension where the module has it and the plain loop otherwise, so its stdlib column is the
+stdlib's one-at-a-time figure.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ferroproc.bench import targets
+from ferroproc.bench.registry import SkipCase, case
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+#: Upper bound on any single wait in a case; reaching it means the implementation hung.
+WAIT_TIMEOUT = 120.0
+
+_perf = time.perf_counter
+
+
+def _ctx(mod: ModuleType):
+    ctx = mod.get_context("fork")
+    if not hasattr(ctx, "Queue"):
+        raise SkipCase(f"{mod.__name__} has no Queue")
+    return ctx
+
+
+def _stop(proc) -> None:
+    proc.join(WAIT_TIMEOUT)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join(WAIT_TIMEOUT)
+        raise RuntimeError(f"child {proc.pid} hung")
+    if proc.exitcode != 0:
+        raise RuntimeError(f"child {proc.pid} exited with {proc.exitcode}")
+    proc.close()
+
+
+def _close(*queues) -> None:
+    for q in queues:
+        q.close()
+        join = getattr(q, "join_thread", None)
+        if join is not None:
+            join()
+
+
+def _one_to_one(mod: ModuleType, n: int, batched: bool) -> float:
+    ctx = _ctx(mod)
+    q, done = ctx.Queue(), ctx.Queue()
+    target = targets.queue_consume_batched if batched else targets.queue_consume
+    proc = ctx.Process(target=target, args=(q, done, n + 1))
+    proc.start()
+    q.put(-1)  # the child is up once it took this one
+    while not q.empty():
+        time.sleep(0.001)
+    put_many = getattr(q, "put_many", None) if batched else None
+    t0 = _perf()
+    if put_many is not None:
+        for start in range(0, n, 4096):
+            put_many(range(start, min(start + 4096, n)))
+    else:
+        put = q.put
+        for i in range(n):
+            put(i)
+    if done.get(timeout=WAIT_TIMEOUT) != n + 1:
+        raise RuntimeError("lost messages")
+    elapsed = _perf() - t0
+    _stop(proc)
+    _close(q, done)
+    return elapsed
+
+
+@case("queue_1to1_small", n=200_000, unit="msg")
+def queue_1to1_small(mod: ModuleType, n: int) -> float:
+    """Parent puts n small ints one at a time, a forked child gets them one at a time."""
+    return _one_to_one(mod, n, batched=False)
+
+
+@case("queue_1to1_small_batched", n=200_000, unit="msg")
+def queue_1to1_small_batched(mod: ModuleType, n: int) -> float:
+    """As queue_1to1_small with put_many/get_many batches of 4096 (stdlib: one at a time)."""
+    return _one_to_one(mod, n, batched=True)
+
+
+@case("queue_2to2_small", n=200_000, unit="msg")
+def queue_2to2_small(mod: ModuleType, n: int) -> float:
+    """Two forked producers put n small ints in all, two forked consumers get them."""
+    ctx = _ctx(mod)
+    q, go, done = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    half = n // 2
+    producers = [ctx.Process(target=targets.queue_produce, args=(q, go, half)) for _ in range(2)]
+    consumers = [
+        ctx.Process(target=targets.queue_consume_until_none, args=(q, done)) for _ in range(2)
+    ]
+    for p in producers + consumers:
+        p.start()
+    t0 = _perf()
+    go.put(1)
+    go.put(1)
+    for p in producers:
+        _stop(p)
+    q.put(None)
+    q.put(None)
+    got = done.get(timeout=WAIT_TIMEOUT) + done.get(timeout=WAIT_TIMEOUT)
+    elapsed = _perf() - t0
+    if got != 2 * half:
+        raise RuntimeError(f"got {got} of {2 * half} messages")
+    for p in consumers:
+        _stop(p)
+    _close(q, go, done)
+    return elapsed
+
+
+@case("queue_1mib_payloads", n=300, unit="MiB")
+def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
+    """Parent puts n 1 MiB bytes objects, a forked child gets them."""
+    ctx = _ctx(mod)
+    q, done = ctx.Queue(), ctx.Queue()
+    payload = b"\x5a" * (1 << 20)
+    proc = ctx.Process(target=targets.queue_consume, args=(q, done, n + 1))
+    proc.start()
+    q.put(b"")
+    while not q.empty():
+        time.sleep(0.001)
+    t0 = _perf()
+    for _ in range(n):
+        q.put(payload)
+    if done.get(timeout=WAIT_TIMEOUT) != n + 1:
+        raise RuntimeError("lost messages")
+    elapsed = _perf() - t0
+    _stop(proc)
+    _close(q, done)
+    return elapsed
+
+
+@case("queue_pingpong", n=5_000, unit="round trip")
+def queue_pingpong(mod: ModuleType, n: int) -> float:
+    """Parent puts, a forked child gets and puts it back on a second queue, parent gets it."""
+    ctx = _ctx(mod)
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=targets.queue_echo, args=(q_in, q_out, n + 1))
+    proc.start()
+    q_in.put(0)
+    q_out.get(timeout=WAIT_TIMEOUT)
+    put, get = q_in.put, q_out.get
+    t0 = _perf()
+    for i in range(n):
+        put(i)
+        get()
+    elapsed = _perf() - t0
+    _stop(proc)
+    _close(q_in, q_out)
+    return elapsed

@@ -1,0 +1,73 @@
+//! Positional I/O on a (memfd) file shared between processes: the overflow log of a queue.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::BorrowedFd;
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::uio::{preadv, pwritev};
+
+use crate::error::{Error, Result};
+
+fn off(pos: u64) -> Result<libc::off_t> {
+    libc::off_t::try_from(pos).map_err(|_| Errno::EFBIG.into())
+}
+
+/// Writes all of `parts`, one after the other, at file offset `pos` (extending the file).
+///
+/// # Errors
+/// The `pwritev` errno (ENOSPC, ENOMEM, EFBIG).
+pub fn write_all_at(fd: BorrowedFd<'_>, parts: &[&[u8]], mut pos: u64) -> Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    while !parts.is_empty() {
+        let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match pwritev(fd, &iov, off(pos)?) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        pos += n as u64;
+        while n > 0 {
+            if n >= parts[0].len() {
+                n -= parts[0].len();
+                parts.remove(0);
+            } else {
+                parts[0] = &parts[0][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from file offset `pos`.
+///
+/// # Errors
+/// `Error::Eof` if the file ends first; the `preadv` errno.
+pub fn read_exact_at(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut pos: u64) -> Result<()> {
+    while !buf.is_empty() {
+        let mut iov = [IoSliceMut::new(buf)];
+        let n = match preadv(fd, &mut iov, off(pos)?) {
+            Ok(0) => return Err(Error::Eof),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        pos += n as u64;
+        buf = &mut buf[n..];
+    }
+    Ok(())
+}
+
+/// Frees the memory behind `[pos, pos + len)` (the file keeps its size; reads give zeros).
+/// Best effort: a failure only keeps the memory in use.
+pub fn punch_hole(fd: BorrowedFd<'_>, pos: u64, len: u64) {
+    if let (Ok(o), Ok(l)) = (off(pos), off(len)) {
+        let _ = fallocate(
+            fd,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        );
+    }
+}
