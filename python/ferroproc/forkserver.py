@@ -31,7 +31,7 @@ class ForkServer:
 
     def __init__(self):
         self._ctl = None
-        self._pid = None
+        self._forkserver_pid = None  # the stdlib's attribute name: tests and tools read it
         self._lock = _thread.allocate_lock()
         self._preload_modules = ["__main__"]
         self._inherited_fds = None
@@ -43,8 +43,8 @@ class ForkServer:
     def _stop_unlocked(self):
         if self._ctl is None:
             return
-        ctl, pid = self._ctl, self._pid
-        self._ctl = self._pid = None
+        ctl, pid = self._ctl, self._forkserver_pid
+        self._ctl = self._forkserver_pid = None
         ctl.close()
         # Closing our end makes the server's loop see EOF and exit.
         from ._ferroproc import waitpid
@@ -60,7 +60,7 @@ class ForkServer:
         self._lock._at_fork_reinit()
         if self._ctl is not None:
             self._ctl.close()
-        self._ctl = self._pid = None
+        self._ctl = self._forkserver_pid = None
 
     def set_forkserver_preload(self, modules_names):
         """Sets the modules the server imports at start-up."""
@@ -79,9 +79,9 @@ class ForkServer:
 
     def _ensure_running_unlocked(self):
         if self._ctl is not None:
-            if self._pid is not None and _exited(self._pid):
+            if self._forkserver_pid is not None and _exited(self._forkserver_pid):
                 self._ctl.close()
-                self._ctl = self._pid = None
+                self._ctl = self._forkserver_pid = None
             else:
                 return
         import socket
@@ -101,7 +101,7 @@ class ForkServer:
 
             exe = spawn.get_executable()
             args = [exe, *_args_from_interpreter_flags(), "-c", prog]
-            self._pid = util.spawnv_passfds(exe, args, [theirs.fileno()])
+            self._forkserver_pid = util.spawnv_passfds(exe, args, [theirs.fileno()])
         except BaseException:
             ours.close()
             raise
@@ -124,7 +124,7 @@ class ForkServer:
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 # The server died (killed from outside): start a fresh one and retry once.
                 self._ctl.close()
-                self._ctl = self._pid = None
+                self._ctl = self._forkserver_pid = None
                 self._ensure_running_unlocked()
                 return forkserver_request(self._ctl.fileno(), payload, fds)
 
