@@ -41,9 +41,11 @@ def impl_module(impl_name: str):
 
 def impl_name_of(ctx_or_module) -> str:
     """``"multiprocessing"`` or ``"ferroproc"`` for a context object or module."""
-    mod = ctx_or_module.__name__ if hasattr(ctx_or_module, "__path__") else type(
-        ctx_or_module
-    ).__module__
+    mod = (
+        ctx_or_module.__name__
+        if hasattr(ctx_or_module, "__path__")
+        else type(ctx_or_module).__module__
+    )
     return mod.split(".")[0]
 
 
@@ -189,6 +191,21 @@ def try_to_join_self(impl_name):
     except BaseException:
         sys.exit(3)
     sys.exit(4)
+
+
+def start(ctx, target, *args):
+    """Starts `target(*args)` in a child of `ctx` and returns the process."""
+    p = ctx.Process(target=target, args=args)
+    p.start()
+    return p
+
+
+def join_ok(p, code=0):
+    """Joins `p` within SHORT_TIMEOUT, asserts it ended with `code`, and closes it."""
+    p.join(SHORT_TIMEOUT)
+    assert not p.is_alive()
+    assert p.exitcode == code
+    p.close()
 
 
 def start_foreign_process(proc):

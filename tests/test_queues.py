@@ -24,7 +24,7 @@ import time
 
 import _queue_workers as w
 import pytest
-from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT
+from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, join_ok, start
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -33,19 +33,6 @@ def is_ferro(obj):
     return type(obj).__module__.startswith("ferroproc") or getattr(obj, "__name__", "").startswith(
         "ferroproc"
     )
-
-
-def start(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    p.start()
-    return p
-
-
-def join_ok(p, code=0):
-    p.join(SHORT_TIMEOUT)
-    assert not p.is_alive()
-    assert p.exitcode == code
-    p.close()
 
 
 def kill(p):

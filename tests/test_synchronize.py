@@ -18,6 +18,7 @@ import time
 
 import _sync_workers as w
 import pytest
+from _workers import join_ok, start
 
 SHORT_TIMEOUT = w.SHORT_TIMEOUT
 FERRO = "ferroproc"
@@ -35,18 +36,6 @@ def _stdlib_heap_arena():
 
 def is_ferro(impl):
     return impl.__name__ == FERRO
-
-
-def start(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    p.start()
-    return p
-
-
-def join_ok(p, code=0):
-    p.join(SHORT_TIMEOUT)
-    assert not p.is_alive()
-    assert p.exitcode == code
 
 
 def kill_and_join(p):

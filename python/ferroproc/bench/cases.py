@@ -71,6 +71,12 @@ def reap(proc: Any, expected: int) -> None:
     proc.close()
 
 
+def stop(proc: Any, timeout: float = WAIT_TIMEOUT) -> None:
+    """Joins a child that should exit 0 on its own, then checks and closes it (see `reap`)."""
+    proc.join(timeout)
+    reap(proc, 0)
+
+
 # -- process start -------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ferroproc.bench.cases import stop
 from ferroproc.bench.registry import SkipCase, case
 from ferroproc.bench.targets_sync import condition_partner, event_partner, lock_partner
 
@@ -26,17 +27,6 @@ def _ctx(mod: ModuleType, method: str = "fork"):
     if not hasattr(ctx, "Lock"):
         raise SkipCase(f"{mod.__name__} has no synchronization primitives")
     return ctx
-
-
-def _stop(proc) -> None:
-    proc.join(WAIT_TIMEOUT)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join(WAIT_TIMEOUT)
-        raise RuntimeError(f"child {proc.pid} hung")
-    if proc.exitcode != 0:
-        raise RuntimeError(f"child {proc.pid} exited with {proc.exitcode}")
-    proc.close()
 
 
 # -- cases ---------------------------------------------------------------------------------
@@ -66,7 +56,7 @@ def lock_contended(mod: ModuleType, n: int) -> float:
             pass
     proc.join(WAIT_TIMEOUT)
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc)
     return elapsed
 
 
@@ -84,7 +74,7 @@ def event_roundtrip(mod: ModuleType, n: int) -> float:
             raise RuntimeError("no answer")
         pong.clear()
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc)
     return elapsed
 
 
@@ -104,5 +94,5 @@ def condition_roundtrip(mod: ModuleType, n: int) -> float:
                 if not cond.wait(WAIT_TIMEOUT):
                     raise RuntimeError("no answer")
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc)
     return elapsed

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ferroproc.bench import targets
+from ferroproc.bench.cases import stop
 from ferroproc.bench.registry import SkipCase, case
 
 if TYPE_CHECKING:
@@ -29,17 +30,6 @@ def _ctx(mod: ModuleType):
     if not hasattr(ctx, "Queue"):
         raise SkipCase(f"{mod.__name__} has no Queue")
     return ctx
-
-
-def _stop(proc) -> None:
-    proc.join(WAIT_TIMEOUT)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join(WAIT_TIMEOUT)
-        raise RuntimeError(f"child {proc.pid} hung")
-    if proc.exitcode != 0:
-        raise RuntimeError(f"child {proc.pid} exited with {proc.exitcode}")
-    proc.close()
 
 
 def _close(*queues) -> None:
@@ -71,7 +61,7 @@ def _one_to_one(mod: ModuleType, n: int, batched: bool) -> float:
     if done.get(timeout=WAIT_TIMEOUT) != n + 1:
         raise RuntimeError("lost messages")
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc, WAIT_TIMEOUT)
     _close(q, done)
     return elapsed
 
@@ -104,7 +94,7 @@ def queue_2to2_small(mod: ModuleType, n: int) -> float:
     go.put(1)
     go.put(1)
     for p in producers:
-        _stop(p)
+        stop(p, WAIT_TIMEOUT)
     q.put(None)
     q.put(None)
     got = done.get(timeout=WAIT_TIMEOUT) + done.get(timeout=WAIT_TIMEOUT)
@@ -112,7 +102,7 @@ def queue_2to2_small(mod: ModuleType, n: int) -> float:
     if got != 2 * half:
         raise RuntimeError(f"got {got} of {2 * half} messages")
     for p in consumers:
-        _stop(p)
+        stop(p, WAIT_TIMEOUT)
     _close(q, go, done)
     return elapsed
 
@@ -134,7 +124,7 @@ def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
     if done.get(timeout=WAIT_TIMEOUT) != n + 1:
         raise RuntimeError("lost messages")
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc, WAIT_TIMEOUT)
     _close(q, done)
     return elapsed
 
@@ -154,6 +144,6 @@ def queue_pingpong(mod: ModuleType, n: int) -> float:
         put(i)
         get()
     elapsed = _perf() - t0
-    _stop(proc)
+    stop(proc, WAIT_TIMEOUT)
     _close(q_in, q_out)
     return elapsed
