@@ -512,6 +512,22 @@ impl Core {
         res
     }
 
+    /// The next message's pickled bytes; `queue.Empty` when none came in time.
+    fn get_bytes_or_empty<'py>(
+        &self,
+        py: Python<'py>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.get_bytes(py, block, deadline_of(block, timeout))?
+            .ok_or_else(|| Empty::new_err(()))
+    }
+
+    /// The ring's memfd and the eventfd, to hand to a child.
+    fn handles<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, [self.ring.fd().as_raw_fd(), self.efd.as_raw_fd()])
+    }
+
     fn get<'py>(
         &self,
         py: Python<'py>,
@@ -857,13 +873,7 @@ impl PyRingQueue {
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        match self
-            .core
-            .get_bytes(py, block, deadline_of(block, timeout))?
-        {
-            Some(m) => Ok(m),
-            None => Err(Empty::new_err(())),
-        }
+        self.core.get_bytes_or_empty(py, block, timeout)
     }
 
     /// Bytes of the shared data area.
@@ -875,10 +885,7 @@ impl PyRingQueue {
     /// The ring's memfd and the eventfd, to hand to a child.
     #[getter]
     fn _handles<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(
-            py,
-            [self.core.ring.fd().as_raw_fd(), self.core.efd.as_raw_fd()],
-        )
+        self.core.handles(py)
     }
 }
 
@@ -987,13 +994,7 @@ impl PySimpleRing {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         self.check_open()?;
-        match self
-            .core
-            .get_bytes(py, block, deadline_of(block, timeout))?
-        {
-            Some(m) => Ok(m),
-            None => Err(Empty::new_err(())),
-        }
+        self.core.get_bytes_or_empty(py, block, timeout)
     }
 
     #[getter]
@@ -1003,10 +1004,7 @@ impl PySimpleRing {
 
     #[getter]
     fn _handles<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(
-            py,
-            [self.core.ring.fd().as_raw_fd(), self.core.efd.as_raw_fd()],
-        )
+        self.core.handles(py)
     }
 }
 
