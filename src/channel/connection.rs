@@ -243,11 +243,7 @@ pub fn write_nowait(
 ) -> Result<bool> {
     while !w.is_done() {
         let parts = w.pending(payload);
-        let parts: &[IoSlice<'_>] = if parts[0].is_empty() {
-            &parts[1..]
-        } else {
-            &parts
-        };
+        let parts = without_empty_header(&parts);
         match stream::write_nowait(fd, parts, *how) {
             Ok(Io::Done(n)) => w.advance(n),
             Ok(Io::Again) => return Ok(false),
@@ -259,6 +255,15 @@ pub fn write_nowait(
         }
     }
     Ok(true)
+}
+
+/// The pending slices minus an already-sent (empty) header slice.
+fn without_empty_header<'a, 'b>(parts: &'a [IoSlice<'b>]) -> &'a [IoSlice<'b>] {
+    if parts[0].is_empty() {
+        &parts[1..]
+    } else {
+        parts
+    }
 }
 
 /// Writes the rest of the frame, blocking; returns `false` when a signal interrupted the write
@@ -274,11 +279,7 @@ pub fn write_blocking(
 ) -> Result<bool> {
     while !w.is_done() {
         let parts = w.pending(payload);
-        let parts: &[IoSlice<'_>] = if parts[0].is_empty() {
-            &parts[1..]
-        } else {
-            &parts
-        };
+        let parts = without_empty_header(&parts);
         match stream::write_blocking(fd, parts, how)? {
             Io::Done(n) => w.advance(n),
             Io::Again => return Ok(false),

@@ -42,6 +42,14 @@ fn attach<T: crate::shm::SharedLayout>(fd_num: i32) -> PyResult<Segment<T>> {
     Ok(Segment::attach(owned)?)
 }
 
+/// The segment behind `fd` (a child attaching to a parent's object), or a new one.
+fn attach_or_create<T: crate::shm::SharedLayout>(fd: Option<i32>) -> PyResult<Segment<T>> {
+    match fd {
+        Some(f) => attach::<T>(f),
+        None => Ok(Segment::create(SEGMENT_NAME)?),
+    }
+}
+
 /// The native semaphore/lock. `kind`: 0 recursive mutex (RLock), 1 semaphore, 2 mutex (Lock).
 #[pyclass(module = "ferroproc._ferroproc", name = "SemLock", subclass, frozen)]
 pub(crate) struct PySemLock {
@@ -415,10 +423,7 @@ impl PyCondVar {
     #[new]
     #[pyo3(signature = (*, fd = None))]
     fn new(fd: Option<i32>) -> PyResult<Self> {
-        let seg = match fd {
-            Some(f) => attach::<Condition>(f)?,
-            None => Segment::create(SEGMENT_NAME)?,
-        };
+        let seg = attach_or_create::<Condition>(fd)?;
         Ok(Self { seg: Arc::new(seg) })
     }
 
@@ -531,10 +536,7 @@ impl PyEventFlag {
     #[new]
     #[pyo3(signature = (*, fd = None))]
     fn new(fd: Option<i32>) -> PyResult<Self> {
-        let seg = match fd {
-            Some(f) => attach::<Event>(f)?,
-            None => Segment::create(SEGMENT_NAME)?,
-        };
+        let seg = attach_or_create::<Event>(fd)?;
         Ok(Self { seg })
     }
 
