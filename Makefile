@@ -41,7 +41,9 @@ test-compat:
 
 test: install test-rust test-py test-compat
 
+# numpy only feeds the numpy-array cases (they are skipped without it), so its install may fail.
 bench: install
+	-$(PY) -m pip install -q numpy
 	$(PY) -m ferroproc.bench $(BENCH_ARGS)
 
 lint: venv

@@ -6,6 +6,7 @@ Every wait is bounded by ``SHORT_TIMEOUT``; a child that times out exits non-zer
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import sys
 import time
@@ -86,3 +87,27 @@ def echo_simple(q_in, q_out, n):
     """`echo` for SimpleQueues (whose get has no timeout)."""
     for _ in range(n):
         q_out.put(q_in.get())
+
+
+class Blob:
+    """Pickles its bytearray as a protocol 5 ``PickleBuffer`` (out-of-band where the pickler
+    takes it so), and as plain bytes under older protocols."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        if protocol >= 5:
+            return Blob, (pickle.PickleBuffer(self.data),)
+        return Blob, (bytes(self.data),)
+
+    def __eq__(self, other):
+        return type(other) is Blob and bytes(self.data) == bytes(other.data)
+
+    __hash__ = None
+
+
+def check_after_go(obj, go, expected_sum):
+    """Waits for ``go``, then checks that ``obj`` (inherited through fork) is still intact."""
+    go.get(timeout=SHORT_TIMEOUT)
+    sys.exit(0 if sum(bytes(obj.data)) == expected_sum else 3)

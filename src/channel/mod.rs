@@ -2,7 +2,9 @@
 //! byte streams of `Pipe`, `Listener` and `Client` connections, and the shared-memory message
 //! ring behind `Queue`.
 
+pub mod bundle;
 pub mod connection;
 pub mod framing;
 pub mod pybuf;
 pub mod ring;
+pub mod tinypickle;

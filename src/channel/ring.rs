@@ -129,6 +129,8 @@ pub struct WriterSide {
     pub data_waiters: AtomicU32,
     /// Bytes ever appended to the overflow log.
     pub log_w: AtomicU64,
+    /// Bytes ever allocated in the blob area (see `ring/blob.rs`).
+    pub blob_w: AtomicU64,
 }
 
 /// Words the readers update.
@@ -975,6 +977,9 @@ impl RingBuffer {
         self.shared().ctl.pollers.store(1, Ordering::SeqCst);
     }
 }
+
+mod blob;
+pub use blob::BLOB_BASE;
 
 #[cfg(test)]
 mod tests;

@@ -6,9 +6,11 @@ pub(crate) mod blocking;
 mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
+mod oob;
 mod process;
 mod queues;
 mod synchronize;
+mod tinypickle;
 
 use pyo3::prelude::*;
 

@@ -7,6 +7,9 @@
 //! detaches, in slices, through `blocking::wait_until`. `get` copies the message out under the
 //! reader lock and unpickles it after releasing the lock, as the stdlib does.
 //!
+//! Small messages in the subset of [`tinypickle`] skip the pickler both ways; large buffers go
+//! out-of-band through blobs (see [`oob`]).
+//!
 //! The reusable pickler sits behind a `Mutex` that is only ever `try_lock`ed: a thread that
 //! finds it busy (another thread is pickling through it) pickles with a fresh `ForkingPickler`
 //! instead, so holding it while Python code runs cannot deadlock.
@@ -21,6 +24,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
+use super::{oob, tinypickle};
+use crate::channel::bundle;
 use crate::channel::ring::{
     Next, ReadState, ReadStep, RingBuffer, WriteState, WriteStep, FLAG_JOINABLE,
 };
@@ -39,6 +44,7 @@ struct Globals {
     namespace: Py<PyAny>,
     pickler: Py<PyAny>,
     loads: Py<PyAny>,
+    base_init: Py<PyAny>,
     copyreg_table: Py<PyDict>,
     our_extras: Py<PyDict>,
     sys_modules: Py<PyDict>,
@@ -56,6 +62,11 @@ fn globals(py: Python<'_>) -> PyResult<&Globals> {
             bytesio: py.import("io")?.getattr("BytesIO")?.unbind(),
             namespace: py.import("types")?.getattr("SimpleNamespace")?.unbind(),
             loads: py.import("_pickle")?.getattr("loads")?.unbind(),
+            base_init: py
+                .import("_pickle")?
+                .getattr("Pickler")?
+                .getattr("__init__")?
+                .unbind(),
             copyreg_table: py
                 .import("copyreg")?
                 .getattr("dispatch_table")?
@@ -108,6 +119,7 @@ struct Pickler {
     dump: Py<PyAny>,
     clear_memo: Py<PyAny>,
     chunks: Py<PyList>,
+    collector: Py<oob::Collector>,
     signature: (usize, usize, usize),
 }
 
@@ -118,18 +130,30 @@ impl Pickler {
             (),
             Some(&[("write", chunks.getattr("append")?)].into_py_dict(py)?),
         )?;
-        let p = g.pickler.bind(py).call1((&sink,))?;
+        let collector = Py::new(py, oob::Collector::new())?;
+        // `ForkingPickler.__init__` takes positional arguments only, as the stdlib's does:
+        // build it, then run the base initializer again with the `buffer_callback` (which
+        // resets nothing but the pickler's own state), keeping the merged dispatch table.
+        let p = g.pickler.bind(py).call1((&sink, 5))?;
+        let table = p.getattr("dispatch_table")?;
+        g.base_init.bind(py).call(
+            (&p, &sink, 5),
+            Some(&[("buffer_callback", collector.bind(py))].into_py_dict(py)?),
+        )?;
+        p.setattr("dispatch_table", table)?;
         Ok(Self {
             dump: p.getattr("dump")?.unbind(),
             clear_memo: p.getattr("clear_memo")?.unbind(),
             chunks: chunks.unbind(),
+            collector,
             signature,
         })
     }
 
     /// Pickles `obj`; returns the pickle as the pieces the pickler wrote (one `bytes` for a
-    /// small object; a large `bytes` payload is passed through as is, not copied).
-    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
+    /// small object; a large `bytes` payload is passed through as is, not copied), with the
+    /// out-of-band buffers when there are any.
+    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickle<'py>> {
         let chunks = self.chunks.bind(py);
         let res = self.dump.bind(py).call1((obj,)).and_then(|_| {
             let mut parts = Vec::with_capacity(chunks.len());
@@ -148,16 +172,54 @@ impl Pickler {
         });
         chunks.del_slice(0, chunks.len())?;
         self.clear_memo.bind(py).call0()?;
-        res
+        let bufs = self.collector.get().take();
+        Ok((res?, bufs))
     }
 }
 
 /// A pickle as consecutive pieces.
 type Parts<'py> = Vec<Bound<'py, PyBytes>>;
 
+/// A pickle and the buffers its pickler left out-of-band.
+type Pickle<'py> = (Parts<'py>, Vec<Py<PyAny>>);
+
 fn slices<'a>(parts: &'a [Bound<'_, PyBytes>]) -> Vec<&'a [u8]> {
     parts.iter().map(|b| b.as_bytes()).collect()
 }
+
+/// One message ready to write: natively encoded (see [`tinypickle`]), pickled, or pickled
+/// with out-of-band buffers (see [`oob`]).
+enum Pickled<'py> {
+    Native(Vec<u8>),
+    Parts(Parts<'py>),
+    Oob(Parts<'py>, oob::Bundle),
+}
+
+impl Pickled<'_> {
+    fn slices(&self) -> Vec<&[u8]> {
+        match self {
+            Pickled::Native(v) => vec![v.as_slice()],
+            Pickled::Parts(p) => slices(p),
+            Pickled::Oob(p, bundle) => bundle.slices(&slices(p)),
+        }
+    }
+
+    /// Frees what a message that was not published holds outside the ring.
+    fn discard(&self, ring: &RingBuffer) {
+        if let Pickled::Oob(_, bundle) = self {
+            bundle.discard(ring);
+        }
+    }
+}
+
+/// A message as read: already an object (natively decoded), or a pickle (or bundle) to load.
+enum Msg<'py> {
+    Obj(Bound<'py, PyAny>),
+    Pickle(Bound<'py, PyBytes>),
+}
+
+/// Longest message the reader tries to decode natively (the fast path's messages are small).
+const NATIVE_READ_MAX: usize = 512;
 
 fn fresh_dumps<'py>(py: Python<'py>, g: &Globals, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
     let file = g.bytesio.bind(py).call0()?;
@@ -190,6 +252,8 @@ struct Core {
     efd: OwnedFd,
     closed: AtomicBool,
     pickler: Mutex<Option<Pickler>>,
+    /// Frees blobs mapped by readers in this process (made on first use).
+    freer: PyOnceLock<Py<oob::Freer>>,
 }
 
 impl Core {
@@ -209,24 +273,42 @@ impl Core {
             efd,
             closed: AtomicBool::new(false),
             pickler: Mutex::new(None),
+            freer: PyOnceLock::new(),
         })
     }
 
-    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
-        let parts = self.dumps_parts(py, obj)?;
+    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickled<'py>> {
+        let mut native = Vec::with_capacity(32);
+        if tinypickle::encode(obj, &mut native) {
+            return Ok(Pickled::Native(native));
+        }
+        if let Ok(b) = obj.cast_exact::<PyBytes>() {
+            if b.as_bytes().len() > self.ring.max_whole() {
+                let pickle = oob::NEXT_BUFFER_PICKLE;
+                let buf = [b.clone().into_any().unbind()];
+                let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf, true)?;
+                return Ok(Pickled::Oob(vec![PyBytes::new(py, pickle)], bundle));
+            }
+        }
+        let (parts, bufs) = self.dumps_parts(py, obj)?;
+        if !bufs.is_empty() {
+            let len = parts.iter().map(|b| b.as_bytes().len()).sum();
+            let bundle = oob::Bundle::write(py, &self.ring, len, &bufs, false)?;
+            return Ok(Pickled::Oob(parts, bundle));
+        }
         let total: usize = parts.iter().map(|b| b.as_bytes().len()).sum();
         if parts.len() > 1 && total > self.ring.max_whole() {
             // Too big for one frame: it may be streamed, which needs one contiguous buffer.
             let joined = PyBytes::new(py, &[]).call_method1("join", (parts,))?;
-            return Ok(vec![joined.cast_into::<PyBytes>()?]);
+            return Ok(Pickled::Parts(vec![joined.cast_into::<PyBytes>()?]));
         }
-        Ok(parts)
+        Ok(Pickled::Parts(parts))
     }
 
-    fn dumps_parts<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
+    fn dumps_parts<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickle<'py>> {
         let g = globals(py)?;
         let Ok(mut slot) = self.pickler.try_lock() else {
-            return fresh_dumps(py, g, obj);
+            return Ok((fresh_dumps(py, g, obj)?, Vec::new()));
         };
         let sig = reducer_signature(py, g)?;
         if !matches!(slot.as_ref(), Some(p) if p.signature == sig) {
@@ -240,7 +322,7 @@ impl Core {
                 *slot = None;
                 Err(e)
             }
-            None => fresh_dumps(py, g, obj),
+            None => Ok((fresh_dumps(py, g, obj)?, Vec::new())),
         }
     }
 
@@ -337,13 +419,18 @@ impl Core {
         deadline: Deadline,
     ) -> PyResult<bool> {
         let data = self.dumps(py, obj)?;
-        if !self.lock_writer(py, block, deadline)? {
-            return Ok(false);
-        }
-        let res = self.write_locked(py, &slices(&data), block, deadline);
-        self.unlock_writer();
+        let res = self.lock_writer(py, block, deadline).and_then(|locked| {
+            if !locked {
+                return Ok(false);
+            }
+            let res = self.write_locked(py, &data.slices(), block, deadline);
+            self.unlock_writer();
+            res
+        });
         if matches!(res, Ok(true)) {
             self.signal_pollers();
+        } else {
+            data.discard(&self.ring);
         }
         res
     }
@@ -357,20 +444,32 @@ impl Core {
         deadline: Deadline,
     ) -> PyResult<(usize, usize)> {
         let mut datas = Vec::new();
-        for obj in objs.try_iter()? {
-            datas.push(self.dumps(py, &obj?)?);
+        let pickled = objs.try_iter().and_then(|mut it| {
+            it.try_for_each(|obj| {
+                datas.push(self.dumps(py, &obj?)?);
+                Ok(())
+            })
+        });
+        let discard = |datas: &[Pickled<'_>]| datas.iter().for_each(|d| d.discard(&self.ring));
+        if let Err(e) = pickled {
+            discard(&datas);
+            return Err(e);
         }
         let total = datas.len();
         if total == 0 {
             return Ok((0, 0));
         }
-        if !self.lock_writer(py, block, deadline)? {
-            return Ok((0, total));
+        match self.lock_writer(py, block, deadline) {
+            Ok(true) => {}
+            other => {
+                discard(&datas);
+                return other.map(|_| (0, total));
+            }
         }
         let mut done = 0;
         let mut res = Ok(());
         for d in &datas {
-            match self.write_locked(py, &slices(d), block, deadline) {
+            match self.write_locked(py, &d.slices(), block, deadline) {
                 Ok(true) => done += 1,
                 Ok(false) => break,
                 Err(e) => {
@@ -383,6 +482,7 @@ impl Core {
         if done > 0 {
             self.signal_pollers();
         }
+        discard(&datas[done..]);
         res.map(|()| (done, total))
     }
 
@@ -459,24 +559,35 @@ impl Core {
     }
 
     /// Reads the next message with the reader lock held, straight into a new `bytes` when it
-    /// is a complete frame or log record, else through `read_locked` (streams).
+    /// is a complete frame or log record, else through `read_locked` (streams). With
+    /// `native`, a small message in the native subset comes back as its object.
     fn read_obj<'py>(
         &self,
         py: Python<'py>,
         block: bool,
         deadline: Deadline,
-    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        native: bool,
+    ) -> PyResult<Option<Msg<'py>>> {
         let ring = &self.ring;
         loop {
             match ring.peek()? {
+                n @ (Next::Whole(len) | Next::Log(len)) if native && len <= NATIVE_READ_MAX => {
+                    let mut buf = [0u8; NATIVE_READ_MAX];
+                    let data = &mut buf[..len];
+                    ring.take_into(n, data)?;
+                    return Ok(Some(match tinypickle::decode(py, data) {
+                        Some(obj) => Msg::Obj(obj?),
+                        None => Msg::Pickle(PyBytes::new(py, data)),
+                    }));
+                }
                 n @ (Next::Whole(len) | Next::Log(len)) => {
                     let b = PyBytes::new_with(py, len, |buf| Ok(ring.take_into(n, buf)?))?;
-                    return Ok(Some(b));
+                    return Ok(Some(Msg::Pickle(b)));
                 }
                 Next::Other => {
                     return Ok(self
                         .read_locked(py, block, deadline)?
-                        .map(|v| PyBytes::new(py, &v)));
+                        .map(|v| Msg::Pickle(PyBytes::new(py, &v))));
                 }
                 Next::Empty => {
                     if !block {
@@ -504,10 +615,44 @@ impl Core {
         block: bool,
         deadline: Deadline,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        Ok(match self.get_msg(py, block, deadline, false)? {
+            Some(Msg::Pickle(b)) if !bundle::is_bundle(b.as_bytes()) => Some(b),
+            // A bundle, which a plain pickle reader cannot load: pickle it again in-band.
+            Some(m) => {
+                let obj = self.load(py, m)?;
+                let parts = fresh_dumps(py, globals(py)?, &obj)?;
+                Some(PyBytes::new(py, &slices(&parts).concat()))
+            }
+            None => None,
+        })
+    }
+
+    /// The object a message stands for.
+    fn load<'py>(&self, py: Python<'py>, m: Msg<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match m {
+            Msg::Obj(o) => Ok(o),
+            Msg::Pickle(b) if bundle::is_bundle(b.as_bytes()) => {
+                let freer = self
+                    .freer
+                    .get_or_try_init(py, || Py::new(py, oob::Freer::new(&self.ring)?))?;
+                let loads = globals(py)?.loads.bind(py);
+                oob::load(py, &self.ring, freer.bind(py), loads, b.as_bytes())
+            }
+            Msg::Pickle(b) => loads(py, b),
+        }
+    }
+
+    fn get_msg<'py>(
+        &self,
+        py: Python<'py>,
+        block: bool,
+        deadline: Deadline,
+        native: bool,
+    ) -> PyResult<Option<Msg<'py>>> {
         if !self.lock_reader(py, block, deadline)? {
             return Ok(None);
         }
-        let res = self.read_obj(py, block, deadline);
+        let res = self.read_obj(py, block, deadline, native);
         self.unlock_reader();
         res
     }
@@ -534,8 +679,8 @@ impl Core {
         block: bool,
         deadline: Deadline,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        match self.get_bytes(py, block, deadline)? {
-            Some(b) => loads(py, b).map(Some),
+        match self.get_msg(py, block, deadline, true)? {
+            Some(m) => self.load(py, m).map(Some),
             None => Ok(None),
         }
     }
@@ -554,12 +699,12 @@ impl Core {
             return Ok(None);
         }
         let mut msgs = Vec::new();
-        let mut res = self.read_obj(py, block, deadline);
+        let mut res = self.read_obj(py, block, deadline, true);
         if let Ok(Some(b)) = res {
             msgs.push(b);
             res = Ok(None);
             while msgs.len() < max {
-                match self.read_obj(py, false, deadline) {
+                match self.read_obj(py, false, deadline, true) {
                     Ok(Some(b)) => msgs.push(b),
                     Ok(None) => break,
                     Err(e) => {
@@ -575,8 +720,8 @@ impl Core {
             return Ok(None);
         }
         let out = PyList::empty(py);
-        for b in msgs {
-            out.append(loads(py, b)?)?;
+        for m in msgs {
+            out.append(self.load(py, m)?)?;
         }
         Ok(Some(out))
     }

@@ -1,5 +1,5 @@
-"""Benchmark cases for ``queues``: throughput of small and large messages, fan-in/fan-out, and
-put→get latency, on the fork start method.
+"""Benchmark cases for ``queues``: throughput of small and large messages (and of numpy arrays,
+when numpy is installed), fan-in/fan-out, and put→get latency, on the fork start method.
 
 Imported by :mod:`ferroproc.bench.cases`. Child targets live in the import-free
 :mod:`ferroproc.bench.targets`. The batched case uses ferroproc's ``put_many``/``get_many``
@@ -121,6 +121,32 @@ def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
     t0 = _perf()
     for _ in range(n):
         q.put(payload)
+    if done.get(timeout=WAIT_TIMEOUT) != n + 1:
+        raise RuntimeError("lost messages")
+    elapsed = _perf() - t0
+    stop(proc, WAIT_TIMEOUT)
+    _close(q, done)
+    return elapsed
+
+
+@case("queue_numpy_64mib", n=8, unit="64 MiB array")
+def queue_numpy_64mib(mod: ModuleType, n: int) -> float:
+    """Parent puts n 64 MiB numpy arrays, a forked child gets them (skipped without numpy)."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise SkipCase("numpy is not installed") from None
+    ctx = _ctx(mod)
+    q, done = ctx.Queue(), ctx.Queue()
+    array = np.ones(8 << 20)
+    proc = ctx.Process(target=targets.queue_consume, args=(q, done, n + 1))
+    proc.start()
+    q.put(array[:1])
+    while not q.empty():
+        time.sleep(0.001)
+    t0 = _perf()
+    for _ in range(n):
+        q.put(array)
     if done.get(timeout=WAIT_TIMEOUT) != n + 1:
         raise RuntimeError("lost messages")
     elapsed = _perf() - t0

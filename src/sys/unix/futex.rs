@@ -88,12 +88,19 @@ pub fn wake(word: &AtomicU32, n: u32) -> u32 {
 static PID: AtomicU32 = AtomicU32::new(0);
 /// Bumped in every forked child: per-process bookkeeping tagged with an older generation is stale.
 static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
+/// Bumped in both the parent and the child of every fork (see [`forks`]).
+static FORKS: AtomicU32 = AtomicU32::new(0);
 static HOOK: Once = Once::new();
 
 extern "C" fn after_fork_child() {
     // Async-signal-safe: getpid and atomic stores only.
     PID.store(std::process::id(), Ordering::Relaxed);
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+extern "C" fn after_fork_parent() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Registers the after-fork hook that keeps [`pid`] and [`fork_generation`] right in children.
@@ -101,10 +108,12 @@ extern "C" fn after_fork_child() {
 pub fn install_fork_hook() {
     HOOK.call_once(|| {
         PID.store(std::process::id(), Ordering::Relaxed);
-        // SAFETY: `after_fork_child` is an `extern "C" fn()` with static lifetime that only
-        // performs async-signal-safe work; pthread_atfork stores the pointer and calls it in
-        // the child of every fork() made through libc (os.fork, our fork helper).
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+        // SAFETY: `after_fork_parent`/`after_fork_child` are `extern "C" fn()`s with static
+        // lifetime that only perform async-signal-safe work; pthread_atfork stores the
+        // pointers and calls them after every fork() made through libc (os.fork, our fork
+        // helper), in the parent and in the child.
+        let rc =
+            unsafe { libc::pthread_atfork(None, Some(after_fork_parent), Some(after_fork_child)) };
         debug_assert_eq!(rc, 0, "pthread_atfork only fails with ENOMEM");
     });
 }
@@ -126,6 +135,15 @@ pub fn pid() -> u32 {
 #[inline]
 pub fn fork_generation() -> u32 {
     FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// A number that changes after every fork, in the parent as well as in the child: memory that
+/// was mapped before it may now be shared with another process.
+#[must_use]
+#[inline]
+pub fn forks() -> u32 {
+    install_fork_hook();
+    FORKS.load(Ordering::Relaxed)
 }
 
 /// Whether process `pid` is still running. A zombie (exited, not yet reaped) counts as dead:

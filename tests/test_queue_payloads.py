@@ -1,0 +1,204 @@
+"""What goes through a queue comes out equal, of the same type, with the same sharing: the
+values ferroproc encodes natively (small ints, floats, strings, bytes, tuples of them), the
+ones just outside that subset (which take the pickler), and large buffers that ferroproc sends
+out-of-band. Parametrized over the stdlib and ferroproc and every start method; the checks on
+ferroproc's blob memory run on ferroproc only.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import math
+import os
+import pickle
+import queue
+from collections import namedtuple
+
+import _queue_workers as w
+import pytest
+from _workers import SHORT_TIMEOUT, join_ok, start
+
+Point = namedtuple("Point", "x y")
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Text(str):
+    pass
+
+
+#: Where `tricky_values` puts the tuple that holds one string object twice.
+SHARED_PAIR_INDEX = 33
+
+
+def tricky_values():
+    shared = "s" * 40
+    deep = 0
+    for _ in range(20):
+        deep = (deep,)
+    values = [
+        None, True, False, 0, 255, 256, 65535, 65536, -1, 2**31 - 1, -(2**31), 2**31,
+        2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 2**100, 1.5, float("inf"), -0.0,
+        float("nan"), "", "é€😀", "\udc80", Text("sub"), b"", b"\x00" * 300, (), (1,),
+        (1, 2, 3, 4, 5), ((1, (2, (3,))),), deep, tuple(range(100)), (shared, shared),
+        Color.RED, Point(1, 2), ("a" * 20_000,), b"b" * 20_000, [1, (2, "x")],
+    ]  # fmt: skip
+    assert values[SHARED_PAIR_INDEX] == (shared, shared)
+    return values
+
+
+def same(a, b):
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a):
+            return math.isnan(b)
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def echo_through_child(ctx, values):
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    p = start(ctx, w.echo, q_in, q_out, len(values))
+    for v in values:
+        q_in.put(v)
+    out = [q_out.get(timeout=SHORT_TIMEOUT) for _ in values]
+    join_ok(p)
+    for q in (q_in, q_out):
+        q.close()
+        q.join_thread()
+    return out
+
+
+def test_values_round_trip_with_types_and_sharing(ctx):
+    values = tricky_values()
+    out = echo_through_child(ctx, values)
+    for v, r in zip(values, out, strict=True):
+        assert same(v, r), (v, r)
+    pair = out[SHARED_PAIR_INDEX]
+    assert pair[0] is pair[1], "an object appearing twice in a message is one object on arrival"
+
+
+def test_values_round_trip_in_batches(impl):
+    q = impl.Queue()
+    values = tricky_values()
+    put_many = getattr(q, "put_many", None)
+    if put_many is None:
+        for v in values:
+            q.put(v)
+        got = [q.get(timeout=SHORT_TIMEOUT) for _ in values]
+    else:
+        put_many(values)
+        got = q.get_many(len(values), timeout=SHORT_TIMEOUT)
+    assert all(same(v, r) for v, r in zip(values, got, strict=True))
+    q.close()
+    q.join_thread()
+
+
+def large_values():
+    one_mib = bytes(range(256)) * 4096
+    return [
+        one_mib,
+        bytearray(one_mib),
+        w.Blob(bytearray(one_mib)),
+        w.Blob(bytearray((1 << 20) + 1)),  # just above the out-of-band threshold
+        w.Blob(bytearray(100 << 10)),  # below it: in-band
+        b"L" * (3 << 20),  # bytes too large for one ring frame
+        (one_mib, w.Blob(bytearray(b"z" * (1 << 20))), 7),
+        [w.Blob(bytearray(b"%d" % i * (1100 << 10))) for i in range(3)],
+    ]
+
+
+def test_large_payloads_round_trip(ctx):
+    values = large_values()
+    out = echo_through_child(ctx, values)
+    for v, r in zip(values, out, strict=True):
+        assert type(v) is type(r)
+        assert v == r
+
+
+def test_numpy_arrays_round_trip(ctx):
+    np = pytest.importorskip("numpy")
+    arrays = [
+        np.arange(1 << 20, dtype="f8").reshape(1024, 1024),
+        np.arange(1 << 20, dtype="i4").reshape(1024, 1024).T,  # Fortran order
+        np.arange(1 << 20, dtype="u1")[::2],  # not contiguous: in-band
+        np.zeros(10),
+    ]
+    out = echo_through_child(ctx, arrays)
+    for a, r in zip(arrays, out, strict=True):
+        assert r.dtype == a.dtype and r.shape == a.shape and (r == a).all()
+        assert r.flags.writeable
+        r[...] = 1  # writable memory of its own
+    assert (arrays[0] == np.arange(1 << 20, dtype="f8").reshape(1024, 1024)).all()
+
+
+@pytest.mark.fork_only
+def test_received_buffer_survives_fork_and_parent_dropping_it(ctx):
+    q, go = ctx.Queue(), ctx.Queue()
+    data = bytearray(os.urandom(1 << 20))
+    q.put(w.Blob(data))
+    obj = q.get(timeout=SHORT_TIMEOUT)
+    p = start(ctx, w.check_after_go, obj, go, sum(data))
+    del obj
+    gc.collect()
+    # Reuse the freed space, if it was freed, with other bytes.
+    q.put(w.Blob(bytearray(b"\xff" * (1 << 20))))
+    q.get(timeout=SHORT_TIMEOUT)
+    go.put(True)
+    join_ok(p)
+    for qq in (q, go):
+        qq.close()
+        qq.join_thread()
+
+
+def blob_memory(q):
+    """Bytes of memory the queue's memfd holds (ferroproc only)."""
+    return os.fstat(q._handles[0]).st_blocks * 512
+
+
+@pytest.fixture
+def ferro(impl):
+    if impl.__name__ != "ferroproc":
+        pytest.skip("ferroproc's blob memory")
+    return impl
+
+
+def test_blob_memory_is_freed_when_objects_go(ferro):
+    q = ferro.Queue()
+    base = blob_memory(q)
+    for _ in range(5):
+        q.put(w.Blob(bytearray(8 << 20)))
+        obj = q.get(timeout=SHORT_TIMEOUT)
+        assert blob_memory(q) >= base + (8 << 20)
+        del obj
+        gc.collect()
+        assert blob_memory(q) <= base + (1 << 20)
+        q.put(b"x" * (4 << 20))
+        assert q.get(timeout=SHORT_TIMEOUT) == b"x" * (4 << 20)
+        assert blob_memory(q) <= base + (1 << 20)
+    q.close()
+
+
+def test_blob_of_a_refused_put_is_freed(ferro):
+    q = ferro.Queue(maxsize=1)
+    base = blob_memory(q)
+    q.put(1)
+    with pytest.raises(queue.Full):
+        q.put(w.Blob(bytearray(4 << 20)), timeout=0.01)
+    with pytest.raises(queue.Full):
+        q.put_many([w.Blob(bytearray(4 << 20)), b"y" * (4 << 20)], timeout=0.01)
+    assert blob_memory(q) <= base + (1 << 20)
+    q.close()
+
+
+def test_recv_bytes_of_an_out_of_band_message_is_a_plain_pickle(ferro):
+    q = ferro.Queue()
+    q.put(w.Blob(bytearray(b"q" * (1 << 20))))
+    assert pickle.loads(q._reader.recv_bytes()) == w.Blob(bytearray(b"q" * (1 << 20)))
+    q.close()
