@@ -111,3 +111,50 @@ def check_after_go(obj, go, expected_sum):
     """Waits for ``go``, then checks that ``obj`` (inherited through fork) is still intact."""
     go.get(timeout=SHORT_TIMEOUT)
     sys.exit(0 if sum(bytes(obj.data)) == expected_sum else 3)
+
+
+def soak_produce(q, producer, n, seed):
+    """Puts ``(producer, 0) .. (producer, n - 1)`` in order, in random batches (``put_many``
+    where the queue has it), with the odd large message among them."""
+    rng = random.Random(seed)
+    put_many = getattr(q, "put_many", None)
+    seq = 0
+    while seq < n:
+        k = min(n - seq, rng.randrange(1, 1024))
+        batch = [(producer, s) for s in range(seq, seq + k)]
+        if rng.random() < 0.01:
+            batch[-1] = (producer, seq + k - 1, b"\xab" * rng.randrange(1, 300_000))
+        if put_many is not None and rng.random() < 0.9:
+            put_many(batch, timeout=SHORT_TIMEOUT)
+        else:
+            for m in batch:
+                q.put(m, timeout=SHORT_TIMEOUT)
+        seq += k
+
+
+def soak_consume(q, results, producers):
+    """Gets until a ``None``; checks each producer's sequence numbers only grow, then reports
+    per producer: count, sum and sum of squares of the sequence numbers it got."""
+    get_many = getattr(q, "get_many", None)
+    last = [-1] * producers
+    stats = [[0, 0, 0] for _ in range(producers)]
+    while True:
+        batch = (
+            get_many(4096, timeout=SHORT_TIMEOUT) if get_many else [q.get(timeout=SHORT_TIMEOUT)]
+        )
+        for i, m in enumerate(batch):
+            if m is None:
+                # One None per consumer, put after all the data: hand on any others taken.
+                for extra in batch[i + 1 :]:
+                    q.put(extra)
+                results.put((os.getpid(), stats))
+                return
+            p, s = m[0], m[1]
+            if s <= last[p] or (len(m) == 3 and set(m[2]) != {0xAB}):
+                results.put((os.getpid(), f"bad message {m[:2]} after {last[p]}"))
+                return
+            last[p] = s
+            st = stats[p]
+            st[0] += 1
+            st[1] += s
+            st[2] += s * s
