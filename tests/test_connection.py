@@ -91,8 +91,23 @@ def test_duplex_both_directions(pair):
 
 @pytest.mark.parametrize(
     "obj",
-    [None, True, 0, -(2**100), 1.5, "text", b"bytes", bytearray(b"ba"), (1, (2, [3])), [1] * 5000,
-     {"k": {1, 2}, "f": frozenset({3})}, Plain(7), [Plain(1), {"p": Plain(2)}], range(3), int],
+    [
+        None,
+        True,
+        0,
+        -(2**100),
+        1.5,
+        "text",
+        b"bytes",
+        bytearray(b"ba"),
+        (1, (2, [3])),
+        [1] * 5000,
+        {"k": {1, 2}, "f": frozenset({3})},
+        Plain(7),
+        [Plain(1), {"p": Plain(2)}],
+        range(3),
+        int,
+    ],
     ids=lambda o: type(o).__name__,
 )
 def test_send_recv_objects(pair, obj):
@@ -542,6 +557,49 @@ def test_raw_framing_interop(ferro_side, kind):
     r.close()
 
 
+#: Just over 2 GiB: the length no longer fits the 4-byte header, so the large-frame form
+#: (-1, then an 8-byte length) is used.
+HUGE = (1 << 31) + 4097
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("writer_impl", "reader_impl"),
+    [("ferroproc", "ferroproc"), ("ferroproc", "stdlib"), ("stdlib", "ferroproc")],
+)
+def test_message_over_2_gib_crosses_between_implementations(writer_impl, reader_impl):
+    mods = {"ferroproc": _ferro_connection(), "stdlib": std_connection}
+    s1, s2 = socket.socketpair()
+    w = mods[writer_impl].Connection(s1.detach())
+    r = mods[reader_impl].Connection(s2.detach())
+    pattern = bytes(range(251))  # a prime period, so a shifted or dropped chunk shows
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            r.close()
+            w.send_bytes(pattern * (HUGE // len(pattern)) + pattern[: HUGE % len(pattern)])
+            w.send_bytes(b"after")
+            code = 0
+        finally:
+            os._exit(code)
+    w.close()
+    try:
+        buf = bytearray(HUGE + 10)
+        assert r.poll(SHORT_TIMEOUT)
+        assert r.recv_bytes_into(buf, 10) == HUGE
+        view = memoryview(buf)[10:]
+        for at in (0, 4096, 1 << 20, (1 << 31) - 7, HUGE - 300):
+            start = at - at % len(pattern)
+            assert view[start : start + 251 * 2] == (pattern * 2)[: len(view[start : start + 502])]
+        del view
+        assert r.recv_bytes() == b"after"
+    finally:
+        _, status = os.waitpid(pid, 0)
+        r.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_header_bytes_match_stdlib():
     fc = _ferro_connection()
     for size in (0, 5, 16384, 16385, 100_000):
@@ -701,12 +759,21 @@ STDLIB_NEGATIVE = "the stdlib returns b'' for a negative length"
         pytest.param(b"\x00\x00", OSError, None, id="truncated-header"),
         pytest.param(b"\xff\xff\xff\xff\x00\x00", OSError, None, id="truncated-long-header"),
         pytest.param(struct.pack("!i", 100) + b"x" * 50, OSError, None, id="cut-frame"),
-        pytest.param(struct.pack("!iQ", -1, 1 << 62) + b"x" * 10, OSError, STDLIB_ALLOCATES,
-                     id="length-2**62"),
-        pytest.param(struct.pack("!iQ", -1, (1 << 64) - 1), OSError, STDLIB_ALLOCATES,
-                     id="length-2**64-1"),
-        pytest.param(struct.pack("!i", 0x7FFFFFFF) + b"y" * 1000, OSError, STDLIB_ALLOCATES,
-                     id="length-2**31-1"),
+        pytest.param(
+            struct.pack("!iQ", -1, 1 << 62) + b"x" * 10,
+            OSError,
+            STDLIB_ALLOCATES,
+            id="length-2**62",
+        ),
+        pytest.param(
+            struct.pack("!iQ", -1, (1 << 64) - 1), OSError, STDLIB_ALLOCATES, id="length-2**64-1"
+        ),
+        pytest.param(
+            struct.pack("!i", 0x7FFFFFFF) + b"y" * 1000,
+            OSError,
+            STDLIB_ALLOCATES,
+            id="length-2**31-1",
+        ),
         pytest.param(struct.pack("!i", -5) + b"zz", OSError, STDLIB_NEGATIVE, id="negative"),
     ],
 )
