@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
 use super::{oob, tinypickle};
@@ -33,209 +33,15 @@ use crate::deadline::Deadline;
 use crate::sync::Acquired;
 use crate::sys::{eventfd, fd, futex};
 
+mod pickling;
+
+use pickling::{fresh_dumps, globals, slices, Msg, Pickled, Pickler, NATIVE_READ_MAX};
+
 pyo3::import_exception!(queue, Empty);
 pyo3::import_exception!(queue, Full);
 
 /// How long a non-blocking `put` waits for the writer lock held by another writer.
 const NONBLOCKING_LOCK_WAIT: f64 = 0.01;
-
-struct Globals {
-    bytesio: Py<PyAny>,
-    namespace: Py<PyAny>,
-    pickler: Py<PyAny>,
-    loads: Py<PyAny>,
-    base_init: Py<PyAny>,
-    copyreg_table: Py<PyDict>,
-    our_extras: Py<PyDict>,
-    sys_modules: Py<PyDict>,
-}
-
-static GLOBALS: PyOnceLock<Globals> = PyOnceLock::new();
-static STD_EXTRAS: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
-
-fn globals(py: Python<'_>) -> PyResult<&Globals> {
-    GLOBALS.get_or_try_init(py, || {
-        let reduction = py.import("ferroproc.reduction")?;
-        let pickler = reduction.getattr("ForkingPickler")?;
-        let our_extras = pickler.getattr("_extra_reducers")?.cast_into::<PyDict>()?;
-        Ok::<_, PyErr>(Globals {
-            bytesio: py.import("io")?.getattr("BytesIO")?.unbind(),
-            namespace: py.import("types")?.getattr("SimpleNamespace")?.unbind(),
-            loads: py.import("_pickle")?.getattr("loads")?.unbind(),
-            base_init: py
-                .import("_pickle")?
-                .getattr("Pickler")?
-                .getattr("__init__")?
-                .unbind(),
-            copyreg_table: py
-                .import("copyreg")?
-                .getattr("dispatch_table")?
-                .cast_into::<PyDict>()?
-                .unbind(),
-            sys_modules: py
-                .import("sys")?
-                .getattr("modules")?
-                .cast_into::<PyDict>()?
-                .unbind(),
-            pickler: pickler.unbind(),
-            our_extras: our_extras.unbind(),
-        })
-    })
-}
-
-/// The sizes of the tables a `ForkingPickler`'s dispatch table is merged from: when they
-/// change, a registration happened and the reusable pickler is rebuilt.
-fn reducer_signature(py: Python<'_>, g: &Globals) -> PyResult<(usize, usize, usize)> {
-    let std_len = match STD_EXTRAS.get(py) {
-        Some(d) => d.bind(py).len(),
-        None => match g
-            .sys_modules
-            .bind(py)
-            .get_item("multiprocessing.reduction")?
-        {
-            Some(m) => {
-                let d = m
-                    .getattr("ForkingPickler")?
-                    .getattr("_extra_reducers")?
-                    .cast_into::<PyDict>()?;
-                let n = d.len();
-                let _ = STD_EXTRAS.set(py, d.unbind());
-                n
-            }
-            None => usize::MAX,
-        },
-    };
-    Ok((
-        g.copyreg_table.bind(py).len(),
-        g.our_extras.bind(py).len(),
-        std_len,
-    ))
-}
-
-/// A `ForkingPickler` reused message after message. Its file is a namespace whose `write` is
-/// `list.append`: the C pickler hands over its whole output buffer at the end of `dump` (one
-/// `bytes` for a small object), so no `BytesIO` is involved.
-struct Pickler {
-    dump: Py<PyAny>,
-    clear_memo: Py<PyAny>,
-    chunks: Py<PyList>,
-    collector: Py<oob::Collector>,
-    signature: (usize, usize, usize),
-}
-
-impl Pickler {
-    fn new(py: Python<'_>, g: &Globals, signature: (usize, usize, usize)) -> PyResult<Self> {
-        let chunks = PyList::empty(py);
-        let sink = g.namespace.bind(py).call(
-            (),
-            Some(&[("write", chunks.getattr("append")?)].into_py_dict(py)?),
-        )?;
-        let collector = Py::new(py, oob::Collector::new())?;
-        // `ForkingPickler.__init__` takes positional arguments only, as the stdlib's does:
-        // build it, then run the base initializer again with the `buffer_callback` (which
-        // resets nothing but the pickler's own state), keeping the merged dispatch table.
-        let p = g.pickler.bind(py).call1((&sink, 5))?;
-        let table = p.getattr("dispatch_table")?;
-        g.base_init.bind(py).call(
-            (&p, &sink, 5),
-            Some(&[("buffer_callback", collector.bind(py))].into_py_dict(py)?),
-        )?;
-        p.setattr("dispatch_table", table)?;
-        Ok(Self {
-            dump: p.getattr("dump")?.unbind(),
-            clear_memo: p.getattr("clear_memo")?.unbind(),
-            chunks: chunks.unbind(),
-            collector,
-            signature,
-        })
-    }
-
-    /// Pickles `obj`; returns the pickle as the pieces the pickler wrote (one `bytes` for a
-    /// small object; a large `bytes` payload is passed through as is, not copied), with the
-    /// out-of-band buffers when there are any.
-    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickle<'py>> {
-        let chunks = self.chunks.bind(py);
-        let res = self.dump.bind(py).call1((obj,)).and_then(|_| {
-            let mut parts = Vec::with_capacity(chunks.len());
-            for item in chunks.iter() {
-                parts.push(match item.cast_into::<PyBytes>() {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let any = e.into_inner();
-                        py.get_type::<PyBytes>()
-                            .call1((any,))?
-                            .cast_into::<PyBytes>()?
-                    }
-                });
-            }
-            Ok(parts)
-        });
-        chunks.del_slice(0, chunks.len())?;
-        self.clear_memo.bind(py).call0()?;
-        let bufs = self.collector.get().take();
-        Ok((res?, bufs))
-    }
-}
-
-/// A pickle as consecutive pieces.
-type Parts<'py> = Vec<Bound<'py, PyBytes>>;
-
-/// A pickle and the buffers its pickler left out-of-band.
-type Pickle<'py> = (Parts<'py>, Vec<Py<PyAny>>);
-
-fn slices<'a>(parts: &'a [Bound<'_, PyBytes>]) -> Vec<&'a [u8]> {
-    parts.iter().map(|b| b.as_bytes()).collect()
-}
-
-/// One message ready to write: natively encoded (see [`tinypickle`]), pickled, or pickled
-/// with out-of-band buffers (see [`oob`]).
-enum Pickled<'py> {
-    Native(Vec<u8>),
-    Parts(Parts<'py>),
-    Oob(Parts<'py>, oob::Bundle),
-}
-
-impl Pickled<'_> {
-    fn slices(&self) -> Vec<&[u8]> {
-        match self {
-            Pickled::Native(v) => vec![v.as_slice()],
-            Pickled::Parts(p) => slices(p),
-            Pickled::Oob(p, bundle) => bundle.slices(&slices(p)),
-        }
-    }
-
-    /// Frees what a message that was not published holds outside the ring.
-    fn discard(&self, ring: &RingBuffer) {
-        if let Pickled::Oob(_, bundle) = self {
-            bundle.discard(ring);
-        }
-    }
-}
-
-/// A message as read: already an object (natively decoded), or a pickle (or bundle) to load.
-enum Msg<'py> {
-    Obj(Bound<'py, PyAny>),
-    Pickle(Bound<'py, PyBytes>),
-}
-
-/// Longest message the reader tries to decode natively (the fast path's messages are small).
-const NATIVE_READ_MAX: usize = 512;
-
-fn fresh_dumps<'py>(py: Python<'py>, g: &Globals, obj: &Bound<'py, PyAny>) -> PyResult<Parts<'py>> {
-    let file = g.bytesio.bind(py).call0()?;
-    g.pickler
-        .bind(py)
-        .call1((&file,))?
-        .call_method1("dump", (obj,))?;
-    Ok(vec![file
-        .call_method0("getvalue")?
-        .cast_into::<PyBytes>()?])
-}
-
-fn loads<'py>(py: Python<'py>, data: Bound<'py, PyBytes>) -> PyResult<Bound<'py, PyAny>> {
-    let g = globals(py)?;
-    g.loads.bind(py).call1((data,))
-}
 
 fn log_recovered(how: Acquired, which: &str) {
     if let Acquired::Recovered { dead_pid } = how {
@@ -275,55 +81,6 @@ impl Core {
             pickler: Mutex::new(None),
             freer: PyOnceLock::new(),
         })
-    }
-
-    fn dumps<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickled<'py>> {
-        let mut native = Vec::with_capacity(32);
-        if tinypickle::encode(obj, &mut native) {
-            return Ok(Pickled::Native(native));
-        }
-        if let Ok(b) = obj.cast_exact::<PyBytes>() {
-            if b.as_bytes().len() > self.ring.max_whole() {
-                let pickle = oob::NEXT_BUFFER_PICKLE;
-                let buf = [b.clone().into_any().unbind()];
-                let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf, true)?;
-                return Ok(Pickled::Oob(vec![PyBytes::new(py, pickle)], bundle));
-            }
-        }
-        let (parts, bufs) = self.dumps_parts(py, obj)?;
-        if !bufs.is_empty() {
-            let len = parts.iter().map(|b| b.as_bytes().len()).sum();
-            let bundle = oob::Bundle::write(py, &self.ring, len, &bufs, false)?;
-            return Ok(Pickled::Oob(parts, bundle));
-        }
-        let total: usize = parts.iter().map(|b| b.as_bytes().len()).sum();
-        if parts.len() > 1 && total > self.ring.max_whole() {
-            // Too big for one frame: it may be streamed, which needs one contiguous buffer.
-            let joined = PyBytes::new(py, &[]).call_method1("join", (parts,))?;
-            return Ok(Pickled::Parts(vec![joined.cast_into::<PyBytes>()?]));
-        }
-        Ok(Pickled::Parts(parts))
-    }
-
-    fn dumps_parts<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Pickle<'py>> {
-        let g = globals(py)?;
-        let Ok(mut slot) = self.pickler.try_lock() else {
-            return Ok((fresh_dumps(py, g, obj)?, Vec::new()));
-        };
-        let sig = reducer_signature(py, g)?;
-        if !matches!(slot.as_ref(), Some(p) if p.signature == sig) {
-            *slot = Some(Pickler::new(py, g, sig)?);
-        }
-        let res = slot.as_ref().map(|p| p.dumps(py, obj));
-        match res {
-            Some(Ok(b)) => Ok(b),
-            Some(Err(e)) => {
-                // The pickler's memo may hold a partial message: start afresh next time.
-                *slot = None;
-                Err(e)
-            }
-            None => Ok((fresh_dumps(py, g, obj)?, Vec::new())),
-        }
     }
 
     /// Takes the writer lock. `Ok(false)`: not within the deadline.
@@ -625,21 +382,6 @@ impl Core {
             }
             None => None,
         })
-    }
-
-    /// The object a message stands for.
-    fn load<'py>(&self, py: Python<'py>, m: Msg<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match m {
-            Msg::Obj(o) => Ok(o),
-            Msg::Pickle(b) if bundle::is_bundle(b.as_bytes()) => {
-                let freer = self
-                    .freer
-                    .get_or_try_init(py, || Py::new(py, oob::Freer::new(&self.ring)?))?;
-                let loads = globals(py)?.loads.bind(py);
-                oob::load(py, &self.ring, freer.bind(py), loads, b.as_bytes())
-            }
-            Msg::Pickle(b) => loads(py, b),
-        }
     }
 
     fn get_msg<'py>(
