@@ -25,6 +25,10 @@
 //! milliseconds), a writer facing a full ring waits for room rather than using the log; after
 //! a whole wait slice without progress and no live reader, it moves the message to the log.
 //!
+//! # Blob area
+//! Far beyond the log (at [`BLOB_BASE`]), page-aligned blobs hold large out-of-band buffers of
+//! messages; the message names them. See `ring/blob.rs`.
+//!
 //! # Commit and crash semantics
 //! Writers hold `wlock`, readers `rlock` (both [`RobustMutex`]: a dead holder's lock is taken
 //! over by the next process that waits for it). A frame becomes visible only when the writer
