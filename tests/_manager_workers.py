@@ -22,6 +22,11 @@ def fill_containers(d, lst, ns, value, arr, q):  # noqa: PLR0917 - one per manag
     q.put(("done", sorted(d.keys())))
 
 
+def iterate_in_child(d, out):
+    """Iterates a managed dict in a child: its Iterator arrives as a "#PROXY" reply."""
+    out.append(sorted(d))
+
+
 def bump_under_lock(lock, counter, n):
     for _ in range(n):
         with lock:

@@ -83,6 +83,17 @@ def test_containers_in_parent_and_child(ctx):
     assert m._process is None or m._process.exitcode == 0
 
 
+def test_iterate_managed_dict_in_child(ctx):
+    if type(ctx).__module__.startswith("multiprocessing"):
+        pytest.skip("stdlib: a proxy in a child has no manager to build a '#PROXY' reply with")
+    with ctx.Manager() as m:
+        d, out = m.dict(b=2, a=1), m.list()
+        p = ctx.Process(target=mw.iterate_in_child, args=(d, out))
+        p.start()
+        _join(p)
+        assert out[:] == [["a", "b"]]
+
+
 def test_nested_proxies(impl):
     with impl.Manager() as m:
         outer = m.dict()

@@ -263,13 +263,14 @@ class Server:
         id_to_obj = self.id_to_obj
         stop = self.stop_event
         while not stop.is_set():
-            try:
-                request = recv()
-            except (EOFError, OSError):
-                util.debug("client of %r went away", threading.current_thread().name)
-                return
             methodname = obj = None
             try:
+                try:
+                    request = recv()
+                except (EOFError, OSError):
+                    # Gone, possibly in the middle of a message: nothing left to answer.
+                    util.debug("client of %r went away", threading.current_thread().name)
+                    return
                 ident, methodname, args, kwds = request
                 try:
                     obj, exposed, gettypeid = id_to_obj[ident]
@@ -738,8 +739,14 @@ class BaseManager:
                 if type(value) is not str:
                     raise AssertionError(f"{value!r} is not a string")
         cls._registry[typeid] = (callable, exposed, method_to_typeid, proxytype)
+        _proxytypes[typeid] = proxytype
         if create_method:
             setattr(cls, typeid, _creator(typeid, proxytype))
+
+
+# typeid -> proxy type, over every manager class of this process (latest registration wins):
+# what a proxy without a manager object uses for a "#PROXY" reply.
+_proxytypes = {}
 
 
 def _creator(typeid, proxytype):
@@ -848,7 +855,12 @@ class BaseProxy:
 
     def _proxy_from_reply(self, result):
         exposed, token = result
-        proxytype = self._manager._registry[token.typeid][-1]
+        if self._manager is not None:
+            proxytype = self._manager._registry[token.typeid][-1]
+        else:
+            # A proxy inherited by or sent to another process has no manager object; the
+            # proxy types registered in this process stand in (the stdlib fails here).
+            proxytype = _proxytypes.get(token.typeid, AutoProxy)
         token.address = self._token.address
         proxy = proxytype(
             token, self._serializer, manager=self._manager, authkey=self._authkey, exposed=exposed
