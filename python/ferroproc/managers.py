@@ -23,6 +23,8 @@ Differences:
     * A server given no address listens on a Linux abstract-namespace socket, not on a file
       in a temporary directory (nothing to clean up after a crash; stdlib clients connect to
       it all the same).
+    * A proxy in another process than its manager's (a child's copy) can still receive
+      proxies as results (`iter()` of a managed dict); the stdlib's raises `AttributeError`.
     * `SharedMemoryManager` is not available yet (it needs `ferroproc.shared_memory`).
 """
 
