@@ -349,6 +349,27 @@ def test_client_killed_mid_call(ctx):
         assert m._process.is_alive()
 
 
+def test_interrupted_call_leaves_the_proxy_usable(impl):
+    if impl.__name__ == "multiprocessing":
+        pytest.skip("stdlib: the interrupted call's reply stays pending on the connection")
+    import _thread
+    import threading
+
+    with impl.Manager() as m:
+        ev, d = m.Event(), m.dict()
+        timer = threading.Timer(0.2, _thread.interrupt_main)
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ev.wait()  # no timeout: only the interrupt ends it
+        finally:
+            timer.join(SHORT_TIMEOUT)
+        d["after"] = 1
+        assert d["after"] == 1
+        ev.set()
+        assert ev.is_set()
+
+
 _ORPHAN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

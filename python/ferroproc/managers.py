@@ -848,12 +848,23 @@ class BaseProxy:
             util.debug("thread %r does not own a connection", threading.current_thread().name)
             conn = self._connect()
         conn.send((self._id, methodname, args, kwds))
-        kind, result = conn.recv()
+        try:
+            kind, result = conn.recv()
+        except BaseException:
+            # Interrupted (Ctrl-C) or cut off before the reply: the connection is out of step
+            # with its server thread, so this thread's next call starts on a fresh one.
+            self._forget_connection(conn)
+            raise
         if kind == _RETURN:
             return result
         if kind == _PROXY:
             return self._proxy_from_reply(result)
         raise convert_to_error(kind, result)
+
+    def _forget_connection(self, conn):
+        if getattr(self._tls, "connection", None) is conn:
+            del self._tls.connection
+        conn.close()
 
     def _proxy_from_reply(self, result):
         exposed, token = result
