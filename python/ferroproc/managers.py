@@ -30,6 +30,7 @@ Differences:
 
 from __future__ import annotations
 
+import _thread
 import array
 import os
 import sys
@@ -188,6 +189,9 @@ class Server:
         self.id_to_local_proxy_obj = {}
         self.mutex = threading.Lock()
         self.stop_event = threading.Event()
+        self._accept_turn = threading.Lock()
+        self._idle_lock = threading.Lock()
+        self._waiting_for_turn = 0
 
     # -- running -------------------------------------------------------------------------
 
@@ -210,15 +214,39 @@ class Server:
             sys.exit(0)
 
     def accepter(self):
-        """Hands each incoming connection to a thread of its own."""
-        while not self.stop_event.is_set():
+        """Accepts connections and serves each on the thread that accepted it.
+
+        Threads take turns at `accept()`: the one that gets a connection passes the turn to a
+        thread waiting for it (or starts one when none waits) and then serves the connection
+        itself, so no request waits for a thread to be created or woken. Threads whose
+        connection ended queue up for the turn again instead of exiting.
+        """
+        stop = self.stop_event
+        turn = self._accept_turn
+        counts = self._idle_lock
+        while not stop.is_set():
+            with counts:
+                self._waiting_for_turn += 1
+            turn.acquire()
+            with counts:
+                self._waiting_for_turn -= 1
             try:
                 c = self.listener.accept()
             except OSError:
+                turn.release()
                 if self.listener._listener is None:  # closed: nothing more will come
                     return
                 continue
-            threading.Thread(target=self.handle_request, args=(c,), daemon=True).start()
+            except BaseException:
+                turn.release()
+                raise
+            with counts:
+                follower = self._waiting_for_turn > 0
+            turn.release()
+            if not follower:
+                # Not `threading.Thread.start()`, which waits for the new thread to run.
+                _thread.start_new_thread(self.accepter, ())
+            self.handle_request(c)
 
     def handle_request(self, conn):
         """Authenticates a new connection and runs its one request."""
@@ -234,7 +262,10 @@ class Server:
         try:
             connection.deliver_challenge(c, self.authkey)
             connection.answer_challenge(c, self.authkey)
-            request = c.recv()
+            try:
+                request = c.recv()
+            except EOFError:
+                return  # authenticated, then closed: nobody to answer
             _, funcname, args, kwds = request
             if funcname not in self.public:
                 raise AssertionError(f"{funcname!r} unrecognized")
