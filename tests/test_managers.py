@@ -387,6 +387,33 @@ def test_interrupted_call_leaves_the_proxy_usable(impl):
         assert ev.is_set()
 
 
+def test_hostile_and_vanishing_clients_leave_the_server_serving(impl):
+    import socket
+    import struct
+
+    managers = _managers(impl)
+    connection = __import__(f"{impl.__name__}.connection", fromlist=["Client"])
+    with impl.Manager() as m:
+        d = m.dict()
+        # Connects and goes away before the handshake.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(m.address)
+        # Authenticates, switches to method calls, then sends a frame that is not a pickle.
+        c = connection.Client(m.address, authkey=m._authkey)
+        managers.dispatch(c, None, "accept_connection", ("hostile",))
+        c.send_bytes(b"\x80\x05not a pickle")
+        kind, text = c.recv()
+        assert kind == "#TRACEBACK" and "Traceback" in text
+        # Then announces 100 bytes, sends 10 and leaves.
+        with socket.socket(fileno=os.dup(c.fileno())) as raw:
+            raw.sendall(struct.pack("!i", 100) + b"x" * 10)
+        c.close()
+        d["x"] = 1
+        assert d["x"] == 1
+        assert m._process.is_alive()
+        del d
+
+
 _ORPHAN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
