@@ -420,8 +420,11 @@ _ORPHAN_SCRIPT = textwrap.dedent(
     import ferroproc
     if __name__ == "__main__":
         m = ferroproc.get_context(sys.argv[1]).Manager()
+        d = m.dict(a=1)  # a live proxy at exit too
         print(m._process.pid, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if sys.argv[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(0)  # no shutdown(): the exit finalizers stop and reap the server
     """
 )
 
@@ -435,18 +438,21 @@ def _gone(pid):
     return stat[stat.rfind(")") + 2] in "ZX"
 
 
+@pytest.mark.parametrize("how", ["kill", "exit"])
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_server_ends_when_its_owner_is_killed(method, tmp_path):
+def test_server_ends_with_its_owner(method, how, tmp_path):
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), method],
+        [sys.executable, str(script), method, how],
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT,
         check=False,
     )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.returncode == (-signal.SIGKILL if how == "kill" else 0), proc.stderr
+    if how == "exit":
+        assert proc.stderr == ""
     pid = int(proc.stdout.split()[0])
     deadline = time.monotonic() + 10
     while not _gone(pid) and time.monotonic() < deadline:
