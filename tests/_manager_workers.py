@@ -27,6 +27,22 @@ def iterate_in_child(d, out):
     out.append(sorted(d))
 
 
+def count_in_threads(d, n_threads, n):
+    """Several threads of one process call through the same proxy (one connection each)."""
+    import threading
+
+    def work(t):
+        for i in range(n):
+            d[t] = i
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(SHORT_TIMEOUT)
+    return sorted(d.items())
+
+
 def bump_under_lock(lock, counter, n):
     for _ in range(n):
         with lock:

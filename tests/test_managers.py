@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -108,6 +109,16 @@ def test_iterate_managed_dict_in_child(ctx):
         p.start()
         _join(p)
         assert out[:] == [["a", "b"]]
+
+
+def test_threads_share_a_proxy(impl):
+    with impl.Manager() as m:
+        d = m.dict()
+        assert mw.count_in_threads(d, 4, 50) == [(t, 49) for t in range(4)]
+        with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+            d["f"] = lambda: None  # not picklable: nothing is sent
+        assert len(d) == 4
+        del d
 
 
 def test_nested_proxies(impl):

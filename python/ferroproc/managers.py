@@ -33,6 +33,7 @@ from __future__ import annotations
 import _thread
 import array
 import os
+import pickle
 import sys
 import threading
 import time
@@ -878,13 +879,15 @@ class BaseProxy:
         except AttributeError:
             util.debug("thread %r does not own a connection", threading.current_thread().name)
             conn = self._connect()
-        conn.send((self._id, methodname, args, kwds))
         try:
+            conn.send((self._id, methodname, args, kwds))
             kind, result = conn.recv()
-        except BaseException:
-            # Interrupted (Ctrl-C) or cut off before the reply: the connection is out of step
-            # with its server thread, so this thread's next call starts on a fresh one.
-            self._forget_connection(conn)
+        except BaseException as e:
+            # Interrupted (Ctrl-C), or the server went away: the connection is out of step
+            # with its server thread, or dead, so this thread's next call starts on a fresh
+            # one. A request that could not be pickled was never sent: nothing to forget.
+            if not isinstance(e, (pickle.PicklingError, TypeError, AttributeError)):
+                self._forget_connection(conn)
             raise
         if kind == _RETURN:
             return result
