@@ -13,7 +13,8 @@ authenticated connections; method calls on one long-lived connection per client 
 ferroproc client therefore works with a stdlib manager server and the other way round.
 
 What is ferroproc's own: the connections are native (Rust framing, GIL-free waits, builtin data
-pickled on a fast path), the per-call paths on both sides are kept short, and the server process
+pickled on a fast path), the per-call paths on both sides are kept short, a server thread serves
+the connection it accepted itself (no thread start per connection), and the server process
 watches its owner, so it goes away when the owner ends even without a shutdown.
 
 Differences:
@@ -198,7 +199,7 @@ class Server:
 
     def serve_forever(self):
         """Accepts and serves clients until `shutdown` is requested, then exits the process."""
-        self.stop_event = stop = getattr(self, "stop_event", None) or threading.Event()
+        stop = self.stop_event
         process.current_process()._manager_server = self
         try:
             threading.Thread(target=self.accepter, name="manager-accepter", daemon=True).start()
