@@ -432,8 +432,16 @@ _ORPHAN_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         m = ferroproc.get_context(sys.argv[1]).Manager()
         d = m.dict(a=1)  # a live proxy at exit too
-        print(m._process.pid, flush=True)
-        if sys.argv[2] == "kill":
+        pids = [m._process.pid]
+        if sys.argv[2] == "kill-with-child":
+            # A later fork child holds the owner's end of the control pipe too, so only the
+            # owner's own death (its pidfd) can tell the server.
+            import time
+            child = ferroproc.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            pids.append(child.pid)
+        print(*pids, flush=True)
+        if sys.argv[2].startswith("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
         sys.exit(0)  # no shutdown(): the exit finalizers stop and reap the server
     """
@@ -449,25 +457,33 @@ def _gone(pid):
     return stat[stat.rfind(")") + 2] in "ZX"
 
 
-@pytest.mark.parametrize("how", ["kill", "exit"])
+@pytest.mark.parametrize("how", ["kill", "kill-with-child", "exit"])
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_server_ends_with_its_owner(method, how, tmp_path):
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), method, how],
-        capture_output=True,
-        text=True,
-        timeout=SCRIPT_TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == (-signal.SIGKILL if how == "kill" else 0), proc.stderr
-    if how == "exit":
-        assert proc.stderr == ""
-    pid = int(proc.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not _gone(pid):
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail("the manager server outlived its killed owner")
+    out, err = tmp_path / "out", tmp_path / "err"
+    # Files, not pipes: a surviving grandchild would hold a pipe open past the script's end.
+    with out.open("w") as out_f, err.open("w") as err_f:
+        proc = subprocess.run(
+            [sys.executable, str(script), method, how],
+            stdout=out_f,
+            stderr=err_f,
+            timeout=SCRIPT_TIMEOUT,
+            check=False,
+        )
+    pid, *others = (int(p) for p in out.read_text().split())
+    try:
+        stderr = err.read_text()
+        assert proc.returncode == (0 if how == "exit" else -signal.SIGKILL), stderr
+        if how == "exit":
+            assert stderr == ""
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the manager server outlived its owner")
+    finally:
+        for other in others:  # checked above while it still held the control pipe
+            os.kill(other, signal.SIGKILL)
