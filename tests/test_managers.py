@@ -232,6 +232,18 @@ def test_start_with_initializer_and_states(ctx):
     m.join(SHORT_TIMEOUT)
 
 
+def test_shutdown_request_stops_a_started_server_promptly(impl):
+    m = impl.Manager()
+    try:
+        start = time.monotonic()
+        _stop_remote(impl, m.address, m._authkey)
+        m._process.join(SHORT_TIMEOUT)
+        assert m._process.exitcode == 0
+        assert time.monotonic() - start < 0.9  # not left to a once-a-second check
+    finally:
+        m.shutdown()
+
+
 def test_pool(impl):
     if impl.__name__ == "ferroproc":
         pytest.importorskip("ferroproc.pool")

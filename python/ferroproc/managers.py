@@ -202,8 +202,12 @@ class Server:
         stop = self.stop_event
         process.current_process()._manager_server = self
         try:
-            threading.Thread(target=self.accepter, name="manager-accepter", daemon=True).start()
+            # Not `threading.Thread.start()`, which waits for the new thread to run.
+            _thread.start_new_thread(self.accepter, ())
             try:
+                control = getattr(self, "_owner_control", None)
+                if control is not None:
+                    _watch_owner(self, control)
                 while not stop.is_set():
                     stop.wait(1.0)
             except (KeyboardInterrupt, SystemExit):
@@ -490,15 +494,35 @@ listener_client = {
 }
 
 
+class _WakingEvent(threading.Event):
+    """An Event whose `set()` also makes a descriptor readable, for a native wait to see."""
+
+    def __init__(self):
+        super().__init__()
+        self._wake_r, self._wake_w = os.pipe()
+
+    def set(self):
+        super().set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+
 def _watch_owner(server, control):
-    """Stops `server` when its owner asks to over `control`, closes it, or ends."""
+    """Waits until `server` is told to stop, its owner asks to over `control`, closes it, or
+    ends; the server then stops. Runs on the server's main thread."""
     watched = [control]
+    stop = server.stop_event
+    wake = getattr(stop, "_wake_r", None)
+    if wake is not None:
+        watched.append(wake)
     parent = process.parent_process()
     if parent is not None and parent.sentinel is not None:
         watched.append(parent.sentinel)
-    while not server.stop_event.is_set():
+    while not stop.is_set():
         ready = connection.wait(watched, timeout=1.0)
-        if not ready:
+        if not ready or stop.is_set():
             continue
         if control in ready:
             try:
@@ -646,9 +670,10 @@ class BaseManager:
         server = cls._Server(registry, address, authkey, serializer)
         writer.send(server.address)
         if getattr(writer, "readable", False):
-            threading.Thread(
-                target=_watch_owner, args=(server, writer), name="manager-owner", daemon=True
-            ).start()
+            # `serve_forever` watches the owner on this thread; a `shutdown` request (which
+            # sets the stop event) wakes that wait too.
+            server._owner_control = writer
+            server.stop_event = _WakingEvent()
         else:
             writer.close()
         util.info("manager serving at %r", server.address)
