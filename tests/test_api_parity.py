@@ -11,6 +11,7 @@ import inspect
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.managers
 import multiprocessing.process
 import multiprocessing.queues
 import multiprocessing.reduction
@@ -21,6 +22,7 @@ import multiprocessing.util
 import ferroproc
 import ferroproc.connection
 import ferroproc.context
+import ferroproc.managers
 import ferroproc.process
 import ferroproc.queues
 import ferroproc.reduction
@@ -36,7 +38,6 @@ NOT_YET = {
     "RawValue": "synchronization",
     "RawArray": "synchronization",
     "Pool": "pool",
-    "Manager": "managers",
 }
 
 # (module, qualified name) -> why ferroproc's signature differs
@@ -57,6 +58,7 @@ SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {
 SUBMODULES = [
     (multiprocessing.connection, ferroproc.connection),
     (multiprocessing.context, ferroproc.context),
+    (multiprocessing.managers, ferroproc.managers),
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.queues, ferroproc.queues),
     (multiprocessing.reduction, ferroproc.reduction),
@@ -152,10 +154,19 @@ def test_signatures_match(module, qualname, std_obj, our_obj):
     assert str(our_sig) == str(std_sig), f"{module}.{qualname}"
 
 
+# "module.name" -> the issue that implements it (submodule names not built yet)
+SUBMODULE_NOT_YET = {
+    "multiprocessing.managers.SharedMemoryManager": "shared_memory",
+}
+
+
 def test_stdlib_public_submodule_names_exist():
     missing = []
     for std_mod, our_mod in SUBMODULES:
         for name in getattr(std_mod, "__all__", []):
+            if f"{std_mod.__name__}.{name}" in SUBMODULE_NOT_YET:
+                assert not hasattr(our_mod, name), f"remove {name} from SUBMODULE_NOT_YET"
+                continue
             if not hasattr(our_mod, name):
                 missing.append(f"{std_mod.__name__}.{name}")
     assert missing == []

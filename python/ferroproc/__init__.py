@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "JoinableQueue",
     "Lock",
+    "Manager",
     "Pipe",
     "Process",
     "ProcessError",
@@ -53,6 +54,7 @@ Condition = _ctx.Condition
 Event = _ctx.Event
 JoinableQueue = _ctx.JoinableQueue
 Lock = _ctx.Lock
+Manager = _ctx.Manager
 Queue = _ctx.Queue
 RLock = _ctx.RLock
 Semaphore = _ctx.Semaphore

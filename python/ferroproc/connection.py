@@ -16,8 +16,8 @@ Differences:
       message; `send_bytes` of a non-contiguous buffer is always `BufferError`.
     * `Connection` pickles only through `ForkingPickler` (a plain `pickle.dumps` of a connection
       raises `TypeError`; the stdlib pickles a meaningless handle number).
-    * `Pipe()` asks for a 1 MiB socket send buffer; a receiver that usually waits spins for up to
-      ~25 microseconds (GIL released) before sleeping.
+    * `Pipe()` asks for a 1 MiB socket send buffer; a receiver that usually waits polls for up to
+      ~25 microseconds (GIL released, yielding the CPU between tries) before sleeping.
 """
 
 from __future__ import annotations

@@ -187,6 +187,14 @@ class BaseContext:
 
         return SimpleQueue(ctx=self.get_context())
 
+    def Manager(self):
+        """A started `SyncManager`: a server process holding shared objects for proxies."""
+        from .managers import SyncManager
+
+        m = SyncManager(ctx=self.get_context())
+        m.start()
+        return m
+
     def get_context(self, method=None):
         """The context for `method`, or this one when `method` is None."""
         if method is None:

@@ -210,6 +210,10 @@ pub fn drive<T>(
 /// Retries `step` without sleeping for up to `window`: when the peer answers within a few
 /// microseconds (request/response traffic between processes on different CPUs), this skips
 /// the cost of going to sleep in `poll` and being woken, which dominates such round trips.
+/// Between tries the thread yields its CPU instead of busy-waiting: on a loaded machine the
+/// peer (or whoever it waits behind) gets to run on this CPU, where a busy spin would keep it
+/// off for the whole window (measured on 2 busy CPUs: a `Connection` ping-pong took 65 us
+/// with a busy spin, 15 us with yields; on an idle machine the two are alike).
 /// `Ok(None)` when nothing arrived in time.
 ///
 /// # Errors
@@ -227,7 +231,7 @@ pub fn spin<T>(
         if start.elapsed() >= window {
             return Ok(None);
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 

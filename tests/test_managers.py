@@ -1,0 +1,501 @@
+"""Managers: SyncManager types, BaseManager subclasses, remote managers, interop, failures.
+
+Every behavioural test runs on the stdlib and on ferroproc (``impl``), most under each start
+method (``ctx``); the interop tests pair a server of one library with a client of the other.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import _manager_workers as mw
+import pytest
+from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT
+
+LOCALHOST = ("127.0.0.1", 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _per_process_helpers():
+    # Helpers that live until exit (ferroproc's own pidfd and forkserver, the stdlib's
+    # forkserver) start before the first per-test leak baseline, also when only the interop
+    # tests (which take no `impl`) are selected.
+    import multiprocessing
+
+    import ferroproc
+
+    for lib in (multiprocessing, ferroproc):
+        for method in ("fork", "forkserver"):
+            p = lib.get_context(method).Process(target=mw.slow_call, args=(0,))
+            p.start()
+            _join(p)
+
+
+def _join(p):
+    p.join(SHORT_TIMEOUT)
+    assert not p.is_alive()
+    assert p.exitcode == 0
+
+
+def _managers(impl):
+    import importlib
+
+    return importlib.import_module(f"{impl.__name__}.managers")
+
+
+def _stop_remote(impl, address, authkey):
+    """Asks a server run by get_server().serve_forever() to stop."""
+    managers = _managers(impl)
+    conn = managers.listener_client["pickle"][1](address, authkey=authkey)
+    try:
+        managers.dispatch(conn, None, "shutdown")
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# SyncManager types, also through proxies handed to children
+# ---------------------------------------------------------------------------------------------
+
+
+def test_containers_in_parent_and_child(ctx):
+    with ctx.Manager() as m:
+        d = m.dict(a=1)
+        lst = m.list([1, 2, 3])
+        ns = m.Namespace(given=21)
+        value = m.Value("i", 41)
+        arr = m.Array("i", [0, 2, 3])
+        q = m.Queue()
+        d["b"] = 2
+        assert d["a"] + d["b"] == 3
+        assert len(d) == 2 and "a" in d and d.get("zz", 9) == 9
+        assert sorted(iter(d)) == ["a", "b"]  # an Iterator proxy (a "#PROXY" reply)
+        p = ctx.Process(target=mw.fill_containers, args=(d, lst, ns, value, arr, q))
+        p.start()
+        assert q.get(timeout=SHORT_TIMEOUT) == ("done", ["a", "b", "child", "sum"])
+        _join(p)
+        assert d["child"] == p.pid
+        assert d["sum"] == 6
+        assert lst[:] == [1, 2, 3, 3]
+        lst += [7]
+        lst *= 1
+        assert list(lst) == [1, 2, 3, 3, 7]
+        assert ns.seen == 42
+        del ns.seen
+        with pytest.raises(AttributeError):
+            _ = ns.seen
+        assert value.value == 42
+        assert list(arr[:]) == [5, 2, 3] and len(arr) == 3
+        assert d.copy() == {"a": 1, "b": 2, "child": p.pid, "sum": 6}
+        assert str(lst) == "[1, 2, 3, 3, 7]"
+        assert repr(ns).startswith("<NamespaceProxy object, typeid 'Namespace'")
+        assert m._process.is_alive()
+    assert m._process is None or m._process.exitcode == 0
+
+
+def test_iterate_managed_dict_in_child(ctx):
+    if type(ctx).__module__.startswith("multiprocessing"):
+        pytest.skip("stdlib: a proxy in a child has no manager to build a '#PROXY' reply with")
+    with ctx.Manager() as m:
+        d, out = m.dict(b=2, a=1), m.list()
+        p = ctx.Process(target=mw.iterate_in_child, args=(d, out))
+        p.start()
+        _join(p)
+        assert out[:] == [["a", "b"]]
+
+
+def test_threads_share_a_proxy(impl):
+    with impl.Manager() as m:
+        d = m.dict()
+        assert mw.count_in_threads(d, 4, 50) == [(t, 49) for t in range(4)]
+        with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+            d["f"] = lambda: None  # not picklable: nothing is sent
+        assert len(d) == 4
+        del d
+
+
+def test_nested_proxies(impl):
+    with impl.Manager() as m:
+        outer = m.dict()
+        outer["inner"] = m.list([1])
+        inner = outer["inner"]
+        inner.append(2)
+        assert outer["inner"][:] == [1, 2]
+        outer["ns"] = m.Namespace(x=1)
+        outer["ns"].x = 5
+        assert outer["ns"].x == 5
+        del inner
+        del outer
+
+
+def test_sync_types_across_processes(impl):
+    ctx = impl.get_context("fork")
+    with ctx.Manager() as m:
+        lock, counter = m.Lock(), m.Value("i", 0)
+        workers = [
+            ctx.Process(target=mw.bump_under_lock, args=(lock, counter, 50)) for _ in range(2)
+        ]
+        for p in workers:
+            p.start()
+        for p in workers:
+            _join(p)
+        assert counter.value == 100
+
+        ev_in, ev_out = m.Event(), m.Event()
+        p = ctx.Process(target=mw.wait_event_then_set, args=(ev_in, ev_out))
+        p.start()
+        assert not ev_out.is_set()
+        ev_in.set()
+        assert ev_out.wait(SHORT_TIMEOUT)
+        _join(p)
+        ev_in.clear()
+        assert not ev_in.is_set()
+
+        barrier, results = m.Barrier(2), m.list()
+        p = ctx.Process(target=mw.cross_barrier, args=(barrier, results))
+        p.start()
+        results.append(barrier.wait(SHORT_TIMEOUT))
+        _join(p)
+        assert sorted(results) == [0, 1]
+        assert barrier.parties == 2 and barrier.n_waiting == 0 and not barrier.broken
+
+        rlock = m.RLock()
+        assert rlock.acquire() and rlock.acquire()
+        rlock.release()
+        rlock.release()
+        sem = m.BoundedSemaphore(1)
+        assert sem.acquire(timeout=1)
+        assert not sem.acquire(True, 0.05)
+        sem.release()
+        with pytest.raises(ValueError):
+            sem.release()
+        cond = m.Condition()
+        with cond:
+            cond.notify_all()
+            assert cond.wait_for(lambda: False, timeout=0.05) is False
+            assert cond.wait(0.01) is False
+        jq = m.JoinableQueue()
+        jq.put(1)
+        assert jq.get(timeout=SHORT_TIMEOUT) == 1
+        jq.task_done()
+        jq.join()
+
+
+def test_errors_and_remote_traceback(impl):
+    cls = mw.make_manager_class(impl.__name__)
+    managers = _managers(impl)
+    with cls() as m:
+        thing = m.Thing(1)
+        assert thing.add(2) == 3
+        assert not hasattr(thing, "_hidden")
+        with pytest.raises(ValueError, match="raised in the server"):
+            thing.fail()
+        with pytest.raises(managers.RemoteError) as info:
+            thing._callmethod("_hidden")
+        text = str(info.value)
+        assert "Traceback (most recent call last)" in text and "_hidden" in text
+        assert thing._getvalue().n == 3
+        assert m._number_of_objects() == 1
+        assert "refcount=1" in m._debug_info()
+        # A raised exception's traceback holds the proxy in a cycle until collected.
+        del thing, info
+        gc.collect()
+        assert m._number_of_objects() == 0
+
+
+def test_start_with_initializer_and_states(ctx):
+    impl_name = type(ctx).__module__.split(".")[0]
+    cls = mw.make_manager_class(impl_name)
+    m = cls(ctx=ctx)
+    with pytest.raises(TypeError):
+        m.start(initializer=5)
+    m.start(mw.set_marker, ("from initializer",))
+    try:
+        with pytest.raises(ctx.ProcessError):
+            m.start()
+        thing = m.Thing()
+        assert thing.marker() == "from initializer"
+        assert thing.pid() == m._process.pid
+        del thing
+    finally:
+        m.shutdown()
+    assert m._process.exitcode == 0
+    with pytest.raises(ctx.ProcessError):
+        m.start()
+    m.join(SHORT_TIMEOUT)
+
+
+def test_shutdown_request_stops_a_started_server_promptly(impl):
+    m = impl.Manager()
+    try:
+        start = time.monotonic()
+        _stop_remote(impl, m.address, m._authkey)
+        m._process.join(SHORT_TIMEOUT)
+        assert m._process.exitcode == 0
+        assert time.monotonic() - start < 0.9  # not left to a once-a-second check
+    finally:
+        m.shutdown()
+
+
+def test_pool(impl):
+    if impl.__name__ == "ferroproc":
+        pytest.importorskip("ferroproc.pool")
+    with impl.Manager() as m, m.Pool(2) as pool:
+        assert pool.map(abs, [-1, -2, 3]) == [1, 2, 3]
+        assert pool.apply_async(abs, (-4,)).get(SHORT_TIMEOUT) == 4
+        assert sorted(pool.imap_unordered(abs, [-1, -2])) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote managers over TCP, and the two libraries talking to each other
+# ---------------------------------------------------------------------------------------------
+
+
+def test_remote_manager_on_localhost(ctx):
+    impl_name = type(ctx).__module__.split(".")[0]
+    impl = sys.modules[impl_name]
+    authkey = os.urandom(16)
+    r, w = ctx.Pipe(duplex=False)
+    server = ctx.Process(target=mw.serve_remote, args=(impl_name, authkey, w))
+    server.start()
+    w.close()
+    try:
+        assert r.poll(SHORT_TIMEOUT)
+        address = r.recv()
+        assert address[0] == "127.0.0.1"
+        m = mw.make_manager_class(impl_name)(address=address, authkey=authkey)
+        m.connect()
+        thing = m.Thing(1)
+        assert thing.add(1) == 2
+        assert thing.pid() == server.pid
+        # Another process connects to the same server.
+        out_r, out_w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=mw.use_remote, args=(impl_name, address, authkey, out_w))
+        p.start()
+        out_w.close()
+        assert out_r.poll(SHORT_TIMEOUT)
+        assert out_r.recv() == 15
+        _join(p)
+        out_r.close()
+        with pytest.raises(impl.AuthenticationError):
+            mw.make_manager_class(impl_name)(address=address, authkey=b"wrong key").connect()
+        assert thing.add(1) == 3  # the server survived the failed handshake
+        del thing
+        _stop_remote(impl, address, authkey)
+        server.join(SHORT_TIMEOUT)
+        assert server.exitcode == 0
+    finally:
+        r.close()
+        if server.is_alive():
+            server.kill()
+            server.join(SHORT_TIMEOUT)
+
+
+@pytest.mark.parametrize("address", [LOCALHOST, None], ids=["tcp", "default"])
+@pytest.mark.parametrize("client_name", ["multiprocessing", "ferroproc"])
+@pytest.mark.parametrize("server_name", ["multiprocessing", "ferroproc"])
+def test_interop_client_and_server(server_name, client_name, address):
+    server_mgrs = _managers(pytest.importorskip(server_name))
+    client_mgrs = _managers(pytest.importorskip(client_name))
+    authkey = os.urandom(16)
+    srv = server_mgrs.SyncManager(address=address, authkey=authkey)
+    srv.start()
+    try:
+        client = client_mgrs.SyncManager(address=srv.address, authkey=authkey)
+        client.connect()
+        d = client.dict()
+        d["a"] = [1, 2]
+        assert d["a"] == [1, 2]
+        assert list(iter(d)) == ["a"]  # a "#PROXY" reply built by the other library
+        ns = client.Namespace(x=1)
+        ns.y = 2
+        assert ns.x + ns.y == 3
+        lst = client.list(range(3))
+        lst.append(3)
+        assert lst[:] == [0, 1, 2, 3]
+        lock = client.Lock()
+        assert lock.acquire(timeout=1)
+        lock.release()
+        with pytest.raises(client_mgrs.RemoteError, match="Traceback"):
+            d._callmethod("no_such_method")
+        with pytest.raises(KeyError):
+            d["missing"]
+        del d, ns, lst, lock
+        gc.collect()  # the raised exceptions' tracebacks held proxies in cycles
+        assert srv._number_of_objects() == 0
+    finally:
+        srv.shutdown()
+    assert srv._process.exitcode == 0
+
+
+def test_wrong_authkey(impl):
+    managers = _managers(impl)
+    authkey = os.urandom(16)
+    with managers.SyncManager(address=LOCALHOST, authkey=authkey) as m:
+        with pytest.raises(impl.AuthenticationError):
+            managers.SyncManager(address=m.address, authkey=b"not the key").connect()
+        client = managers.SyncManager(address=m.address, authkey=authkey)
+        client.connect()
+        d = client.dict()
+        d[1] = 2
+        assert d[1] == 2
+        del d
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: dead server, client killed mid-call, owner gone
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dead_server_gives_a_clear_error(impl):
+    m = impl.Manager()
+    try:
+        d = m.dict()
+        d[1] = 1
+        os.kill(m._process.pid, signal.SIGKILL)
+        m._process.join(SHORT_TIMEOUT)
+        start = time.monotonic()
+        with pytest.raises((EOFError, ConnectionError)):
+            d[1] = 2
+            d[1]
+        with pytest.raises(OSError):
+            m.list()
+        assert time.monotonic() - start < SHORT_TIMEOUT / 2
+    finally:
+        m.shutdown()
+    del d
+
+
+def test_client_killed_mid_call(ctx):
+    with ctx.Manager() as m:
+        q, started, d = m.Queue(), m.Event(), m.dict()
+        p = ctx.Process(target=mw.block_on_queue, args=(q, started))
+        p.start()
+        assert started.wait(SHORT_TIMEOUT)
+        time.sleep(0.05)  # let the child's q.get() reach the server
+        p.kill()
+        p.join(SHORT_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL
+        d["still"] = "serving"
+        assert d["still"] == "serving"
+        assert m.list([1])[:] == [1]
+        assert m._process.is_alive()
+
+
+def test_interrupted_call_leaves_the_proxy_usable(impl):
+    if impl.__name__ == "multiprocessing":
+        pytest.skip("stdlib: the interrupted call's reply stays pending on the connection")
+    import _thread
+    import threading
+
+    with impl.Manager() as m:
+        ev, d = m.Event(), m.dict()
+        timer = threading.Timer(0.2, _thread.interrupt_main)
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ev.wait()  # no timeout: only the interrupt ends it
+        finally:
+            timer.join(SHORT_TIMEOUT)
+        d["after"] = 1
+        assert d["after"] == 1
+        ev.set()
+        assert ev.is_set()
+
+
+def test_hostile_and_vanishing_clients_leave_the_server_serving(impl):
+    import socket
+    import struct
+
+    managers = _managers(impl)
+    connection = __import__(f"{impl.__name__}.connection", fromlist=["Client"])
+    with impl.Manager() as m:
+        d = m.dict()
+        # Connects and goes away before the handshake.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(m.address)
+        # Authenticates, switches to method calls, then sends a frame that is not a pickle.
+        c = connection.Client(m.address, authkey=m._authkey)
+        managers.dispatch(c, None, "accept_connection", ("hostile",))
+        c.send_bytes(b"\x80\x05not a pickle")
+        kind, text = c.recv()
+        assert kind == "#TRACEBACK" and "Traceback" in text
+        # Then announces 100 bytes, sends 10 and leaves.
+        with socket.socket(fileno=os.dup(c.fileno())) as raw:
+            raw.sendall(struct.pack("!i", 100) + b"x" * 10)
+        c.close()
+        d["x"] = 1
+        assert d["x"] == 1
+        assert m._process.is_alive()
+        del d
+
+
+_ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import ferroproc
+    if __name__ == "__main__":
+        m = ferroproc.get_context(sys.argv[1]).Manager()
+        d = m.dict(a=1)  # a live proxy at exit too
+        pids = [m._process.pid]
+        if sys.argv[2] == "kill-with-child":
+            # A later fork child holds the owner's end of the control pipe too, so only the
+            # owner's own death (its pidfd) can tell the server.
+            import time
+            child = ferroproc.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            pids.append(child.pid)
+        print(*pids, flush=True)
+        if sys.argv[2].startswith("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(0)  # no shutdown(): the exit finalizers stop and reap the server
+    """
+)
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] in "ZX"
+
+
+@pytest.mark.parametrize("how", ["kill", "kill-with-child", "exit"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_server_ends_with_its_owner(method, how, tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    out, err = tmp_path / "out", tmp_path / "err"
+    # Files, not pipes: a surviving grandchild would hold a pipe open past the script's end.
+    with out.open("w") as out_f, err.open("w") as err_f:
+        proc = subprocess.run(
+            [sys.executable, str(script), method, how],
+            stdout=out_f,
+            stderr=err_f,
+            timeout=SCRIPT_TIMEOUT,
+            check=False,
+        )
+    pid, *others = (int(p) for p in out.read_text().split())
+    try:
+        stderr = err.read_text()
+        assert proc.returncode == (0 if how == "exit" else -signal.SIGKILL), stderr
+        if how == "exit":
+            assert stderr == ""
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the manager server outlived its owner")
+    finally:
+        for other in others:  # checked above while it still held the control pipe
+            os.kill(other, signal.SIGKILL)
