@@ -11,6 +11,9 @@ import inspect
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.dummy
+import multiprocessing.dummy.connection
+import multiprocessing.pool
 import multiprocessing.process
 import multiprocessing.queues
 import multiprocessing.reduction
@@ -21,6 +24,9 @@ import multiprocessing.util
 import ferroproc
 import ferroproc.connection
 import ferroproc.context
+import ferroproc.dummy
+import ferroproc.dummy.connection
+import ferroproc.pool
 import ferroproc.process
 import ferroproc.queues
 import ferroproc.reduction
@@ -35,7 +41,6 @@ NOT_YET = {
     "Array": "synchronization",
     "RawValue": "synchronization",
     "RawArray": "synchronization",
-    "Pool": "pool",
     "Manager": "managers",
 }
 
@@ -63,6 +68,9 @@ SUBMODULES = [
     (multiprocessing.spawn, ferroproc.spawn),
     (multiprocessing.synchronize, ferroproc.synchronize),
     (multiprocessing.util, ferroproc.util),
+    (multiprocessing.pool, ferroproc.pool),
+    (multiprocessing.dummy, ferroproc.dummy),
+    (multiprocessing.dummy.connection, ferroproc.dummy.connection),
 ]
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "JoinableQueue",
     "Lock",
     "Pipe",
+    "Pool",
     "Process",
     "ProcessError",
     "Queue",
@@ -45,6 +46,7 @@ __all__ = [
 _ctx = context._default_context
 
 Pipe = _ctx.Pipe
+Pool = _ctx.Pool
 allow_connection_pickling = _ctx.allow_connection_pickling
 Process = context.Process
 Barrier = _ctx.Barrier

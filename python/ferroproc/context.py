@@ -187,6 +187,12 @@ class BaseContext:
 
         return SimpleQueue(ctx=self.get_context())
 
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+        """A pool of worker processes (see `ferroproc.pool`)."""
+        from .pool import Pool
+
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
+
     def get_context(self, method=None):
         """The context for `method`, or this one when `method` is None."""
         if method is None:
