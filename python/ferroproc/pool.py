@@ -157,8 +157,20 @@ class _Source:
         out = []
         for size in sizes:
             try:
-                items = list(itertools.islice(self.it, size))
+                if c == 1:
+                    # Items of merged one-item chunks are taken one by one, so the ones read
+                    # before the iterable raises still run (each is its own task).
+                    items = []
+                    for item in itertools.islice(self.it, size):
+                        items.append(item)
+                else:
+                    items = list(itertools.islice(self.it, size))
             except Exception as e:
+                if c == 1 and items:
+                    kind = self._kind(c, len(items))
+                    chunk = (kind, self.func, items, None)
+                    out.append((self.job, self.pos, len(items), kind, chunk))
+                    self.pos += len(items)
                 self.job._source_failed(self.pos, e)
                 self._finish()
                 return out, True
@@ -264,7 +276,7 @@ class _Core:
         proc.start()
         slot.proc = proc
         if not self.threads:
-            slot.fd = proc.sentinel
+            slot.fd = getattr(proc, "sentinel", None)
         self.fds_changed = True
         return proc
 
@@ -424,11 +436,6 @@ class _Core:
             slot.fd = None
             self.fds_changed = True
             replace = not self.stopping and self.state != TERMINATE
-        if not self.threads:
-            try:
-                proc.close()
-            except ValueError:
-                pass
         if held:
             err = WorkerLostError(_describe_exit(pid, exitcode))
             for batch in held:
@@ -535,17 +542,17 @@ class _Core:
             while (self.pending or self.batch_slot) and self.state != TERMINATE:
                 self.idle.wait(0.1)
 
-    def stop_workers(self, timeout=None):
+    def stop_workers(self):
         with self.lock:
             self.stopping = True
-            procs = [s.proc for s in self.slots if s.proc is not None]
         for slot in self.slots:
             try:
                 slot.taskq.put(None)
             except (OSError, ValueError):
                 pass
-        for proc in procs:
-            proc.join(timeout)
+        for slot in self.slots:
+            if slot.proc is not None:
+                slot.proc.join()
 
     def stop_thread(self):
         self.stopped = True
@@ -586,7 +593,8 @@ class _Core:
         deadline = time.monotonic() + 1.0
         for proc in procs:
             if self.threads:
-                if proc is not threading.current_thread():
+                # As the stdlib: a terminated thread pool does not wait for running tasks.
+                if self.state != TERMINATE and proc is not threading.current_thread():
                     proc.join()
                 continue
             try:
@@ -601,15 +609,9 @@ class _Core:
     def release(self, procs):
         if self.threads:
             return
-        for proc in procs:
-            close = getattr(proc, "close", None)
-            try:
-                if close is not None:
-                    close()
-            except ValueError:
-                pass
+        # The process objects stay usable (``pool._pool``); their descriptors go with them.
+        del procs
         for slot in self.slots:
-            slot.proc = None
             _close_queue(slot.taskq)
         _close_queue(self.resultq)
 
@@ -825,16 +827,14 @@ class Pool:
         if self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
         core = self._core
-        procs = [s.proc for s in core.slots if s.proc is not None]
         if core.state != TERMINATE:
             core.wait_idle()
+        # The scheduler stops first, so from here on only this thread touches the workers.
+        core.stop_thread()
+        procs = [s.proc for s in core.slots if s.proc is not None]
+        if core.state != TERMINATE:
             core.stop_workers()
-            procs = [s.proc for s in core.slots if s.proc is not None] or procs
-            core.stop_thread()
-            core.reap(procs)
-        else:
-            core.stop_thread()
-            core.reap(procs)
+        core.reap(procs)
 
     def __enter__(self):
         self._check_running()
