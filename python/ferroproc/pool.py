@@ -128,7 +128,7 @@ class _Task:
 class _Source:
     """The items of a map-like call, cut into chunks as workers become free."""
 
-    __slots__ = ("chunksize", "done", "func", "it", "job", "left", "pos", "star")
+    __slots__ = ("chunksize", "done", "func", "it", "job", "left", "pos", "seq", "star")
 
     def __init__(self, job, func, iterable, star, chunksize):
         self.job, self.func, self.star, self.chunksize = job, func, star, chunksize
@@ -136,7 +136,10 @@ class _Source:
             self.left = len(iterable)
         except TypeError:
             self.left = None
-        self.it = iter(iterable)
+        # Sequences are sliced (a `range` slice pickles as three numbers); anything else is
+        # iterated.
+        self.seq = iterable if isinstance(iterable, (range, list, tuple)) else None
+        self.it = iter(iterable) if self.seq is None else None
         self.pos = 0
         self.done = False
 
@@ -157,7 +160,9 @@ class _Source:
         out = []
         for size in sizes:
             try:
-                if c == 1:
+                if self.seq is not None:
+                    items = self.seq[self.pos : self.pos + size]
+                elif c == 1:
                     # Items of merged one-item chunks are taken one by one, so the ones read
                     # before the iterable raises still run (each is its own task).
                     items = []
@@ -196,7 +201,7 @@ class _Source:
         return STAR if self.star else MAP
 
     def _finish(self):
-        self.it = self.func = None
+        self.it = self.func = self.seq = None
         self.done = True
 
 
@@ -284,7 +289,11 @@ class _Core:
 
     def submit(self, entry):
         with self.lock:
+            busy = bool(self.pending)
             self.pending.append(entry)
+            if busy:
+                # `_fill` leaves work pending only when every worker holds all it may.
+                return
             failed = self._fill()
         self._deliver_failures(failed)
 
@@ -293,12 +302,14 @@ class _Core:
         live = [s for s in self.slots if s.proc is not None]
         if not live or self.state == TERMINATE:
             return failed
-        for level in range(_CREDIT):
-            for slot in live:
-                if self.pending and len(slot.outstanding) <= level:
-                    self._send(slot, len(live), failed)
-            if not self.pending:
-                break
+        sent = True
+        while self.pending and sent:
+            sent = False
+            for level in range(_CREDIT):
+                for slot in live:
+                    if self.pending and len(slot.outstanding) <= level:
+                        self._send(slot, len(live), failed)
+                        sent = True
         return failed
 
     def _budget(self):
@@ -852,12 +863,18 @@ def _check_chunksize(chunksize):
 # -- results --------------------------------------------------------------------------------
 
 
+#: Guards the lazy creation of a result's Event against its completion (creating an Event
+#: for every result is a measurable share of `apply_async`'s cost).
+_waiters_lock = threading.Lock()
+
+
 class ApplyResult:
     """The result of `Pool.apply_async`."""
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
-        self._event = threading.Event()
+        self._ready = False
+        self._event = None  # made by the first wait() that has to block
         self._job = next(job_counter)
         self._cache = pool._cache
         self._callback = callback
@@ -866,7 +883,7 @@ class ApplyResult:
 
     def ready(self):
         """Whether the call has completed."""
-        return self._event.is_set()
+        return self._ready
 
     def successful(self):
         """Whether the call completed without raising (ValueError if not ready)."""
@@ -876,7 +893,22 @@ class ApplyResult:
 
     def wait(self, timeout=None):
         """Waits until the result is available or `timeout` seconds pass."""
-        self._event.wait(timeout)
+        if self._ready:
+            return
+        with _waiters_lock:
+            if self._ready:
+                return
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        event.wait(timeout)
+
+    def _signal(self):
+        with _waiters_lock:
+            self._ready = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def get(self, timeout=None):
         """The result; re-raises the call's exception; `TimeoutError` if not ready in time."""
@@ -899,7 +931,7 @@ class ApplyResult:
                 self._run_callback(self._callback, self._value)
         elif self._error_callback is not None:
             self._run_callback(self._error_callback, self._value)
-        self._event.set()
+        self._signal()
         self._cache.pop(self._job, None)
         self._pool = None
 
@@ -911,9 +943,9 @@ class ApplyResult:
             _report_callback_error()
 
     def _abandon(self, exc):
-        if not self._event.is_set():
+        if not self._ready:
             self._success, self._value = False, exc
-            self._event.set()
+            self._signal()
         self._cache.pop(self._job, None)
         self._pool = None
 
@@ -957,7 +989,7 @@ class MapResult(ApplyResult):
             self._value = exc
             if self._error_callback is not None:
                 self._run_callback(self._error_callback, exc)
-            self._event.set()
+            self._signal()
 
     def _account(self, count):
         self._number_left -= count
@@ -965,14 +997,14 @@ class MapResult(ApplyResult):
             if self._success:
                 if self._callback is not None:
                     self._run_callback(self._callback, self._value)
-                self._event.set()
+                self._signal()
             self._cache.pop(self._job, None)
             self._pool = None
 
     def _complete(self):
         if self._callback is not None:
             self._run_callback(self._callback, self._value)
-        self._event.set()
+        self._signal()
         self._cache.pop(self._job, None)
         self._pool = None
 
