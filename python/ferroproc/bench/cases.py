@@ -149,5 +149,6 @@ def floor_fork(_mod: None, n: int) -> float:
 
 # Subsystem case modules (registered on import).
 from ferroproc.bench import cases_sync, conn_cases, queue_cases  # noqa: E402, F401
+
 # isort: split
 from ferroproc.bench import pool_cases  # noqa: E402, F401
