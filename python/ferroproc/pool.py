@@ -28,6 +28,7 @@ work is dispatched (by the caller or the scheduler thread) rather than by a dedi
 
 from __future__ import annotations
 
+import _thread
 import collections
 import itertools
 import os
@@ -486,7 +487,8 @@ class _Core:
                 self._run_processes()
         except BaseException:
             _report_callback_error()
-            raise
+        finally:
+            self.exited.release()
 
     def _run_processes(self):
         poller = None
@@ -565,12 +567,19 @@ class _Core:
             if slot.proc is not None:
                 slot.proc.join()
 
+    def start_thread(self):
+        # A bare thread: `threading.Thread.start` waits for the new thread to be scheduled,
+        # which costs a context switch per pool on a busy machine.
+        self.exited = _thread.allocate_lock()
+        self.exited.acquire()
+        self.thread = _thread.start_new_thread(self.run, ())
+
     def stop_thread(self):
         self.stopped = True
         self.wake()
-        t = self.thread
-        if t is not None and t is not threading.current_thread() and t.is_alive():
-            t.join()
+        if self.thread is not None and self.thread != threading.get_ident():
+            self.exited.acquire()
+            self.exited.release()
 
     def terminate(self):
         with self.lock:
@@ -584,20 +593,24 @@ class _Core:
             self.batch_slot.clear()
             jobs = list(self.cache.values())
             self.idle.notify_all()
-        err = WorkerLostError("the pool was terminated before this task completed")
-        for job in jobs:
-            job._abandon(err)
-        # The scheduler stops first, so from here on only this thread touches the workers.
-        self.stop_thread()
-        procs = [s.proc for s in self.slots if s.proc is not None]
+            procs = [s.proc for s in self.slots if s.proc is not None]
+        # Workers get SIGTERM first, so they exit while the rest is done. The scheduler does
+        # not replace them (state TERMINATE) and stops before this thread reaps them.
         if self.threads:
             for slot in self.slots:
                 _drain_queue(slot.taskq)
                 slot.taskq.put(None)
         else:
             for proc in procs:
-                if proc.exitcode is None:
-                    proc.terminate()
+                try:
+                    if proc.exitcode is None:
+                        proc.terminate()
+                except (OSError, ValueError):
+                    pass
+        err = WorkerLostError("the pool was terminated before this task completed")
+        for job in jobs:
+            job._abandon(err)
+        self.stop_thread()
         self.reap(procs)
 
     def reap(self, procs):
@@ -722,10 +735,7 @@ class Pool:
             core.release(started)
             self._core = None
             raise
-        core.thread = threading.Thread(
-            target=core.run, name="ferroproc-pool-scheduler", daemon=True
-        )
-        core.thread.start()
+        core.start_thread()
         self._terminate = util.Finalize(self, core.terminate, exitpriority=15)
 
     @property
