@@ -401,9 +401,10 @@ class _Core:
             if batch is None:
                 return
             if batch.items:
-                cost = max(seconds / batch.items, 1e-8)
-                old = self.item_cost
-                self.item_cost = cost if old is None else 0.7 * old + 0.3 * cost
+                # The latest batch alone: a small batch overstates the cost per item (its fixed
+                # overhead), so batches grow geometrically from one item, and shrink at once
+                # when tasks get slower.
+                self.item_cost = max(seconds / batch.items, 1e-8)
             failed = self._fill()
             if not self.pending and not self.batch_slot:
                 self.idle.notify_all()
