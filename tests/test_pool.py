@@ -397,3 +397,18 @@ def test_process_pool_executor_with_a_killed_worker(ctx):
         fut = ex.submit(pw.kill_self)
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             fut.result(T)
+
+
+def test_results_are_awaitable_ferroproc_extension(fctx):
+    import asyncio
+
+    async def main(p):
+        rs = await asyncio.gather(*(p.apply_async(pw.sleep_then, (0.05, i)) for i in range(4)))
+        assert rs == [0, 1, 2, 3]
+        assert await p.map_async(pw.square, range(5)) == [0, 1, 4, 9, 16]
+        with pytest.raises(KeyError):
+            await p.apply_async(pw.raise_key_error)
+
+    with fctx.Pool(2) as p:
+        asyncio.run(asyncio.wait_for(main(p), T))
+    p.join()

@@ -471,12 +471,9 @@ class _Core:
         self._deliver_failures(failed)
 
     def repopulate(self):
-        for slot in self.slots:
-            proc = slot.proc
-            if proc is not None and not proc.is_alive():
-                self._on_exit(slot)
-            elif proc is None and not self.stopping and self.state != TERMINATE:
-                self._replace(slot)
+        # Only the scheduler thread replaces workers (so a slot is never filled twice): wake
+        # it, and it looks at every slot.
+        self.wake()
 
     # -- the scheduler thread ----------------------------------------------------------------
 
@@ -612,7 +609,14 @@ class _Core:
         for job in jobs:
             job._abandon(err)
         self.stop_thread()
-        self.reap(procs)
+        # A replacement the scheduler was starting when the state changed.
+        late = [s.proc for s in self.slots if s.proc is not None and s.proc not in procs]
+        for proc in late:
+            try:
+                proc.terminate()
+            except (OSError, ValueError):
+                pass
+        self.reap(procs + late)
 
     def reap(self, procs):
         deadline = time.monotonic() + 1.0
@@ -874,6 +878,11 @@ def _check_chunksize(chunksize):
 # -- results --------------------------------------------------------------------------------
 
 
+def _wake_future(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
 #: Guards the lazy creation of a result's Event against its completion (creating an Event
 #: for every result is a measurable share of `apply_async`'s cost).
 _waiters_lock = threading.Lock()
@@ -918,8 +927,36 @@ class ApplyResult:
         with _waiters_lock:
             self._ready = True
             event = self._event
+            futures = self._futures
         if event is not None:
             event.set()
+        if futures:
+            for loop, fut in futures:
+                try:
+                    loop.call_soon_threadsafe(_wake_future, fut)
+                except RuntimeError:  # that event loop is closed
+                    pass
+
+    _futures = None
+
+    def __await__(self):
+        """ferroproc extension: ``await result`` in a coroutine gives what `get` would, without
+        blocking the event loop while the task runs."""
+        if not self._ready:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            with _waiters_lock:
+                if self._ready:
+                    fut = None
+                else:
+                    if self._futures is None:
+                        self._futures = []
+                    self._futures.append((loop, fut))
+            if fut is not None:
+                yield from fut
+        return self.get(0)
 
     def get(self, timeout=None):
         """The result; re-raises the call's exception; `TimeoutError` if not ready in time."""
