@@ -412,3 +412,42 @@ def test_results_are_awaitable_ferroproc_extension(fctx):
     with fctx.Pool(2) as p:
         asyncio.run(asyncio.wait_for(main(p), T))
     p.join()
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+import {impl} as mp
+if __name__ == "__main__":
+    p = mp.get_context({method!r}).Pool(2)
+    print(" ".join(str(w.pid) for w in p._pool), flush=True)
+    time.sleep(60)
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_exit_when_the_pool_owner_is_killed(impl, method, tmp_path):
+    path = tmp_path / "orphan.py"
+    path.write_text(textwrap.dedent(ORPHAN_SCRIPT.format(impl=impl.__name__, method=method)))
+    owner = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in owner.stdout.readline().split()]
+    finally:
+        owner.kill()
+        owner.wait(T)
+        owner.stdout.close()
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

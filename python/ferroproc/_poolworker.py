@@ -19,10 +19,12 @@ A chunk's outcome is ``(ok, value)`` for `APPLY`, `MAP` and `STAR`, and a list o
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 import traceback
+from queue import Empty
 
 __all__ = ["ExceptionWithTraceback", "MaybeEncodingError", "RemoteTraceback", "worker"]
 
@@ -146,9 +148,16 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
 
     done = 0
     clock = time.perf_counter
+    parent_gone = _parent_watch()
     while maxtasks is None or done < maxtasks:
         try:
-            msg = taskq.get()
+            msg = taskq.get(timeout=_PARENT_CHECK_SECONDS)
+        except Empty:
+            # A ring never reports end-of-file as the stdlib's pipe does: look at the pool's
+            # owner instead, so a worker does not outlive it (after kill -9 of the parent).
+            if parent_gone():
+                break
+            continue
         except (EOFError, OSError, ValueError):
             break
         if msg is None:
@@ -175,6 +184,22 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
         resultq.put((bid, clock() - start, payload))
         del payload
     _flush()
+
+
+#: How often an idle worker checks that the process that owns its pool still exists.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _parent_watch():
+    """A function telling whether the pool's owner has gone."""
+    from .process import parent_process
+
+    parent = parent_process()
+    ppid = os.getppid()
+    if parent is not None and getattr(parent, "_sentinel", None) is not None:
+        return lambda: not parent.is_alive()
+    # No sentinel to watch: being re-parented means the parent died.
+    return lambda: os.getppid() != ppid
 
 
 def _error_blob(exc, dumps):

@@ -888,6 +888,15 @@ def _wake_future(fut):
 _waiters_lock = threading.Lock()
 
 
+def _after_fork_in_child():
+    # The scheduler thread of a parent's pool may have held it at the fork.
+    global _waiters_lock
+    _waiters_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ApplyResult:
     """The result of `Pool.apply_async`."""
 
