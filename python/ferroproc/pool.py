@@ -32,7 +32,6 @@ import _thread
 import collections
 import itertools
 import os
-import select
 import sys
 import threading
 import time
@@ -489,22 +488,27 @@ class _Core:
             self.exited.release()
 
     def _run_processes(self):
-        poller = None
+        # The wait is ferroproc's native one (GIL released, in slices): the result ring's
+        # eventfd and every worker's sentinel at once.
+        from ._ferroproc import wait_readable
+
         rfd = self.resultq._reader_fileno()
-        by_fd = {}
+        fds, owners = [rfd], [None]
         while not self.stopped:
             if self.fds_changed:
                 self.fds_changed = False
-                poller = select.poll()
-                poller.register(rfd, select.POLLIN)
-                by_fd = {s.fd: s for s in self.slots if s.fd is not None}
-                for fd in by_fd:
-                    poller.register(fd, select.POLLIN)
-            events = poller.poll(200)
+                owners = [None] + [s for s in self.slots if s.fd is not None]
+                fds = [rfd] + [s.fd for s in owners[1:]]
+            try:
+                ready = wait_readable(fds, 0.2)
+            except OSError:
+                if self.stopped:
+                    return
+                raise
             self._drain()
-            for fd, _ in events:
-                slot = by_fd.get(fd)
-                if slot is not None and slot.fd == fd:
+            for i in ready:
+                slot = owners[i]
+                if slot is not None and slot.fd == fds[i]:
                     self._drain()
                     self._on_exit(slot)
             for slot in self.slots:
