@@ -451,3 +451,35 @@ def test_workers_exit_when_the_pool_owner_is_killed(impl, method, tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+class _RaisesAfter:
+    """Sized, so `map` does not list it first: it raises while being dispatched."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n + 1
+
+    def __iter__(self):
+        yield from range(self.n)
+        raise LookupError("iterable broke")
+
+
+def test_error_callback_may_use_the_pool(ctx):
+    # The callback runs without the pool's lock held, so it may submit more work.
+    done = threading.Event()
+    seen = []
+
+    def on_error(exc):
+        seen.append((exc, p.apply_async(pw.square, (3,))))
+        done.set()
+
+    with ctx.Pool(2) as p:
+        r = p.map_async(pw.square, _RaisesAfter(5), chunksize=1, error_callback=on_error)
+        with pytest.raises(LookupError):
+            r.get(T)
+        assert done.wait(T)
+        assert seen[0][1].get(T) == 9
+    p.join()

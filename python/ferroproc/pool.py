@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import itertools
 import os
 import sys
@@ -119,7 +120,7 @@ class _Task:
     def remaining(self, pending):
         return len(pending)
 
-    def take(self, _budget, _fair, _single):
+    def take(self, _budget, _fair, _single, _later):
         chunk = (APPLY, self.func, self.args, self.kwds)
         self.func = self.args = self.kwds = None
         return [(self.job, 0, 1, APPLY, chunk)], True
@@ -146,9 +147,10 @@ class _Source:
     def remaining(self, _pending):
         return self.left if self.left is not None else _MAX_BATCH_ITEMS
 
-    def take(self, budget, fair, single):
+    def take(self, budget, fair, single, later):
         """Chunks worth about `budget` items (at least one chunk); returns them and whether
-        this source is exhausted."""
+        this source is exhausted. What must reach the result object without the scheduler's
+        lock held (it may run an ``error_callback``) is appended to `later`."""
         c = self.chunksize
         n = max(1, min(budget, fair))
         if c is None:
@@ -176,7 +178,7 @@ class _Source:
                     chunk = (kind, self.func, items, None)
                     out.append((self.job, self.pos, len(items), kind, chunk))
                     self.pos += len(items)
-                self.job._source_failed(self.pos, e)
+                later.append(functools.partial(self.job._source_failed, self.pos, e))
                 self._finish()
                 return out, True
             if not items:
@@ -325,7 +327,7 @@ class _Core:
         while self.pending and items < budget:
             entry = self.pending[0]
             fair = -(-entry.remaining(self.pending) // (nworkers * _CREDIT))
-            taken, exhausted = entry.take(budget - items, fair, single)
+            taken, exhausted = entry.take(budget - items, fair, single, failed)
             if exhausted:
                 self.pending.popleft()
             for job, start, count, kind, chunk in taken:
@@ -370,7 +372,15 @@ class _Core:
     # -- results -----------------------------------------------------------------------------
 
     def _deliver_failures(self, failed):
-        for (job, start, count, kind), exc in failed:
+        # Called without the lock: entries are (task record, exception) pairs or calls.
+        for item in failed:
+            if callable(item):
+                try:
+                    item()
+                except Exception:
+                    _report_callback_error()
+                continue
+            (job, start, count, kind), exc = item
             self._deliver(job, start, count, kind, (False, exc))
 
     def _deliver(self, job, start, count, kind, outcome):
