@@ -12,6 +12,9 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.managers
+import multiprocessing.dummy
+import multiprocessing.dummy.connection
+import multiprocessing.pool
 import multiprocessing.process
 import multiprocessing.queues
 import multiprocessing.reduction
@@ -23,6 +26,9 @@ import ferroproc
 import ferroproc.connection
 import ferroproc.context
 import ferroproc.managers
+import ferroproc.dummy
+import ferroproc.dummy.connection
+import ferroproc.pool
 import ferroproc.process
 import ferroproc.queues
 import ferroproc.reduction
@@ -37,7 +43,6 @@ NOT_YET = {
     "Array": "synchronization",
     "RawValue": "synchronization",
     "RawArray": "synchronization",
-    "Pool": "pool",
 }
 
 # (module, qualified name) -> why ferroproc's signature differs
@@ -65,6 +70,9 @@ SUBMODULES = [
     (multiprocessing.spawn, ferroproc.spawn),
     (multiprocessing.synchronize, ferroproc.synchronize),
     (multiprocessing.util, ferroproc.util),
+    (multiprocessing.pool, ferroproc.pool),
+    (multiprocessing.dummy, ferroproc.dummy),
+    (multiprocessing.dummy.connection, ferroproc.dummy.connection),
 ]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "Lock",
     "Manager",
     "Pipe",
+    "Pool",
     "Process",
     "ProcessError",
     "Queue",
@@ -46,6 +47,7 @@ __all__ = [
 _ctx = context._default_context
 
 Pipe = _ctx.Pipe
+Pool = _ctx.Pool
 allow_connection_pickling = _ctx.allow_connection_pickling
 Process = context.Process
 Barrier = _ctx.Barrier

@@ -195,6 +195,12 @@ class BaseContext:
         m.start()
         return m
 
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+        """A pool of worker processes (see `ferroproc.pool`)."""
+        from .pool import Pool
+
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
+
     def get_context(self, method=None):
         """The context for `method`, or this one when `method` is None."""
         if method is None:

@@ -150,3 +150,6 @@ def floor_fork(_mod: None, n: int) -> float:
 # Subsystem case modules (registered on import).
 import ferroproc.bench.manager_cases  # noqa: E402, F401
 from ferroproc.bench import cases_sync, conn_cases, queue_cases  # noqa: E402, F401
+
+# isort: split
+from ferroproc.bench import pool_cases  # noqa: E402, F401

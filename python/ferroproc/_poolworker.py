@@ -1,0 +1,242 @@
+"""The loop a `ferroproc.pool` worker runs, and the exception wrappers that cross back.
+
+Kept apart from `ferroproc.pool` so a worker (a spawned child in particular) imports only
+this: nothing of the parent's scheduler and not the stdlib's ``multiprocessing.context``.
+
+Wire format (private; parent and worker always come from the same install):
+
+* task message, parent -> worker, on the worker's own queue: ``(batch_id, blob)`` where
+  ``blob`` is the pickled list of chunks ``(kind, func, args, kwds)``; ``None`` asks the
+  worker to exit.
+* result message, worker -> parent, on the pool's one result queue:
+  ``(batch_id, seconds, blob)`` with ``blob`` the pickled list of per-chunk outcomes, or
+  ``(batch_id, seconds, None, error)`` when the batch as a whole failed (its tasks could not
+  be unpickled, or its outcomes could not be pickled even one by one).
+
+A chunk's outcome is ``(ok, value)`` for `APPLY`, `MAP` and `STAR`, and a list of
+``(ok, value)``, one per item, for `EACH` and `EACH_STAR` (items that fail independently).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from queue import Empty
+
+__all__ = ["ExceptionWithTraceback", "MaybeEncodingError", "RemoteTraceback", "worker"]
+
+APPLY, MAP, STAR, EACH, EACH_STAR = range(5)
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised in a worker; it becomes the
+    ``__cause__`` of the exception re-raised in the parent."""
+
+    def __init__(self, tb):
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+def rebuild_exc(exc, tb):
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class ExceptionWithTraceback:
+    """Pickles as the wrapped exception with its formatted traceback attached as cause."""
+
+    def __init__(self, exc, tb):
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        self.exc = exc
+        self.tb = f'\n"""\n{text}"""'
+
+    def __reduce__(self):
+        return rebuild_exc, (self.exc, self.tb)
+
+
+class MaybeEncodingError(Exception):
+    """A result or exception that could not be sent back from a worker."""
+
+    def __init__(self, exc, value):
+        self.exc = repr(exc)
+        self.value = repr(value)
+        super().__init__(self.exc, self.value)
+
+    def __str__(self):
+        return f"Error sending result: '{self.value}'. Reason: '{self.exc}'"
+
+    def __repr__(self):
+        return f"<{type(self).__name__}: {self}>"
+
+
+def _failure(exc, wrap):
+    if wrap and type(exc) is not ExceptionWithTraceback:
+        return False, ExceptionWithTraceback(exc, exc.__traceback__)
+    return False, exc
+
+
+def run_chunk(kind, func, args, kwds, wrap):
+    """Runs one chunk and returns its outcome (see the module docstring)."""
+    if kind in {EACH, EACH_STAR}:
+        out = []
+        for item in args:
+            try:
+                out.append((True, func(*item) if kind == EACH_STAR else func(item)))
+            except Exception as e:
+                out.append(_failure(e, wrap))
+        return out
+    try:
+        if kind == APPLY:
+            return True, func(*args, **kwds)
+        if kind == MAP:
+            return True, list(map(func, args))
+        return True, [func(*a) for a in args]
+    except Exception as e:
+        return _failure(e, wrap)
+
+
+def _encodable(outcome, dumps):
+    value = outcome[1]
+    try:
+        dumps(value)
+    except Exception as e:
+        return False, MaybeEncodingError(e, value)
+    return outcome
+
+
+def encode_outcomes(outcomes, kinds, dumps):
+    """Pickles a batch's outcomes; a value that cannot be pickled becomes a
+    `MaybeEncodingError` for its task alone."""
+    try:
+        return dumps(outcomes)
+    except Exception:
+        pass
+    fixed = []
+    for kind, outcome in zip(kinds, outcomes, strict=True):
+        if kind in {EACH, EACH_STAR}:
+            fixed.append([_encodable(o, dumps) for o in outcome])
+        else:
+            fixed.append(_encodable(outcome, dumps))
+    return dumps(fixed)
+
+
+def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
+    taskq, resultq, initializer=None, initargs=(), maxtasks=None, wrap_exception=True
+):
+    """A pool worker: takes batches from its queue, runs them, sends outcomes back, until it
+    receives ``None`` or has run `maxtasks` chunks."""
+    # The parent turns Ctrl-C into terminating the pool; a worker must not die half-way
+    # through a task (or print a KeyboardInterrupt traceback) because the terminal's whole
+    # foreground group received the signal.
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a thread pool)
+        pass
+    if initializer is not None:
+        initializer(*initargs)
+    from .reduction import ForkingPickler
+
+    loads = ForkingPickler.loads
+
+    def dumps(obj, _dumps=ForkingPickler.dumps):
+        return bytes(_dumps(obj))
+
+    done = 0
+    clock = time.perf_counter
+    parent_gone = _parent_watch()
+    while maxtasks is None or done < maxtasks:
+        try:
+            msg = taskq.get(timeout=_PARENT_CHECK_SECONDS)
+        except Empty:
+            # A ring never reports end-of-file as the stdlib's pipe does: look at the pool's
+            # owner instead, so a worker does not outlive it (after kill -9 of the parent).
+            if parent_gone():
+                break
+            continue
+        except (EOFError, OSError, ValueError):
+            break
+        if msg is None:
+            break
+        bid, blob = msg
+        del msg
+        start = clock()
+        try:
+            chunks = loads(blob)
+        except Exception as e:
+            resultq.put((bid, clock() - start, None, _error_blob(e, dumps)))
+            continue
+        del blob
+        kinds = [c[0] for c in chunks]
+        outcomes = [run_chunk(k, f, a, kw, wrap_exception) for k, f, a, kw in chunks]
+        done += len(chunks)
+        del chunks
+        try:
+            payload = encode_outcomes(outcomes, kinds, dumps)
+        except Exception as e:
+            resultq.put((bid, clock() - start, None, _error_blob(e, dumps)))
+            continue
+        del outcomes
+        resultq.put((bid, clock() - start, payload))
+        del payload
+    _flush()
+
+
+#: How often an idle worker checks that the process that owns its pool still exists.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _parent_watch():
+    """A function telling whether the pool's owner has gone."""
+    from .process import parent_process
+
+    parent = parent_process()
+    ppid = os.getppid()
+    if parent is not None and getattr(parent, "_sentinel", None) is not None:
+        return lambda: not parent.is_alive()
+    # No sentinel to watch: being re-parented means the parent died.
+    return lambda: os.getppid() != ppid
+
+
+def _error_blob(exc, dumps):
+    try:
+        return dumps(exc)
+    except Exception:
+        return dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def thread_worker(taskq, resultq, initializer=None, initargs=(), maxtasks=None):
+    """The same loop for a thread pool: batches and outcomes are passed as objects."""
+    if initializer is not None:
+        initializer(*initargs)
+    done = 0
+    clock = time.perf_counter
+    while maxtasks is None or done < maxtasks:
+        msg = taskq.get()
+        if msg is None:
+            break
+        bid, chunks = msg
+        del msg
+        start = clock()
+        outcomes = [run_chunk(k, f, a, kw, False) for k, f, a, kw in chunks]
+        done += len(chunks)
+        del chunks
+        resultq.put((bid, clock() - start, outcomes))
+        del outcomes
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+# Names the parent refers to when it formats a lost worker's exit.
+SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}

@@ -1,0 +1,106 @@
+"""Benchmark cases for ``pool``: per-task overhead (``apply_async``, ``map`` with
+``chunksize=1``, ``imap_unordered``), bulk ``map`` with the default chunksize, and a pool's
+whole life (create, one ``map``, teardown). Two workers, fork start method.
+
+Imported by :mod:`ferroproc.bench.cases`. Tasks live in the import-free
+:mod:`ferroproc.bench.pool_targets`. Only the work is timed, except in ``pool_lifecycle``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ferroproc.bench.pool_targets import square
+from ferroproc.bench.registry import SkipCase, case
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+#: Upper bound on any single wait in a case; reaching it means the implementation hung.
+WAIT_TIMEOUT = 120.0
+WORKERS = 2
+
+_perf = time.perf_counter
+
+
+def _pool(mod: ModuleType):
+    ctx = mod.get_context("fork")
+    if not hasattr(ctx, "Pool"):
+        raise SkipCase(f"{mod.__name__} has no Pool")
+    pool = ctx.Pool(WORKERS)
+    pool.apply(square, (1,))  # both workers are up before the clock starts
+    return pool
+
+
+def _done(pool) -> None:
+    pool.close()
+    pool.join()
+
+
+@case("pool_apply_async", n=20_000, unit="task")
+def pool_apply_async(mod: ModuleType, n: int) -> float:
+    """n apply_async(square, (i,)) of a trivial function, then get() every result."""
+    pool = _pool(mod)
+    t0 = _perf()
+    results = [pool.apply_async(square, (i,)) for i in range(n)]
+    for i, r in enumerate(results):
+        if r.get(WAIT_TIMEOUT) != i * i:
+            raise RuntimeError("wrong result")
+    elapsed = _perf() - t0
+    _done(pool)
+    return elapsed
+
+
+@case("pool_map_default_chunksize", n=1_000_000, unit="item")
+def pool_map_default_chunksize(mod: ModuleType, n: int) -> float:
+    """map(square, range(n)) with the default chunksize."""
+    pool = _pool(mod)
+    t0 = _perf()
+    out = pool.map(square, range(n))
+    elapsed = _perf() - t0
+    if len(out) != n or out[-1] != (n - 1) ** 2:
+        raise RuntimeError("wrong result")
+    _done(pool)
+    return elapsed
+
+
+@case("pool_map_chunksize1", n=20_000, unit="item")
+def pool_map_chunksize1(mod: ModuleType, n: int) -> float:
+    """map(square, range(n), chunksize=1)."""
+    pool = _pool(mod)
+    t0 = _perf()
+    out = pool.map(square, range(n), chunksize=1)
+    elapsed = _perf() - t0
+    if len(out) != n or out[-1] != (n - 1) ** 2:
+        raise RuntimeError("wrong result")
+    _done(pool)
+    return elapsed
+
+
+@case("pool_imap_unordered", n=100_000, unit="item")
+def pool_imap_unordered(mod: ModuleType, n: int) -> float:
+    """sum(imap_unordered(square, range(n))) with the default chunksize (1)."""
+    pool = _pool(mod)
+    t0 = _perf()
+    total = sum(pool.imap_unordered(square, range(n)))
+    elapsed = _perf() - t0
+    if total != sum(i * i for i in range(n)):
+        raise RuntimeError("wrong result")
+    _done(pool)
+    return elapsed
+
+
+@case("pool_lifecycle", n=20, unit="pool")
+def pool_lifecycle(mod: ModuleType, n: int) -> float:
+    """``with Pool(2) as p: p.map(square, [1])`` then join(): create to teardown."""
+    ctx = mod.get_context("fork")
+    if not hasattr(ctx, "Pool"):
+        raise SkipCase(f"{mod.__name__} has no Pool")
+    t0 = _perf()
+    for _ in range(n):
+        with ctx.Pool(WORKERS) as p:
+            if p.map(square, [1]) != [1]:
+                raise RuntimeError("wrong result")
+        p.join()
+    return _perf() - t0

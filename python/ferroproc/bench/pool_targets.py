@@ -1,0 +1,6 @@
+"""Task functions of the pool benchmark cases (import-free, like `targets`)."""
+
+
+def square(x):
+    """x * x."""
+    return x * x

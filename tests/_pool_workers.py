@@ -1,0 +1,79 @@
+"""Module-level pool task targets (importable by spawn and forkserver workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+_initialized = None
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def pid_after(seconds=0.0):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def raise_key_error(key="key"):
+    raise KeyError(key)
+
+
+def fail_on(x, bad=2):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def return_unpicklable():
+    return lambda: 42
+
+
+class UnpicklableError(Exception):
+    def __reduce__(self):
+        raise TypeError("this exception refuses to be pickled")
+
+
+def raise_unpicklable():
+    raise UnpicklableError("boom")
+
+
+class RefusesPickle:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this argument")
+
+
+def set_initialized(value):
+    global _initialized
+    _initialized = value
+
+
+def get_initialized(_=None):
+    return _initialized
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed on purpose")
+
+
+def segfault():
+    import ctypes
+    import faulthandler
+
+    faulthandler.disable()  # a worker forked from pytest inherits its crash dump
+    ctypes.string_at(0)
+
+
+def kill_self(_=None):
+    os.kill(os.getpid(), 9)
