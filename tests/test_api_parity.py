@@ -31,10 +31,6 @@ import pytest
 
 # name -> the issue that implements it
 NOT_YET = {
-    "Value": "synchronization",
-    "Array": "synchronization",
-    "RawValue": "synchronization",
-    "RawArray": "synchronization",
     "Pool": "pool",
     "Manager": "managers",
 }

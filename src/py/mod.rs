@@ -8,6 +8,7 @@ pub(crate) mod errors;
 pub(crate) mod logging;
 mod process;
 mod queues;
+mod sharedctypes;
 mod synchronize;
 
 use pyo3::prelude::*;
@@ -16,5 +17,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
     queues::register(m)?;
+    sharedctypes::register(m)?;
     synchronize::register(m)
 }
