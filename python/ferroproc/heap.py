@@ -158,8 +158,9 @@ class Heap:
             return True
         # Keep one wholly free small arena as a spare; release any other.
         return any(
-            other is not arena and (other, 0) in self._start_to_block and
-            self._start_to_block[(other, 0)][2] == other.size
+            other is not arena
+            and (other, 0) in self._start_to_block
+            and self._start_to_block[(other, 0)][2] == other.size
             for other in self._arenas
         )
 
