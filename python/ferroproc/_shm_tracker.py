@@ -19,6 +19,8 @@ import signal
 import socket
 import struct
 
+__all__ = ["main", "serve"]
+
 _FD = 3  # where the starter places the listening socket
 
 

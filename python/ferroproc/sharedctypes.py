@@ -153,7 +153,9 @@ def rebuild_ctype(type_, wrapper, length):
         type_ = type_ * length
     from .reduction import ForkingPickler
 
-    ForkingPickler.register(type_, reduce_ctype)
+    if ForkingPickler._extra_reducers.get(type_) is not reduce_ctype:
+        # Registering clears the picklers' dispatch cache: do it once per type.
+        ForkingPickler.register(type_, reduce_ctype)
     obj = type_.from_address(wrapper._address())
     # The wrapper keeps the block (and its arena's mapping) alive as long as the object.
     obj._wrapper = wrapper
