@@ -148,5 +148,9 @@ def floor_fork(_mod: None, n: int) -> float:
 
 
 # Subsystem case modules (registered on import).
-from ferroproc.bench import cases_sync, conn_cases, queue_cases  # noqa: E402, F401
-from ferroproc.bench import shm_cases  # noqa: E402, F401
+from ferroproc.bench import (  # noqa: E402, F401
+    cases_sync,
+    conn_cases,
+    queue_cases,
+    shm_cases,
+)
