@@ -67,3 +67,9 @@ def attach_report_and_hang(impl_name, name, queue):
     queue.put(bytes(shm.buf[:4]))
     time.sleep(SHORT_TIMEOUT * 2)
     sys.exit(4)
+
+
+def double_value(value):
+    """Doubles a (stdlib or ferroproc) shared value under its lock."""
+    with value.get_lock():
+        value.value *= 2

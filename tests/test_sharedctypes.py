@@ -286,3 +286,15 @@ def test_atomic_counting_across_processes_needs_no_lock(ctx):
     for p in ps:
         join_ok(p)
     assert v.load() == 100_000
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_values_cross_between_the_libraries(method):
+    import multiprocessing
+
+    import ferroproc
+
+    for maker, runner in ((ferroproc, multiprocessing), (multiprocessing, ferroproc)):
+        v = maker.get_context(method).Value("i", 21)
+        join_ok(start(runner.get_context(method), w.double_value, v))
+        assert v.value == 42, (maker.__name__, runner.__name__)

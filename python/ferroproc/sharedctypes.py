@@ -156,7 +156,9 @@ def rebuild_ctype(type_, wrapper, length):
     if ForkingPickler._extra_reducers.get(type_) is not reduce_ctype:
         # Registering clears the picklers' dispatch cache: do it once per type.
         ForkingPickler.register(type_, reduce_ctype)
-    obj = type_.from_address(wrapper._address())
+    # Only the wrapper's `create_memoryview` is used, so a stdlib wrapper works here and the
+    # stdlib's `rebuild_ctype` works with ours (whichever library's reducer a pickler picks).
+    obj = type_.from_buffer(wrapper.create_memoryview())
     # The wrapper keeps the block (and its arena's mapping) alive as long as the object.
     obj._wrapper = wrapper
     return obj
