@@ -15,6 +15,11 @@ neighbours, and a chunk that becomes entirely free is released (keeping one spar
 ``_DISCARD_FREE_SPACE_LARGER_THAN`` bytes for reuse). Frees that arrive while the heap is busy
 (from the garbage collector, possibly in the middle of a ``malloc``) are queued and applied by
 the next allocation, so a collection never deadlocks the heap.
+
+Differences:
+    Arenas are memfd chunks rather than unlinked files in ``/dev/shm``, and a wholly free
+    arena below the release threshold is released when another free one exists (the stdlib
+    keeps every such arena for the life of the process). `Arena` has no ``_choose_dir``.
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ def synchronized(obj, lock=None, ctx=None):
 
 
 _class_cache = weakref.WeakKeyDictionary()
+# The stdlib's public helper names, for code that reaches for them.
+class_cache = _class_cache
 
 
 # -- pickling (only while a child is being started) ------------------------------------------
@@ -184,6 +186,12 @@ def _locked_property(name):
             setattr(self._obj, name, value)
 
     return property(fget, fset, doc=f"``{name}`` of the wrapped object, under the lock.")
+
+
+def make_property(name):
+    """A property reading and writing attribute `name` of ``self._obj`` under ``self._lock``
+    (the stdlib's helper of the same name)."""
+    return _locked_property(name)
 
 
 class SynchronizedBase:
