@@ -1,7 +1,7 @@
 """ferroproc's tracker of named shared memory: unlinks a segment once no live process holds it.
 
 Runs as its own small process (``python -I -S _shm_tracker.py``; only stdlib imports), in its
-own session, started on demand by the first process that opens a named segment. Every process
+own session and re-parented away from its starter, started on demand by the first process that opens a named segment. Every process
 that opens or creates a segment keeps one stream connection to it (not shared with its
 children) and announces the names it holds; a process that dies, however it dies (even by
 ``kill -9``), closes its connection, and the tracker unlinks every name whose holders are all
@@ -10,7 +10,8 @@ tracker exits.
 
 Protocol: newline-terminated ASCII lines ``<verb> <hex of the name's UTF-8>``, verbs ``H``
 (this process holds the name), ``R`` (it no longer does: an open that failed) and ``U`` (the
-name was unlinked: forget it everywhere). Only clients of the same user are accepted.
+name was unlinked: forget it everywhere). The tracker greets each accepted client with one
+byte ``+``. Only clients of the same user are accepted.
 """
 
 import os
@@ -54,6 +55,13 @@ def serve(listener):
             if cred.unpack(peer)[1] != uid:
                 conn.close()
                 continue
+            try:
+                # Tells a client that connected to a running tracker that its connection was
+                # taken (not dropped by a tracker that was just closing its listener).
+                conn.send(b"+")
+            except OSError:
+                conn.close()
+                continue
             conn.setblocking(False)
             pending[conn] = b""
             holds[conn] = set()
@@ -69,7 +77,6 @@ def serve(listener):
                 _unlink(name)
 
     def drop(conn):
-        sel.unregister(conn)
         for name in holds.pop(conn):
             release(conn, name)
         del pending[conn]
@@ -90,6 +97,23 @@ def serve(listener):
             for c in holders.pop(name, ()):
                 holds[c].discard(name)
 
+    def read(socks, dead):
+        """Reads what each socket has; a closed one is unregistered and added to `dead`."""
+        for sock in socks:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                dead.append(sock)
+                continue
+            *lines, pending[sock] = (pending[sock] + data).split(b"\n")
+            for line in lines:
+                handle(sock, line)
+
     accept_all()
     while True:
         if not pending:
@@ -98,29 +122,35 @@ def serve(listener):
             if not pending:
                 listener.close()
                 return
-        for key, _ in sel.select():
-            sock = key.fileobj
-            if sock is listener:
+        ready = [key.fileobj for key, _ in sel.select()]
+        if listener in ready:
+            ready.remove(listener)
+            accept_all()
+        dead = []
+        read(ready, dead)
+        if dead:
+            # Causality: a hold announced before these processes died (say, by a process that
+            # attached a segment and then told the killer so) is already waiting in some
+            # connection, maybe one not accepted yet. Take all of it before releasing.
+            while True:
                 accept_all()
-                continue
-            try:
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                drop(sock)
-                continue
-            buf = pending[sock] + data
-            *lines, pending[sock] = buf.split(b"\n")
-            for line in lines:
-                handle(sock, line)
+                more = [key.fileobj for key, _ in sel.select(0) if key.fileobj is not listener]
+                if not more:
+                    break
+                read(more, dead)
+            for conn in dead:
+                drop(conn)
 
 
 def main():
-    """Entry point of the tracker process."""
+    """Entry point of the tracker process.
+
+    Forks once and lets the starter reap the first process at once, so the tracker is nobody's
+    child (no zombie, no stray descendant in the starter's process tree).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.fork() != 0:
+        os._exit(0)
     serve(socket.socket(fileno=_FD))
 
 

@@ -39,6 +39,10 @@ _SHM_SAFE_NAME_LENGTH = 14
 _SHM_NAME_PREFIX = "/psm_"
 
 
+# How long a running tracker may take to greet a new client before a new tracker is started.
+_GREETING_TIMEOUT = 10.0
+
+
 def _make_filename():
     """A random name with the stdlib's prefix and length."""
     nbytes = (_SHM_SAFE_NAME_LENGTH - len(_SHM_NAME_PREFIX)) // 2
@@ -92,7 +96,7 @@ class _Tracker:
                 exe = sys._base_executable
                 if not os.path.exists(exe):
                     exe = sys.executable
-                os.posix_spawn(
+                pid = os.posix_spawn(
                     exe,
                     [exe, "-I", "-S", script],
                     {},
@@ -107,6 +111,8 @@ class _Tracker:
             finally:
                 if moved is not None:
                     os.close(moved)
+            # The tracker forks and its first process exits at once: reap that one.
+            os.waitpid(pid, 0)
             return sock
         finally:
             listener.close()
@@ -118,9 +124,15 @@ class _Tracker:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(address)
-            return sock
+            # A running tracker may be closing down (no clients left): only its greeting
+            # proves this connection was taken, so no hold sent on it can be lost.
+            sock.settimeout(_GREETING_TIMEOUT)
+            if sock.recv(1) == b"+":
+                sock.settimeout(None)
+                return sock
         except OSError:
-            sock.close()
+            pass
+        sock.close()
         return self._start(address)
 
     def _send(self, line):
