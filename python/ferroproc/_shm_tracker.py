@@ -1,12 +1,12 @@
 """ferroproc's tracker of named shared memory: unlinks a segment once no live process holds it.
 
 Runs as its own small process (``python -I -S _shm_tracker.py``; only stdlib imports), in its
-own session and re-parented away from its starter, started on demand by the first process that opens a named segment. Every process
-that opens or creates a segment keeps one stream connection to it (not shared with its
-children) and announces the names it holds; a process that dies, however it dies (even by
-``kill -9``), closes its connection, and the tracker unlinks every name whose holders are all
-gone. A name somebody unlinked explicitly is forgotten. When its last client is gone, the
-tracker exits.
+own session and re-parented away from its starter, started on demand by the first process
+that opens a named segment. Every process that opens or creates a segment keeps one stream
+connection to it (not shared with its children) and announces the names it holds; a process
+that dies, however it dies (even by ``kill -9``), closes its connection, and the tracker
+unlinks every name whose holders are all gone. A name somebody unlinked explicitly is
+forgotten. When its last client is gone, the tracker exits.
 
 Protocol: newline-terminated ASCII lines ``<verb> <hex of the name's UTF-8>``, verbs ``H``
 (this process holds the name), ``R`` (it no longer does: an open that failed) and ``U`` (the
