@@ -230,10 +230,12 @@ def test_arena_blocks_are_reused_and_arenas_released():
     from ferroproc.heap import BufferWrapper
 
     heap = BufferWrapper._heap
+    fds = len(os.listdir("/proc/self/fd"))
     big = ferroproc.RawArray("d", 1_000_000)  # larger than the release threshold
     n_arenas = len(heap._arenas)
     del big
     assert len(heap._arenas) == n_arenas - 1
+    assert len(os.listdir("/proc/self/fd")) == fds  # unmapped and closed at once, no GC needed
     a = ferroproc.RawValue("q", 5)
     addr = ctypes.addressof(a)
     del a

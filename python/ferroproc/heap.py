@@ -58,9 +58,11 @@ class Arena:
         self._chunk = _chunk
         self.size = size
         self.fd = _chunk.handle
-        # The bytes as a ctypes array: memoryviews over it keep this arena alive.
+        # The bytes as a ctypes array; it holds the chunk, so memoryviews over it (and ctypes
+        # objects built on those) keep the mapping alive. No reference back: no cycle, so a
+        # released arena is unmapped as soon as nothing uses it.
         self.buffer = (ctypes.c_char * size).from_address(_chunk.address)
-        self.buffer._arena = self
+        self.buffer._chunk = _chunk
 
     def __reduce__(self):
         from .synchronize import _dup_for_child
