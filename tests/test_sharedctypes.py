@@ -92,6 +92,16 @@ def test_value_lock_argument(impl):
         with pytest.raises(AttributeError, match="has no method 'acquire'"):
             impl.Array("i", 2, lock=bad)
     assert "Synchronized wrapper for c_int(2)" in repr(v)
+    # Any object with acquire/release (and the context manager protocol) works as the lock.
+    v3 = impl.Value("i", 1, lock=threading.RLock())
+    v3.value += 4
+    assert v3.value == 5
+    # A failed write releases the lock.
+    v4 = impl.Value("i", 1, lock=lock)
+    with pytest.raises(TypeError):
+        v4.value = "not an int"
+    assert lock.acquire(False)
+    lock.release()
 
 
 def test_arrays_index_slice_and_strings(impl):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 
-from . import context, heap
+from . import _ferroproc, context, heap
 
 __all__ = ["Array", "RawArray", "RawValue", "Value", "copy", "synchronized"]
 # ferroproc extension (not in __all__, which matches the stdlib): `atomic`, `Atomic`.
@@ -177,15 +177,12 @@ def _assert_spawning(obj):
 
 
 def _locked_property(name):
-    def fget(self):
-        with self._lock:
-            return getattr(self._obj, name)
+    """A data descriptor reading and writing ``self._obj.<name>`` under ``self._lock``.
 
-    def fset(self, value):
-        with self._lock:
-            setattr(self._obj, name, value)
-
-    return property(fget, fset, doc=f"``{name}`` of the wrapped object, under the lock.")
+    Native (`_ferroproc.LockedAttr`): a ferroproc lock is taken and released directly, any
+    other lock through its ``__enter__``/``__exit__``.
+    """
+    return _ferroproc.LockedAttr(name)
 
 
 def make_property(name):
@@ -317,16 +314,7 @@ class Synchronized(SynchronizedBase, _AtomicOps):
     `add` and `compare_exchange` (ferroproc extension; they do not take the lock).
     """
 
-    @property
-    def value(self):
-        """The value, read under the lock."""
-        with self._lock:
-            return self._obj.value
-
-    @value.setter
-    def value(self, value):
-        with self._lock:
-            self._obj.value = value
+    value = _locked_property("value")
 
     @property
     def _atomic(self):

@@ -2,7 +2,11 @@
 //! the lock-free integer operations of the atomic-`Value` extension.
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::PyString;
+
+use super::synchronize::PySemLock;
 
 use crate::shm::{AtomicOp, Chunk, IntKind};
 use crate::sys::fd;
@@ -126,6 +130,77 @@ impl PyShmChunk {
     }
 }
 
+/// Runs `f` holding `lock` (`with lock:`): straight through the native lock when it is one of
+/// ferroproc's, else through its `__enter__`/`__exit__`.
+fn with_lock<R>(lock: &Bound<'_, PyAny>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+    let py = lock.py();
+    if let Ok(sem) = lock.cast::<PySemLock>() {
+        let sem = sem.get();
+        sem.enter(py)?;
+        let result = f();
+        let released = sem.exit();
+        return match (result, released) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(r), Ok(())) => Ok(r),
+        };
+    }
+    lock.call_method0(intern!(py, "__enter__"))?;
+    let result = f();
+    let none = py.None();
+    let released = lock.call_method1(intern!(py, "__exit__"), (&none, &none, &none));
+    match (result, released) {
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        (Ok(r), Ok(_)) => Ok(r),
+    }
+}
+
+/// A class attribute of the `Synchronized*` wrappers: reads and writes attribute `name` of
+/// the instance's `_obj` while holding its `_lock`, with no Python frame in between.
+#[pyclass(module = "ferroproc._ferroproc", name = "LockedAttr", frozen)]
+pub(crate) struct PyLockedAttr {
+    name: Py<PyString>,
+}
+
+#[pymethods]
+impl PyLockedAttr {
+    #[new]
+    fn new(name: Bound<'_, PyString>) -> Self {
+        Self {
+            name: name.unbind(),
+        }
+    }
+
+    /// The attribute it guards.
+    #[getter]
+    fn name(&self, py: Python<'_>) -> Py<PyString> {
+        self.name.clone_ref(py)
+    }
+
+    fn __get__(
+        slf: &Bound<'_, Self>,
+        instance: Option<&Bound<'_, PyAny>>,
+        _owner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let Some(inst) = instance.filter(|i| !i.is_none()) else {
+            // Looked up on the class: the descriptor itself, as a property would be.
+            return Ok(slf.clone().into_any().unbind());
+        };
+        let py = slf.py();
+        let lock = inst.getattr(intern!(py, "_lock"))?;
+        let obj = inst.getattr(intern!(py, "_obj"))?;
+        let name = slf.get().name.bind(py);
+        with_lock(&lock, || Ok(obj.getattr(name)?.unbind()))
+    }
+
+    fn __set__(&self, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = instance.py();
+        let lock = instance.getattr(intern!(py, "_lock"))?;
+        let obj = instance.getattr(intern!(py, "_obj"))?;
+        with_lock(&lock, || obj.setattr(self.name.bind(py), value))
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyShmChunk>()
+    m.add_class::<PyShmChunk>()?;
+    m.add_class::<PyLockedAttr>()
 }
