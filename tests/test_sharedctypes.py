@@ -310,3 +310,21 @@ def test_values_cross_between_the_libraries(method):
         v = maker.get_context(method).Value("i", 21)
         join_ok(start(runner.get_context(method), w.double_value, v))
         assert v.value == 42, (maker.__name__, runner.__name__)
+
+
+def test_float_array_slices_behave_like_ctypes(impl):
+    a = impl.Array("d", 5)
+    a[:] = [1, 2.5, True, 4, 5]
+    assert a[:] == [1.0, 2.5, 1.0, 4.0, 5.0] and a[1:4:2] == [2.5, 4.0]
+    assert a[::-1] == [5.0, 4.0, 1.0, 2.5, 1.0]
+    a[1:3] = (7, 8)
+    assert a[:] == [1.0, 7.0, 8.0, 4.0, 5.0]
+    with pytest.raises(ValueError):
+        a[:] = [1, 2]
+    with pytest.raises(ValueError):
+        a[:] = (float(i) for i in range(5))
+    with pytest.raises(TypeError):
+        a[:] = ["x"] * 5
+    assert a[:] == [1.0, 7.0, 8.0, 4.0, 5.0]  # failed writes changed nothing
+    f = impl.Array("f", [0.1, 0.2])
+    assert f[:] == [ctypes.c_float(0.1).value, ctypes.c_float(0.2).value]

@@ -324,14 +324,30 @@ class Synchronized(SynchronizedBase, _AtomicOps):
         return target
 
 
+# Element types whose slices are read through a memoryview (the same floats as ctypes gives,
+# faster: no per-item ctypes conversion).
+_FAST_SLICE_CODES = {ctypes.c_double: "d", ctypes.c_float: "f"}
+
+
 class SynchronizedArray(SynchronizedBase):
-    """A shared array whose items and slices are read and written under the lock."""
+    """A shared array whose items and slices are read and written under the lock.
+
+    Slices of ``double``/``float`` arrays are read through a memoryview of the array (the same
+    values as through ctypes), which makes bulk reads faster.
+    """
+
+    def __init__(self, obj, lock=None, ctx=None):
+        super().__init__(obj, lock, ctx)
+        code = _FAST_SLICE_CODES.get(getattr(obj, "_type_", None))
+        self._view = memoryview(obj).cast("B").cast(code) if code else None
 
     def __len__(self):
         return len(self._obj)
 
     def __getitem__(self, i):
         with self._lock:
+            if self._view is not None and type(i) is slice:
+                return self._view[i].tolist()
             return self._obj[i]
 
     def __setitem__(self, i, value):
@@ -339,12 +355,10 @@ class SynchronizedArray(SynchronizedBase):
             self._obj[i] = value
 
     def __getslice__(self, start, stop):
-        with self._lock:
-            return self._obj[start:stop]
+        return self[start:stop]
 
     def __setslice__(self, start, stop, values):
-        with self._lock:
-            self._obj[start:stop] = values
+        self[start:stop] = values
 
 
 class SynchronizedString(SynchronizedArray):
