@@ -18,6 +18,8 @@ import multiprocessing.pool
 import multiprocessing.process
 import multiprocessing.queues
 import multiprocessing.reduction
+import multiprocessing.shared_memory
+import multiprocessing.sharedctypes
 import multiprocessing.spawn
 import multiprocessing.synchronize
 import multiprocessing.util
@@ -32,6 +34,8 @@ import ferroproc.pool
 import ferroproc.process
 import ferroproc.queues
 import ferroproc.reduction
+import ferroproc.shared_memory
+import ferroproc.sharedctypes
 import ferroproc.spawn
 import ferroproc.synchronize
 import ferroproc.util
@@ -39,10 +43,6 @@ import pytest
 
 # name -> the issue that implements it
 NOT_YET = {
-    "Value": "synchronization",
-    "Array": "synchronization",
-    "RawValue": "synchronization",
-    "RawArray": "synchronization",
 }
 
 # (module, qualified name) -> why ferroproc's signature differs
@@ -59,6 +59,12 @@ SIGNATURE_DIFFERENCES: dict[tuple[str, str], str] = {
     }.items()
     for meth in meths
 }
+SIGNATURE_DIFFERENCES[("multiprocessing.shared_memory", "SharedMemory")] = (
+    "adds 3.13's keyword-only `track=True`; the positional parameters match"
+)
+SIGNATURE_DIFFERENCES[("multiprocessing.shared_memory", "SharedMemory.__init__")] = (
+    SIGNATURE_DIFFERENCES[("multiprocessing.shared_memory", "SharedMemory")]
+)
 
 SUBMODULES = [
     (multiprocessing.connection, ferroproc.connection),
@@ -67,6 +73,8 @@ SUBMODULES = [
     (multiprocessing.process, ferroproc.process),
     (multiprocessing.queues, ferroproc.queues),
     (multiprocessing.reduction, ferroproc.reduction),
+    (multiprocessing.sharedctypes, ferroproc.sharedctypes),
+    (multiprocessing.shared_memory, ferroproc.shared_memory),
     (multiprocessing.spawn, ferroproc.spawn),
     (multiprocessing.synchronize, ferroproc.synchronize),
     (multiprocessing.util, ferroproc.util),

@@ -9,6 +9,7 @@ from . import context
 from .process import active_children, current_process, parent_process
 
 __all__ = [
+    "Array",
     "AuthenticationError",
     "Barrier",
     "BoundedSemaphore",
@@ -24,9 +25,12 @@ __all__ = [
     "ProcessError",
     "Queue",
     "RLock",
+    "RawArray",
+    "RawValue",
     "Semaphore",
     "SimpleQueue",
     "TimeoutError",
+    "Value",
     "active_children",
     "allow_connection_pickling",
     "cpu_count",
@@ -61,6 +65,10 @@ Queue = _ctx.Queue
 RLock = _ctx.RLock
 Semaphore = _ctx.Semaphore
 SimpleQueue = _ctx.SimpleQueue
+Array = _ctx.Array
+RawArray = _ctx.RawArray
+RawValue = _ctx.RawValue
+Value = _ctx.Value
 cpu_count = _ctx.cpu_count
 freeze_support = _ctx.freeze_support
 get_all_start_methods = _ctx.get_all_start_methods

@@ -169,6 +169,30 @@ class BaseContext:
 
         return Barrier(parties, action, timeout, ctx=self.get_context())
 
+    def RawValue(self, typecode_or_type, *args):
+        """A ctypes object in shared memory (see `ferroproc.sharedctypes.RawValue`)."""
+        from .sharedctypes import RawValue
+
+        return RawValue(typecode_or_type, *args)
+
+    def RawArray(self, typecode_or_type, size_or_initializer):
+        """A ctypes array in shared memory (see `ferroproc.sharedctypes.RawArray`)."""
+        from .sharedctypes import RawArray
+
+        return RawArray(typecode_or_type, size_or_initializer)
+
+    def Value(self, typecode_or_type, *args, lock=True):
+        """A shared ctypes object guarded by a lock (see `ferroproc.sharedctypes.Value`)."""
+        from .sharedctypes import Value
+
+        return Value(typecode_or_type, *args, lock=lock, ctx=self.get_context())
+
+    def Array(self, typecode_or_type, size_or_initializer, *, lock=True):
+        """A shared ctypes array guarded by a lock (see `ferroproc.sharedctypes.Array`)."""
+        from .sharedctypes import Array
+
+        return Array(typecode_or_type, size_or_initializer, lock=lock, ctx=self.get_context())
+
     def Queue(self, maxsize=0):
         """A FIFO queue shared between processes (no feeder thread: see `ferroproc.queues`)."""
         from .queues import Queue

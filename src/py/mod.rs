@@ -9,6 +9,7 @@ pub(crate) mod logging;
 mod oob;
 mod process;
 mod queues;
+mod sharedctypes;
 mod synchronize;
 mod tinypickle;
 
@@ -18,5 +19,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
     queues::register(m)?;
+    sharedctypes::register(m)?;
     synchronize::register(m)
 }

@@ -193,6 +193,19 @@ impl PySemLock {
     }
 
     #[inline]
+    /// `with lock:`'s acquire, for native callers (the locked `Value` attributes).
+    pub(crate) fn enter(&self, py: Python<'_>) -> PyResult<bool> {
+        if self.try_acquire() {
+            return Ok(true);
+        }
+        self.acquire_impl(py, true, None)
+    }
+
+    /// `with lock:`'s release, for native callers.
+    pub(crate) fn exit(&self) -> PyResult<()> {
+        self.release_impl()
+    }
+
     fn release_impl(&self) -> PyResult<()> {
         let sh = self.shared();
         match self.mode {

@@ -63,7 +63,10 @@ CLASS_NEEDS: dict[str, tuple[str, ...]] = {
     "_TestArray": (*CORE, "sharedctypes", "synchronize"),
     "_TestSharedCTypes": (*CORE, "sharedctypes"),
     "_TestHeap": (*CORE, "heap"),
-    "_TestSharedMemory": (*CORE, "shared_memory", "resource_tracker", "managers"),
+    # ferroproc tracks named segments without a `resource_tracker` module (see
+    # ferroproc.shared_memory); the SharedMemoryManager tests inside need `managers` and are
+    # caught at run time as "needs unimplemented API" until that exists.
+    "_TestSharedMemory": (*CORE, "shared_memory"),
     # -- pool ----------------------------------------------------------------------------
     "_TestPool": (*CORE, "pool"),
     "_TestPoolWorkerErrors": (*CORE, "pool"),

@@ -148,8 +148,11 @@ def floor_fork(_mod: None, n: int) -> float:
 
 
 # Subsystem case modules (registered on import).
-import ferroproc.bench.manager_cases  # noqa: E402, F401
-from ferroproc.bench import cases_sync, conn_cases, queue_cases  # noqa: E402, F401
-
-# isort: split
-from ferroproc.bench import pool_cases  # noqa: E402, F401
+from ferroproc.bench import (  # noqa: E402, F401
+    cases_sync,
+    conn_cases,
+    manager_cases,
+    pool_cases,
+    queue_cases,
+    shm_cases,
+)
