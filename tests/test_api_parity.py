@@ -11,9 +11,9 @@ import inspect
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
-import multiprocessing.managers
 import multiprocessing.dummy
 import multiprocessing.dummy.connection
+import multiprocessing.managers
 import multiprocessing.pool
 import multiprocessing.process
 import multiprocessing.queues
@@ -27,9 +27,9 @@ import multiprocessing.util
 import ferroproc
 import ferroproc.connection
 import ferroproc.context
-import ferroproc.managers
 import ferroproc.dummy
 import ferroproc.dummy.connection
+import ferroproc.managers
 import ferroproc.pool
 import ferroproc.process
 import ferroproc.queues
