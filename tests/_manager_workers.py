@@ -140,3 +140,16 @@ def use_remote(impl_name, address, authkey, out):
 
 def slow_call(seconds):
     time.sleep(seconds)
+
+
+def read_shared(impl_name, list_name, shm_name, out):
+    """Attaches a manager's ShareableList and SharedMemory by name and reports what it sees."""
+    import importlib
+
+    shared_memory = importlib.import_module(f"{impl_name}.shared_memory")
+    sl = shared_memory.ShareableList(name=list_name)
+    shm = shared_memory.SharedMemory(name=shm_name)
+    out.send((list(sl), bytes(shm.buf[:5])))
+    sl.shm.close()
+    shm.close()
+    out.close()

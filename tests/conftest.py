@@ -225,3 +225,14 @@ def _hygiene(_warmed_up):
 
     if problems:
         pytest.fail("test leaked resources:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def shm_tracker_connection():
+    """A ferroproc process keeps one connection to the segment tracker (and may have started
+    it) for the rest of its life: make both exist before any hygiene baseline."""
+    from ferroproc import shared_memory
+
+    shm = shared_memory.SharedMemory(create=True, size=16)
+    shm.close()
+    shm.unlink()

@@ -19,16 +19,7 @@ from _workers import join_ok, start
 SHORT_TIMEOUT = w.SHORT_TIMEOUT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tracker_connection():
-    # A ferroproc process keeps one connection to the segment tracker (and may have started
-    # it) for the rest of its life: make both exist before any hygiene baseline.
-    from ferroproc import shared_memory
-
-    shm = shared_memory.SharedMemory(create=True, size=16)
-    shm.close()
-    shm.unlink()
-    yield
+pytestmark = pytest.mark.usefixtures("shm_tracker_connection")
 
 
 def sm(impl_or_ctx):

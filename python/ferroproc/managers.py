@@ -43,7 +43,7 @@ import types
 from . import connection, process, reduction, util
 from .context import get_spawning_popen
 
-__all__ = ["BaseManager", "BaseProxy", "SyncManager", "Token"]
+__all__ = ["BaseManager", "BaseProxy", "SharedMemoryManager", "SyncManager", "Token"]
 
 # Reply kinds of the protocol.
 _RETURN = "#RETURN"
@@ -1398,3 +1398,125 @@ SyncManager.register("Namespace", Namespace, NamespaceProxy)
 # Types of results of DictProxy/PoolProxy methods.
 SyncManager.register("Iterator", proxytype=IteratorProxy, create_method=False)
 SyncManager.register("AsyncResult", create_method=False)
+
+
+# -- SharedMemoryManager ---------------------------------------------------------------------
+
+
+class _SegmentRegistry:
+    """The names of the shared memory segments a `SharedMemoryServer` looks after; it unlinks
+    them all when the server stops."""
+
+    def __init__(self):
+        self.segment_names = []
+        self._lock = threading.Lock()
+
+    def register_segment(self, segment_name):
+        from . import shared_memory
+
+        # Opening it makes this process one of the segment's holders (see
+        # `ferroproc.shared_memory`): it stays while the server lives, whoever created it.
+        shared_memory.SharedMemory(segment_name).close()
+        with self._lock:
+            self.segment_names.append(segment_name)
+
+    def destroy_segment(self, segment_name):
+        from . import shared_memory
+
+        with self._lock:
+            self.segment_names.remove(segment_name)
+        segment = shared_memory.SharedMemory(segment_name)
+        segment.close()
+        segment.unlink()
+
+    def unlink(self):
+        with self._lock:
+            names = list(self.segment_names)
+        for name in names:
+            try:
+                self.destroy_segment(name)
+            except (FileNotFoundError, ValueError):
+                pass  # already unlinked by a user, or released meanwhile
+
+
+class SharedMemoryServer(Server):
+    """A manager server that also tracks `SharedMemory` segments made through its manager and
+    unlinks them when it stops (by `shutdown()`, or because its owner ended)."""
+
+    public = [*Server.public, "track_segment", "release_segment", "list_segments"]  # noqa: RUF012
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shared_memory_context = _SegmentRegistry()
+
+    def create(self, c, typeid, /, *args, **kwargs):
+        """As `Server.create`; a proxy type marked ``_shared_memory_proxy`` also receives the
+        segment registry as ``shared_memory_context``."""
+        if hasattr(self.registry[typeid][-1], "_shared_memory_proxy"):
+            kwargs["shared_memory_context"] = self.shared_memory_context
+        return super().create(c, typeid, *args, **kwargs)
+
+    def serve_forever(self):
+        try:
+            super().serve_forever()
+        finally:
+            self.shared_memory_context.unlink()
+
+    def track_segment(self, c, segment_name):
+        """Adds `segment_name` to the segments unlinked when the server stops."""
+        self.shared_memory_context.register_segment(segment_name)
+
+    def release_segment(self, c, segment_name):
+        """Unlinks `segment_name` now and stops tracking it."""
+        self.shared_memory_context.destroy_segment(segment_name)
+
+    def list_segments(self, c):
+        """The names of the tracked segments."""
+        return list(self.shared_memory_context.segment_names)
+
+
+class SharedMemoryManager(BaseManager):
+    """A manager whose `SharedMemory` and `ShareableList` segments live until it shuts down.
+
+    Each segment is created in the calling process, then registered with the server, which
+    unlinks every segment it tracks when it stops.
+    """
+
+    _Server = SharedMemoryServer
+
+    def get_server(self):
+        """A `SharedMemoryServer` for this manager, to run with `serve_forever()`."""
+        return super().get_server()
+
+    def _track(self, segment_name):
+        with self._Client(self._address, authkey=self._authkey) as conn:
+            dispatch(conn, None, "track_segment", (segment_name,))
+
+    def SharedMemory(self, size):
+        """A new `SharedMemory` of `size` bytes, tracked by the server."""
+        from . import shared_memory
+
+        if self._state.value != State.STARTED:
+            # What the stdlib's connection attempt gives before `start()`.
+            self._Client(self._address, authkey=self._authkey).close()
+        segment = shared_memory.SharedMemory(None, create=True, size=size)
+        try:
+            self._track(segment.name)
+        except BaseException:
+            segment.unlink()
+            raise
+        return segment
+
+    def ShareableList(self, sequence):
+        """A new `ShareableList` holding `sequence`, tracked by the server."""
+        from . import shared_memory
+
+        if self._state.value != State.STARTED:
+            self._Client(self._address, authkey=self._authkey).close()
+        sl = shared_memory.ShareableList(sequence)
+        try:
+            self._track(sl.shm.name)
+        except BaseException:
+            sl.shm.unlink()
+            raise
+        return sl

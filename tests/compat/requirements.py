@@ -64,9 +64,8 @@ CLASS_NEEDS: dict[str, tuple[str, ...]] = {
     "_TestSharedCTypes": (*CORE, "sharedctypes"),
     "_TestHeap": (*CORE, "heap"),
     # ferroproc tracks named segments without a `resource_tracker` module (see
-    # ferroproc.shared_memory); the SharedMemoryManager tests inside need `managers` and are
-    # caught at run time as "needs unimplemented API" until that exists.
-    "_TestSharedMemory": (*CORE, "shared_memory"),
+    # ferroproc.shared_memory); the SharedMemoryManager tests inside need `managers`.
+    "_TestSharedMemory": (*CORE, "shared_memory", "managers"),
     # -- pool ----------------------------------------------------------------------------
     "_TestPool": (*CORE, "pool"),
     "_TestPoolWorkerErrors": (*CORE, "pool"),
