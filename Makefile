@@ -20,6 +20,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.6"
+	# Optional for users; here it runs the numpy tests and benchmark cases (zero-copy arrays).
+	$(PY) -m pip install -q numpy
 	touch $@
 
 venv: $(VENV)/.deps
@@ -41,9 +43,7 @@ test-compat:
 
 test: install test-rust test-py test-compat
 
-# numpy only feeds the numpy-array cases (they are skipped without it), so its install may fail.
 bench: install
-	-$(PY) -m pip install -q numpy
 	$(PY) -m ferroproc.bench $(BENCH_ARGS)
 
 lint: venv

@@ -107,15 +107,13 @@ def queue_2to2_small(mod: ModuleType, n: int) -> float:
     return elapsed
 
 
-@case("queue_1mib_payloads", n=300, unit="MiB")
-def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
-    """Parent puts n 1 MiB bytes objects, a forked child gets them."""
+def _stream(mod: ModuleType, n: int, payload, warm_up) -> float:
+    """Times the parent putting `payload` n times while a forked child gets them all."""
     ctx = _ctx(mod)
     q, done = ctx.Queue(), ctx.Queue()
-    payload = b"\x5a" * (1 << 20)
     proc = ctx.Process(target=targets.queue_consume, args=(q, done, n + 1))
     proc.start()
-    q.put(b"")
+    q.put(warm_up)
     while not q.empty():
         time.sleep(0.001)
     t0 = _perf()
@@ -129,6 +127,12 @@ def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
     return elapsed
 
 
+@case("queue_1mib_payloads", n=300, unit="MiB")
+def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
+    """Parent puts n 1 MiB bytes objects, a forked child gets them."""
+    return _stream(mod, n, b"\x5a" * (1 << 20), b"")
+
+
 @case("queue_numpy_64mib", n=8, unit="64 MiB array")
 def queue_numpy_64mib(mod: ModuleType, n: int) -> float:
     """Parent puts n 64 MiB numpy arrays, a forked child gets them (skipped without numpy)."""
@@ -136,23 +140,8 @@ def queue_numpy_64mib(mod: ModuleType, n: int) -> float:
         import numpy as np
     except ImportError:
         raise SkipCase("numpy is not installed") from None
-    ctx = _ctx(mod)
-    q, done = ctx.Queue(), ctx.Queue()
     array = np.ones(8 << 20)
-    proc = ctx.Process(target=targets.queue_consume, args=(q, done, n + 1))
-    proc.start()
-    q.put(array[:1])
-    while not q.empty():
-        time.sleep(0.001)
-    t0 = _perf()
-    for _ in range(n):
-        q.put(array)
-    if done.get(timeout=WAIT_TIMEOUT) != n + 1:
-        raise RuntimeError("lost messages")
-    elapsed = _perf() - t0
-    stop(proc, WAIT_TIMEOUT)
-    _close(q, done)
-    return elapsed
+    return _stream(mod, n, array, array[:1])
 
 
 @case("queue_pingpong", n=5_000, unit="round trip")
