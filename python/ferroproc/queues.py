@@ -41,7 +41,7 @@ Speed (ferroproc extensions, automatic): messages made only of ``None``/``bool``
 ``float``/``str``/``bytes`` and tuples of them are encoded natively, without the pickler;
 buffers of 1 MiB or more that pickle protocol 5 can take out-of-band (numpy arrays) and
 ``bytes`` too large for one ring frame are copied once into a page-aligned blob of the
-queue's memfd, which the reader maps rather than copies.
+queue's memfd and once out of it, straight into the object the reader gets.
 """
 
 from __future__ import annotations

@@ -20,11 +20,10 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
-use super::{oob, tinypickle};
+use super::tinypickle;
 use crate::channel::bundle;
 use crate::channel::ring::{
     Next, ReadState, ReadStep, RingBuffer, WriteState, WriteStep, FLAG_JOINABLE,
@@ -58,8 +57,6 @@ struct Core {
     efd: OwnedFd,
     closed: AtomicBool,
     pickler: Mutex<Option<Pickler>>,
-    /// Frees blobs mapped by readers in this process (made on first use).
-    freer: PyOnceLock<Py<oob::Freer>>,
 }
 
 impl Core {
@@ -79,7 +76,6 @@ impl Core {
             efd,
             closed: AtomicBool::new(false),
             pickler: Mutex::new(None),
-            freer: PyOnceLock::new(),
         })
     }
 
@@ -457,13 +453,25 @@ impl Core {
             }
         }
         self.unlock_reader();
-        res?;
+        // Messages taken but not returned (an error after them) are lost, as with `get`;
+        // what they hold outside the ring is freed.
+        let drop_all = |rest: &mut dyn Iterator<Item = Msg<'py>>| {
+            rest.for_each(|m| m.discard(&self.ring));
+        };
+        if let Err(e) = res {
+            drop_all(&mut msgs.into_iter());
+            return Err(e);
+        }
         if msgs.is_empty() {
             return Ok(None);
         }
         let out = PyList::empty(py);
-        for m in msgs {
-            out.append(self.load(py, m)?)?;
+        let mut rest = msgs.into_iter();
+        while let Some(m) = rest.next() {
+            if let Err(e) = self.load(py, m).and_then(|o| out.append(o)) {
+                drop_all(&mut rest);
+                return Err(e);
+            }
         }
         Ok(Some(out))
     }

@@ -1,6 +1,6 @@
 //! The blob area of a ring's memfd: page-aligned space for large out-of-band buffers, far
-//! beyond the data area and the overflow log, written and read positionally (or mapped by the
-//! reader) and freed by punching a hole.
+//! beyond the data area and the overflow log, written and read positionally and freed by
+//! punching a hole.
 //!
 //! Space is handed out by an atomic bump of `blob_w`, so writers allocate without the writer
 //! lock; offsets only grow (the file is sparse; only unfreed blobs hold memory). A blob whose
@@ -18,6 +18,14 @@ use crate::sys::memfile;
 /// File offset of the blob area: far above anything the overflow log reaches in practice
 /// (4 PiB), far below the largest file offset (2^63).
 pub const BLOB_BASE: u64 = 1 << 52;
+
+/// Whether blobs can be used in this process: their offsets lie beyond any finite
+/// `RLIMIT_FSIZE`, so a process with such a limit keeps large buffers in the ring.
+#[must_use]
+fn usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(memfile::file_size_unlimited)
+}
 
 /// `len` rounded up to whole pages.
 fn span(len: usize) -> u64 {
@@ -41,7 +49,13 @@ impl RingBuffer {
         Ok(at)
     }
 
-    /// File offset of the blob at `at` (for mapping it).
+    /// Whether this process can use blobs (see [`usable`]).
+    #[must_use]
+    pub fn blobs_usable(&self) -> bool {
+        usable()
+    }
+
+    /// File offset of the blob at `at`.
     #[must_use]
     pub fn blob_offset(at: u64) -> u64 {
         BLOB_BASE + at

@@ -96,7 +96,13 @@ pub(super) struct Pickler {
 }
 
 impl Pickler {
-    fn new(py: Python<'_>, g: &Globals, signature: (usize, usize, usize)) -> PyResult<Self> {
+    /// With `oob`, buffers that qualify go out-of-band (see [`oob::Collector`]).
+    fn new(
+        py: Python<'_>,
+        g: &Globals,
+        signature: (usize, usize, usize),
+        oob: bool,
+    ) -> PyResult<Self> {
         let chunks = PyList::empty(py);
         let sink = g.namespace.bind(py).call(
             (),
@@ -107,12 +113,14 @@ impl Pickler {
         // build it, then run the base initializer again with the `buffer_callback` (which
         // resets nothing but the pickler's own state), keeping the merged dispatch table.
         let p = g.pickler.bind(py).call1((&sink, 5))?;
-        let table = p.getattr("dispatch_table")?;
-        g.base_init.bind(py).call(
-            (&p, &sink, 5),
-            Some(&[("buffer_callback", collector.bind(py))].into_py_dict(py)?),
-        )?;
-        p.setattr("dispatch_table", table)?;
+        if oob {
+            let table = p.getattr("dispatch_table")?;
+            g.base_init.bind(py).call(
+                (&p, &sink, 5),
+                Some(&[("buffer_callback", collector.bind(py))].into_py_dict(py)?),
+            )?;
+            p.setattr("dispatch_table", table)?;
+        }
         Ok(Self {
             dump: p.getattr("dump")?.unbind(),
             clear_memo: p.getattr("clear_memo")?.unbind(),
@@ -194,6 +202,17 @@ pub(super) enum Msg<'py> {
     Pickle(Bound<'py, PyBytes>),
 }
 
+impl Msg<'_> {
+    /// Frees what a message that will not be loaded holds outside the ring.
+    pub(super) fn discard(&self, ring: &RingBuffer) {
+        if let Msg::Pickle(b) = self {
+            if bundle::is_bundle(b.as_bytes()) {
+                oob::discard(ring, b.as_bytes());
+            }
+        }
+    }
+}
+
 /// Longest message the reader tries to decode natively (the fast path's messages are small).
 pub(super) const NATIVE_READ_MAX: usize = 512;
 
@@ -203,9 +222,11 @@ pub(super) fn fresh_dumps<'py>(
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<Parts<'py>> {
     let file = g.bytesio.bind(py).call0()?;
+    // Protocol 5 as the reusable pickler, so a message does not change with which one is used
+    // (a read-only buffer stays read-only, a `PickleBuffer` pickles).
     g.pickler
         .bind(py)
-        .call1((&file,))?
+        .call1((&file, 5))?
         .call_method1("dump", (obj,))?;
     Ok(vec![file
         .call_method0("getvalue")?
@@ -231,17 +252,17 @@ impl Core {
             return Ok(Pickled::Native(native));
         }
         if let Ok(b) = obj.cast_exact::<PyBytes>() {
-            if b.as_bytes().len() > self.ring.max_whole() {
+            if b.as_bytes().len() > self.ring.max_whole() && self.ring.blobs_usable() {
                 let pickle = oob::NEXT_BUFFER_PICKLE;
                 let buf = [b.clone().into_any().unbind()];
-                let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf, true)?;
+                let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf)?;
                 return Ok(Pickled::Oob(vec![PyBytes::new(py, pickle)], bundle));
             }
         }
         let (parts, bufs) = self.dumps_parts(py, obj)?;
         if !bufs.is_empty() {
             let len = parts.iter().map(|b| b.as_bytes().len()).sum();
-            let bundle = oob::Bundle::write(py, &self.ring, len, &bufs, false)?;
+            let bundle = oob::Bundle::write(py, &self.ring, len, &bufs)?;
             return Ok(Pickled::Oob(parts, bundle));
         }
         let total: usize = parts.iter().map(|b| b.as_bytes().len()).sum();
@@ -264,7 +285,7 @@ impl Core {
         };
         let sig = reducer_signature(py, g)?;
         if !matches!(slot.as_ref(), Some(p) if p.signature == sig) {
-            *slot = Some(Pickler::new(py, g, sig)?);
+            *slot = Some(Pickler::new(py, g, sig, self.ring.blobs_usable())?);
         }
         let res = slot.as_ref().map(|p| p.dumps(py, obj));
         match res {
@@ -283,11 +304,8 @@ impl Core {
         match m {
             Msg::Obj(o) => Ok(o),
             Msg::Pickle(b) if bundle::is_bundle(b.as_bytes()) => {
-                let freer = self
-                    .freer
-                    .get_or_try_init(py, || Py::new(py, oob::Freer::new(&self.ring)?))?;
                 let loads = globals(py)?.loads.bind(py);
-                oob::load(py, &self.ring, freer.bind(py), loads, b.as_bytes())
+                oob::load(py, &self.ring, loads, b.as_bytes())
             }
             Msg::Pickle(b) => loads(py, b),
         }

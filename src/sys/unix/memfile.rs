@@ -71,3 +71,13 @@ pub fn punch_hole(fd: BorrowedFd<'_>, pos: u64, len: u64) {
         );
     }
 }
+
+/// Whether this process may write files of any size (`RLIMIT_FSIZE` is unlimited). A failed
+/// query counts as limited.
+#[must_use]
+pub fn file_size_unlimited() -> bool {
+    matches!(
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE),
+        Ok((soft, _)) if soft == nix::sys::resource::RLIM_INFINITY
+    )
+}
