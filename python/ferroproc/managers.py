@@ -1484,6 +1484,10 @@ class SharedMemoryManager(BaseManager):
 
     _Server = SharedMemoryServer
 
+    def __init__(self, *args, **kwargs):
+        # The stdlib's signature; ferroproc needs no resource tracker started here.
+        super().__init__(*args, **kwargs)
+
     def get_server(self):
         """A `SharedMemoryServer` for this manager, to run with `serve_forever()`."""
         return super().get_server()
