@@ -358,6 +358,24 @@ def wait_pid_gone(pid, timeout=SHORT_TIMEOUT):
     return True
 
 
+def expect_interrupt(name, call, limit):
+    """For sacrificial interpreters: sends this process SIGINT in 0.3 s, runs `call`, and
+    checks it raised KeyboardInterrupt within `limit` seconds (prints "<name> interrupted");
+    exits the interpreter if `call` returned instead."""
+    import threading
+
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    try:
+        call()
+    except KeyboardInterrupt:
+        dt = time.monotonic() - t0
+        assert dt < limit, (name, dt)
+        print(name, "interrupted")
+    else:
+        sys.exit(name + " returned")
+
+
 def script_source(impl_name, body, method=None):
     """A sacrificial-interpreter script: a header importing the implementation as ``mp``."""
     header = (
@@ -369,8 +387,9 @@ def script_source(impl_name, body, method=None):
     return header + textwrap.dedent(body)
 
 
-def _processes_in_group(pgid):
-    found = []
+def proc_table():
+    """``{pid: (state, ppid, pgrp)}`` of every process in ``/proc`` (vanished ones skipped)."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -380,10 +399,16 @@ def _processes_in_group(pgid):
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+        table[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def _processes_in_group(pgid):
+    return [
+        pid
+        for pid, (state, _ppid, pgrp) in proc_table().items()
+        if pgrp == pgid and state not in ("Z", "X")
+    ]
 
 
 def run_interpreter(argv, *, timeout=SCRIPT_TIMEOUT, cwd=None, env=None):

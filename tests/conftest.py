@@ -97,17 +97,7 @@ def _open_fds():
 
 def _descendants():
     """``{pid: (ppid, state, cmdline)}`` of every descendant of this process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), fields[0])
+    table = {pid: (ppid, state) for pid, (state, ppid, _) in _workers.proc_table().items()}
     me = os.getpid()
     result = {}
     frontier = [me]
@@ -162,8 +152,7 @@ def _new_descendants(before):
     return {
         pid: info
         for pid, info in now.items()
-        if info[1] != "X"
-        and (pid not in before or (info[1] == "Z" and before[pid][1] != "Z"))
+        if info[1] != "X" and (pid not in before or (info[1] == "Z" and before[pid][1] != "Z"))
     }
 
 
@@ -217,9 +206,7 @@ def _hygiene(_warmed_up):
     if fds_after != fds_before:
         gc.collect()  # a Process object in a reference cycle still owns its sentinel
         fds_after = _open_fds()
-    leaked_fds = {
-        fd: target for fd, target in fds_after.items() if fds_before.get(fd) != target
-    }
+    leaked_fds = {fd: target for fd, target in fds_after.items() if fds_before.get(fd) != target}
     for fd, target in sorted(leaked_fds.items()):
         problems.append(f"leaked fd {fd} -> {target}")
 

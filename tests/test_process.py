@@ -669,19 +669,8 @@ def test_fork_from_process_with_threads(impl):
 
 
 def _children_states():
-    me = str(os.getpid())
-    states = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[1] == me:
-                states[int(entry)] = fields[0]
-    return states
+    me = os.getpid()
+    return {pid: state for pid, (state, ppid, _) in w.proc_table().items() if ppid == me}
 
 
 def test_many_short_processes(ctx):

@@ -24,7 +24,7 @@ import time
 
 import _queue_workers as w
 import pytest
-from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, join_ok, start
+from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, TESTS_DIR, join_ok, start
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -461,7 +461,9 @@ def test_put_many_get_many(ctx):
 # ---------------------------------------------------------------------------------------------
 
 CTRL_C_SCRIPT = """
-import os, signal, sys, threading, time
+import sys
+sys.path.insert(0, {tests!r})
+from _workers import expect_interrupt
 import {impl} as mp
 
 ctx = mp.get_context("fork")
@@ -469,16 +471,7 @@ q = ctx.Queue(1)
 sq = ctx.SimpleQueue()
 
 def interrupted(name, call):
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    t0 = time.monotonic()
-    try:
-        call()
-    except KeyboardInterrupt:
-        dt = time.monotonic() - t0
-        assert dt < 3.0, (name, dt)
-        print(name, "interrupted")
-    else:
-        sys.exit(name + " returned")
+    expect_interrupt(name, call, 3.0)
 
 interrupted("get", q.get)
 interrupted("get_timeout", lambda: q.get(timeout=20))
@@ -497,7 +490,7 @@ print("ok")
 
 
 def test_ctrl_c_interrupts_blocked_calls(impl):
-    script = textwrap.dedent(CTRL_C_SCRIPT.format(impl=impl.__name__))
+    script = textwrap.dedent(CTRL_C_SCRIPT.format(impl=impl.__name__, tests=TESTS_DIR))
     r = subprocess.run(
         [sys.executable, "-c", script],
         check=False,

@@ -18,7 +18,7 @@ import time
 
 import _sync_workers as w
 import pytest
-from _workers import join_ok, start
+from _workers import TESTS_DIR, join_ok, start
 
 SHORT_TIMEOUT = w.SHORT_TIMEOUT
 FERRO = "ferroproc"
@@ -559,7 +559,9 @@ def test_barrier_abort_wakes_children(ctx):
 # ---------------------------------------------------------------------------------------------
 
 CTRL_C_SCRIPT = """
-import os, signal, sys, threading, time
+import sys
+sys.path.insert(0, {tests!r})
+from _workers import expect_interrupt
 import {impl} as mp
 ctx = mp.get_context("fork")
 lock = ctx.Lock(); lock.acquire()
@@ -574,16 +576,7 @@ calls = {{
     "barrier": lambda: bar.wait(),
 }}
 for name, call in calls.items():
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    t0 = time.monotonic()
-    try:
-        call()
-    except KeyboardInterrupt:
-        dt = time.monotonic() - t0
-        assert dt < 2.0, (name, dt)
-        print(name, "interrupted")
-    else:
-        sys.exit(name + " returned")
+    expect_interrupt(name, call, 2.0)
 # Everything still works afterwards.
 lock.release(); assert lock.acquire(timeout=1)
 sem.release(); assert sem.acquire(timeout=1)
@@ -594,7 +587,7 @@ print("ok")
 
 
 def test_ctrl_c_interrupts_every_blocking_call(impl):
-    script = textwrap.dedent(CTRL_C_SCRIPT.format(impl=impl.__name__))
+    script = textwrap.dedent(CTRL_C_SCRIPT.format(impl=impl.__name__, tests=TESTS_DIR))
     r = subprocess.run(
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
     )

@@ -809,22 +809,27 @@ class BaseManager:
 _proxytypes = {}
 
 
+def _adopt(proxytype, token, serializer, manager, authkey, exposed, client):  # noqa: PLR0917
+    """A proxy for a new server object: the proxy takes its own reference, then the one the
+    server took when it made the object is dropped."""
+    proxy = proxytype(token, serializer, manager=manager, authkey=authkey, exposed=exposed)
+    conn = client(token.address, authkey=authkey)
+    try:
+        dispatch(conn, None, "decref", (token.id,))
+    finally:
+        conn.close()
+    return proxy
+
+
 def _creator(typeid, proxytype):
     """The manager method that creates a shared `typeid` object and returns its proxy."""
 
     def create(self, /, *args, **kwds):
         util.debug("requesting creation of a shared %r object", typeid)
         token, exposed = self._create(typeid, *args, **kwds)
-        proxy = proxytype(
-            token, self._serializer, manager=self, authkey=self._authkey, exposed=exposed
+        return _adopt(
+            proxytype, token, self._serializer, self, self._authkey, exposed, self._Client
         )
-        # The proxy holds its own reference now; drop the one `create` took.
-        conn = self._Client(token.address, authkey=self._authkey)
-        try:
-            dispatch(conn, None, "decref", (token.id,))
-        finally:
-            conn.close()
-        return proxy
 
     create.__name__ = create.__qualname__ = typeid
     return create
@@ -935,15 +940,9 @@ class BaseProxy:
             # proxy types registered in this process stand in (the stdlib fails here).
             proxytype = _proxytypes.get(token.typeid, AutoProxy)
         token.address = self._token.address
-        proxy = proxytype(
-            token, self._serializer, manager=self._manager, authkey=self._authkey, exposed=exposed
+        return _adopt(
+            proxytype, token, self._serializer, self._manager, self._authkey, exposed, self._Client
         )
-        conn = self._Client(token.address, authkey=self._authkey)
-        try:
-            dispatch(conn, None, "decref", (token.id,))
-        finally:
-            conn.close()
-        return proxy
 
     def _getvalue(self):
         """A copy of the referent."""

@@ -40,30 +40,49 @@ def _close(*queues) -> None:
             join()
 
 
-def _one_to_one(mod: ModuleType, n: int, batched: bool) -> float:
+def _to_child(mod: ModuleType, n: int, produce, warm_up, consume=targets.queue_consume) -> float:
+    """Times `produce(q)` putting n messages while a forked child running `consume` gets them
+    all (after it took `warm_up`, so its start is not timed)."""
     ctx = _ctx(mod)
     q, done = ctx.Queue(), ctx.Queue()
-    target = targets.queue_consume_batched if batched else targets.queue_consume
-    proc = ctx.Process(target=target, args=(q, done, n + 1))
+    proc = ctx.Process(target=consume, args=(q, done, n + 1))
     proc.start()
-    q.put(-1)  # the child is up once it took this one
+    q.put(warm_up)
     while not q.empty():
         time.sleep(0.001)
-    put_many = getattr(q, "put_many", None) if batched else None
     t0 = _perf()
-    if put_many is not None:
-        for start in range(0, n, 4096):
-            put_many(range(start, min(start + 4096, n)))
-    else:
-        put = q.put
-        for i in range(n):
-            put(i)
+    produce(q)
     if done.get(timeout=WAIT_TIMEOUT) != n + 1:
         raise RuntimeError("lost messages")
     elapsed = _perf() - t0
     stop(proc, WAIT_TIMEOUT)
     _close(q, done)
     return elapsed
+
+
+def _one_to_one(mod: ModuleType, n: int, batched: bool) -> float:
+    def produce(q):
+        put_many = getattr(q, "put_many", None) if batched else None
+        if put_many is not None:
+            for start in range(0, n, 4096):
+                put_many(range(start, min(start + 4096, n)))
+        else:
+            put = q.put
+            for i in range(n):
+                put(i)
+
+    consume = targets.queue_consume_batched if batched else targets.queue_consume
+    return _to_child(mod, n, produce, -1, consume)
+
+
+def _stream(mod: ModuleType, n: int, payload, warm_up) -> float:
+    """Times the parent putting `payload` n times while a forked child gets them all."""
+
+    def produce(q):
+        for _ in range(n):
+            q.put(payload)
+
+    return _to_child(mod, n, produce, warm_up)
 
 
 @case("queue_1to1_small", n=200_000, unit="msg")
@@ -104,26 +123,6 @@ def queue_2to2_small(mod: ModuleType, n: int) -> float:
     for p in consumers:
         stop(p, WAIT_TIMEOUT)
     _close(q, go, done)
-    return elapsed
-
-
-def _stream(mod: ModuleType, n: int, payload, warm_up) -> float:
-    """Times the parent putting `payload` n times while a forked child gets them all."""
-    ctx = _ctx(mod)
-    q, done = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=targets.queue_consume, args=(q, done, n + 1))
-    proc.start()
-    q.put(warm_up)
-    while not q.empty():
-        time.sleep(0.001)
-    t0 = _perf()
-    for _ in range(n):
-        q.put(payload)
-    if done.get(timeout=WAIT_TIMEOUT) != n + 1:
-        raise RuntimeError("lost messages")
-    elapsed = _perf() - t0
-    stop(proc, WAIT_TIMEOUT)
-    _close(q, done)
     return elapsed
 
 

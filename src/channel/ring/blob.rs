@@ -19,14 +19,6 @@ use crate::sys::memfile;
 /// (4 PiB), far below the largest file offset (2^63).
 pub const BLOB_BASE: u64 = 1 << 52;
 
-/// Whether blobs can be used in this process: their offsets lie beyond any finite
-/// `RLIMIT_FSIZE`, so a process with such a limit keeps large buffers in the ring.
-#[must_use]
-fn usable() -> bool {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USABLE.get_or_init(memfile::file_size_unlimited)
-}
-
 /// `len` rounded up to whole pages.
 fn span(len: usize) -> u64 {
     (len as u64).next_multiple_of(PAGE)
@@ -49,10 +41,12 @@ impl RingBuffer {
         Ok(at)
     }
 
-    /// Whether this process can use blobs (see [`usable`]).
+    /// Whether this process can use blobs: their offsets lie beyond any finite
+    /// `RLIMIT_FSIZE`, so a process with such a limit keeps large buffers in the ring.
     #[must_use]
     pub fn blobs_usable(&self) -> bool {
-        usable()
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(memfile::file_size_unlimited)
     }
 
     /// File offset of the blob at `at`.
