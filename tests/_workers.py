@@ -75,6 +75,12 @@ def sleep_for(seconds):
     time.sleep(seconds)
 
 
+def set_and_wait(ready, release):
+    """Sets `ready`, then waits (bounded) for `release`."""
+    ready.set()
+    release.wait(SHORT_TIMEOUT)
+
+
 def sleep_forever():
     while True:
         time.sleep(3600)

@@ -10,6 +10,7 @@ child's exit code on the child's status pipe when it reaps it.
 
 import _signal
 import _thread
+import gc
 import os
 import sys
 
@@ -149,7 +150,6 @@ os.register_at_fork(after_in_child=_forkserver._after_fork_in_child)
 def main(ctl_fd, preload, main_path=None, sys_path=None):
     """The server process: preload, then serve fork requests until the parent is gone."""
     from ._ferroproc import ForkServer as NativeServer
-    from ._ferroproc import write_exit_report
 
     if sys_path is not None:
         sys.path[:] = sys_path
@@ -171,29 +171,47 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
     old_sigint = _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     server = NativeServer(ctl_fd)
     os.close(ctl_fd)
+    # Start-up garbage goes now, and the young generations are empty when children are forked:
+    # a child's first collections then visit only its own objects, not (copying) the server's.
+    gc.collect()
+    me = os.getpid()
     while True:
-        event = server.next_event()
-        if event is None:
-            break
-        payload, fds = event
+        # The next child is forked before its request arrives (see the native module): the
+        # fork and the interpreter's after-fork work are off the client's critical path.
         try:
             pid = os.fork()
         except OSError as e:
-            server.fork_failed(e.errno or 1)
+            if not server.refuse_next(e.errno or 1):
+                break
             continue
         if pid == 0:
-            code = 1
-            try:
-                fds = server.child_after_fork()
-                _signal.signal(_signal.SIGINT, old_sigint)
-                code = _serve_child(payload, fds)
-            finally:
-                try:
-                    write_exit_report(fds[0], code & 0xFF)
-                finally:
-                    os._exit(code)
-        server.forked(pid)
+            _run_spare(server, me, old_sigint)
+        server.spare_forked(pid)
+        if not server.wait():
+            break
     sys.exit(0)
+
+
+def _run_spare(server, server_pid, old_sigint):
+    """The pre-forked child: waits for its request, then runs it. Never returns."""
+    from ._ferroproc import write_exit_report
+
+    code = 1
+    fds = None
+    try:
+        taken = server.take(server_pid)
+        if taken is None:
+            code = 0
+        else:
+            payload, fds = taken
+            _signal.signal(_signal.SIGINT, old_sigint)
+            code = _serve_child(payload, fds)
+    finally:
+        try:
+            if fds:
+                write_exit_report(fds[0], code & 0xFF)
+        finally:
+            os._exit(code)
 
 
 def _serve_child(payload, fds):

@@ -6,11 +6,19 @@
 //!   descriptor is the write end of the child's status pipe.
 //! - reply: the child's pid as `i32 LE`, or `-errno` when the fork failed.
 //!
+//! The server keeps one *spare* forked ahead of time: a fork of the server that waits on the
+//! control socket, reads the next request itself, replies with its own pid and becomes the
+//! child. Forking and CPython's after-fork work (a fork of even a small interpreter costs
+//! ~0.6 ms here) then happen while the server is idle instead of between a request and its
+//! reply. Only one spare exists at a time, so one reader owns the stream. The spare tells the
+//! server on a private `SOCK_SEQPACKET` pair that it was taken (handing over a copy of the status
+//! pipe) or that the client has gone; the server then forks the next spare, or exits.
+//!
 //! The server keeps a copy of each child's status pipe and writes the child's exit code there
 //! (`i32 LE`) once it reaps it, so the client learns about abnormal deaths too; a child that
 //! exits normally reports its own code first, and the client reads only the first report.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -25,11 +33,16 @@ pub const MAX_PAYLOAD: usize = 1 << 30;
 /// How often children without a pidfd are swept with `waitpid(WNOHANG)`.
 const SWEEP: Duration = Duration::from_millis(50);
 
+/// Spare -> server messages: `[kind: u8][pid: i32 LE]`; `TAKEN` carries the status pipe.
+const TAKEN: u8 = b'T';
+const CLIENT_GONE: u8 = b'E';
+
 #[derive(Debug)]
 struct Child {
     pid: i32,
     pidfd: Option<OwnedFd>,
-    status_w: OwnedFd,
+    /// `None` while the process is the spare (it has not taken a request yet).
+    status_w: Option<OwnedFd>,
 }
 
 /// One fork request, as received.
@@ -41,106 +54,160 @@ pub struct Request {
     pub fds: Vec<OwnedFd>,
 }
 
-/// What the server loop hands back to its caller.
-#[derive(Debug)]
-pub enum Event {
-    /// Fork a child for this request, then call [`Server::forked`] or [`Server::fork_failed`].
-    Request(Request),
+/// Why [`Server::wait`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The spare took a request (or died unused): fork the next one.
+    SpareUsed,
     /// The client is gone: the server should exit.
     Shutdown,
 }
 
-/// The server side: owns the control socket and the children it still has to report on.
+/// The server side: owns the control socket, the spare and the children it still has to
+/// report on.
 #[derive(Debug)]
 pub struct Server {
     ctl: OwnedFd,
+    notify_r: OwnedFd,
+    notify_w: OwnedFd,
+    spare: Option<Child>,
     children: Vec<Child>,
+}
+
+/// What a spare keeps of the server after the fork: the control socket and its way to report.
+#[derive(Debug)]
+pub struct Spare {
+    ctl: OwnedFd,
+    notify_w: OwnedFd,
 }
 
 impl Server {
     /// Wraps the server's end of the control socket.
-    #[must_use]
-    pub fn new(ctl: OwnedFd) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// The spare channel (a socketpair) could not be made.
+    pub fn new(ctl: OwnedFd) -> Result<Self> {
+        let (notify_r, notify_w) = sock::seqpacket_pair()?;
+        Ok(Self {
             ctl,
+            notify_r,
+            notify_w,
+            spare: None,
             children: Vec::new(),
+        })
+    }
+
+    /// Records `pid`, just forked, as the spare waiting for the next request.
+    pub fn spare_forked(&mut self, pid: i32) {
+        // Without pidfd (kernels before 5.3) the loop sweeps with waitpid(WNOHANG) instead.
+        let pidfd = wait::pidfd_open(pid).ok();
+        self.spare = Some(Child {
+            pid,
+            pidfd,
+            status_w: None,
+        });
+    }
+
+    /// Blocks until the spare has taken a request or died ([`Wake::SpareUsed`]: fork the
+    /// next one) or the client has gone ([`Wake::Shutdown`], the spare reaped), reaping and
+    /// reporting children meanwhile.
+    ///
+    /// # Errors
+    /// A failing system call.
+    pub fn wait(&mut self) -> Result<Wake> {
+        loop {
+            let ready = self.poll(&[self.notify_r.as_fd()])?;
+            if ready.contains(&0) {
+                if let Some(wake) = self.on_notice()? {
+                    return Ok(wake);
+                }
+            }
+            self.reap();
+            if let Some(spare) = &self.spare {
+                if let Ok(Some(_)) = wait::waitpid(spare.pid, false) {
+                    // Killed before it took a request: nothing to report to anyone.
+                    self.spare = None;
+                    return Ok(Wake::SpareUsed);
+                }
+            }
         }
     }
 
-    /// Blocks until a request arrives or the client goes away, reaping and reporting children
-    /// in the meantime.
+    /// With no spare (the fork failed): reads the next request and replies `-errno`. Returns
+    /// false when the client has gone instead.
     ///
     /// # Errors
     /// A malformed request ([`Error::Protocol`]) or a failing system call.
-    pub fn next_event(&mut self) -> Result<Event> {
+    pub fn refuse_next(&mut self, errno: i32) -> Result<bool> {
         loop {
-            let needs_sweep = self.children.iter().any(|c| c.pidfd.is_none());
-            let ready = {
-                let mut fds = vec![self.ctl.as_fd()];
-                fds.extend(
-                    self.children
-                        .iter()
-                        .filter_map(|c| c.pidfd.as_ref().map(AsFd::as_fd)),
-                );
-                wait::poll_readable(&fds, needs_sweep.then_some(SWEEP))?
-            };
-            if ready.iter().any(|&i| i > 0) || needs_sweep {
-                self.reap();
-            }
-            if ready.first() == Some(&0) {
-                return match self.read_request() {
-                    Ok(req) => Ok(Event::Request(req)),
-                    Err(Error::Eof) => Ok(Event::Shutdown),
+            let ready = self.poll(&[self.ctl.as_fd()])?;
+            self.reap();
+            if ready.contains(&0) {
+                return match read_request(self.ctl.as_fd()) {
+                    Ok(_) => {
+                        fd::write_all(self.ctl.as_fd(), &(-errno.abs().max(1)).to_le_bytes())?;
+                        Ok(true)
+                    }
+                    Err(Error::Eof) => Ok(false),
                     Err(e) => Err(e),
                 };
             }
         }
     }
 
-    fn read_request(&mut self) -> Result<Request> {
-        let mut header = [0u8; 8];
-        let fds = sock::recv_with_fds(self.ctl.as_fd(), &mut header)?;
-        let (len, nfds) = decode_header(header)?;
-        if nfds != fds.len() || fds.is_empty() {
-            return Err(Error::Protocol(format!(
-                "forkserver request announced {nfds} descriptors but carried {}",
-                fds.len()
-            )));
-        }
-        let mut payload = vec![0u8; len];
-        if fd::read_full(self.ctl.as_fd(), &mut payload)? != len {
-            return Err(Error::Eof);
-        }
-        Ok(Request { payload, fds })
-    }
-
-    /// Records a child forked for `req`, keeps its status pipe and replies with its pid. The
-    /// request's other descriptors are closed here (the child has its own copies).
+    /// The spare's handles on the server (duplicates of the control socket and of the server
+    /// channel). In a freshly forked spare, take them and drop the server: that closes the
+    /// rest, the copies of other children's status pipes above all, whose readers wait for them
+    /// to close.
     ///
     /// # Errors
-    /// The reply could not be sent (the client is gone).
-    pub fn forked(&mut self, pid: i32, req_fds: Vec<OwnedFd>) -> Result<()> {
-        let mut fds = req_fds.into_iter();
-        let status_w = fds
-            .next()
-            .ok_or_else(|| Error::Protocol("no status pipe".into()))?;
-        drop(fds);
-        // Without pidfd (kernels before 5.3) the loop sweeps with waitpid(WNOHANG) instead.
-        let pidfd = wait::pidfd_open(pid).ok();
-        self.children.push(Child {
-            pid,
-            pidfd,
-            status_w,
-        });
-        fd::write_all(self.ctl.as_fd(), &pid.to_le_bytes())
+    /// The `dup` errno (EMFILE).
+    pub fn spare(&self) -> Result<Spare> {
+        Ok(Spare {
+            ctl: fd::dup_cloexec(&self.ctl)?,
+            notify_w: fd::dup_cloexec(&self.notify_w)?,
+        })
     }
 
-    /// Replies that the fork failed with `errno`.
-    ///
-    /// # Errors
-    /// The reply could not be sent.
-    pub fn fork_failed(&mut self, errno: i32) -> Result<()> {
-        fd::write_all(self.ctl.as_fd(), &(-errno.abs().max(1)).to_le_bytes())
+    /// Polls `first` (indices from 0) plus the pidfds of the spare and the children.
+    fn poll(&self, first: &[BorrowedFd<'_>]) -> Result<Vec<usize>> {
+        let tracked = self.spare.iter().chain(self.children.iter());
+        let needs_sweep = tracked.clone().any(|c| c.pidfd.is_none());
+        let mut fds = first.to_vec();
+        fds.extend(tracked.filter_map(|c| c.pidfd.as_ref().map(AsFd::as_fd)));
+        wait::poll_readable(&fds, needs_sweep.then_some(SWEEP))
+    }
+
+    /// Handles one message from the spare.
+    fn on_notice(&mut self) -> Result<Option<Wake>> {
+        let mut msg = [0u8; 5];
+        let mut fds = match sock::recv_with_fds(self.notify_r.as_fd(), &mut msg) {
+            Ok(fds) => fds,
+            // Cannot happen while we hold notify_w ourselves; treat it as the end.
+            Err(Error::Eof) => return Ok(Some(Wake::Shutdown)),
+            Err(e) => return Err(e),
+        };
+        let pid = i32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        let Some(spare) = self.spare.take_if(|s| s.pid == pid) else {
+            return Ok(None);
+        };
+        match msg[0] {
+            TAKEN => {
+                self.children.push(Child {
+                    status_w: fds.pop(),
+                    ..spare
+                });
+                Ok(Some(Wake::SpareUsed))
+            }
+            CLIENT_GONE => {
+                // It exits right after saying so.
+                let _ = wait::waitpid(spare.pid, true);
+                Ok(Some(Wake::Shutdown))
+            }
+            other => Err(Error::Protocol(format!(
+                "unknown forkserver spare message {other}"
+            ))),
+        }
     }
 
     fn reap(&mut self) {
@@ -148,18 +215,62 @@ impl Server {
             Ok(None) => true,
             Ok(Some(code)) => {
                 // The client may have gone or closed its end: nothing left to tell.
-                let _ = fd::write_all(c.status_w.as_fd(), &code.to_le_bytes());
+                if let Some(w) = &c.status_w {
+                    let _ = fd::write_all(w.as_fd(), &code.to_le_bytes());
+                }
                 false
             }
             Err(_) => false,
         });
     }
+}
 
-    /// The raw number of the control socket (the child closes it after fork).
-    #[must_use]
-    pub fn ctl_fd(&self) -> RawFd {
-        self.ctl.as_raw_fd()
+impl Spare {
+    /// Blocks for the next request, replies to the client with `my_pid` and tells the server it
+    /// was taken. `None` when the client has gone (the server is told so too). Consumes the
+    /// spare: the control socket and the server channel are closed on return, so the child
+    /// holds only the request's descriptors.
+    ///
+    /// # Errors
+    /// A malformed request ([`Error::Protocol`]) or a failing system call.
+    pub fn take(self, my_pid: i32) -> Result<Option<Request>> {
+        let req = match read_request(self.ctl.as_fd()) {
+            Ok(req) => req,
+            Err(Error::Eof) => {
+                self.notify(CLIENT_GONE, my_pid, &[])?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        fd::write_all(self.ctl.as_fd(), &my_pid.to_le_bytes())?;
+        // A server that died meanwhile cannot report abnormal deaths; the child still runs.
+        let _ = self.notify(TAKEN, my_pid, &[req.fds[0].as_raw_fd()]);
+        Ok(Some(req))
     }
+
+    fn notify(&self, kind: u8, pid: i32, fds: &[RawFd]) -> Result<()> {
+        let mut msg = [kind, 0, 0, 0, 0];
+        msg[1..].copy_from_slice(&pid.to_le_bytes());
+        sock::send_with_fds(self.notify_w.as_fd(), &msg, fds)
+    }
+}
+
+/// Reads one request from the control socket.
+fn read_request(ctl: BorrowedFd<'_>) -> Result<Request> {
+    let mut header = [0u8; 8];
+    let fds = sock::recv_with_fds(ctl, &mut header)?;
+    let (len, nfds) = decode_header(header)?;
+    if nfds != fds.len() || fds.is_empty() {
+        return Err(Error::Protocol(format!(
+            "forkserver request announced {nfds} descriptors but carried {}",
+            fds.len()
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    if fd::read_full(ctl, &mut payload)? != len {
+        return Err(Error::Eof);
+    }
+    Ok(Request { payload, fds })
 }
 
 /// Encodes a request header.

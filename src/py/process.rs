@@ -1,7 +1,7 @@
 //! Bindings for process start and supervision (`ferroproc.popen_*`, `ferroproc.forkserver`).
 
 use std::ffi::CString;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -107,26 +107,43 @@ fn forkserver_request(
     Ok(py.detach(|| forkserver::request(ctl, &data, &fds))?)
 }
 
-/// Server side of the forkserver: the native request loop. Python forks (so the at-fork
-/// protocol runs) and reports back with `forked`/`fork_failed`, or `child_after_fork` in the
-/// child.
+/// Server side of the forkserver. Python forks (so the at-fork protocol runs) a spare ahead of
+/// each request and reports it with `spare_forked`; the spare calls `take` and becomes the
+/// child; the server `wait`s for the spare to be used and forks the next.
 #[pyclass(module = "ferroproc._ferroproc", frozen)]
 struct ForkServer {
     inner: Mutex<Option<forkserver::Server>>,
-    pending: Mutex<Vec<OwnedFd>>,
 }
 
+/// Name of a spare while it waits (`/proc/<pid>/comm`, at most 15 bytes): tells it apart from
+/// the children in `ps`/`top` and in leak checks.
+const SPARE_NAME: &std::ffi::CStr = c"ferroproc-spare";
+
 impl ForkServer {
-    fn with<T>(&self, f: impl FnOnce(&mut forkserver::Server) -> PyResult<T>) -> PyResult<T> {
-        let mut g = self
-            .inner
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?;
-        let s = g
-            .as_mut()
-            .ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
-        f(s)
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut forkserver::Server) -> Result<T, Error> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        // Taken out of the mutex while blocked: `detach` needs the closure to own it.
+        let mut server = self.lock()?.take().ok_or_else(closed)?;
+        let out = py.detach(|| f(&mut server));
+        *self.lock()? = Some(server);
+        Ok(out?)
     }
+
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Option<forkserver::Server>>> {
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))
+    }
+}
+
+fn closed() -> PyErr {
+    PyRuntimeError::new_err("forkserver is closed")
 }
 
 #[pymethods]
@@ -136,86 +153,59 @@ impl ForkServer {
     fn new(ctl: i32) -> PyResult<Self> {
         let owned = fd::dup_cloexec(fd::borrow_raw(ctl)?)?;
         Ok(Self {
-            inner: Mutex::new(Some(forkserver::Server::new(owned))),
-            pending: Mutex::new(Vec::new()),
+            inner: Mutex::new(Some(forkserver::Server::new(owned)?)),
         })
     }
 
-    /// Blocks for the next request: `(payload, fds)`, or `None` when the client has gone.
-    /// The returned fds stay owned by the server until `forked`/`child_after_fork`.
-    fn next_event<'py>(
+    /// In the server after forking `pid` as the spare.
+    fn spare_forked(&self, pid: i32) -> PyResult<()> {
+        self.lock()?.as_mut().ok_or_else(closed)?.spare_forked(pid);
+        Ok(())
+    }
+
+    /// Blocks until the spare is used (True: fork the next) or the client has gone (False).
+    fn wait(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.with(py, forkserver::Server::wait)? == forkserver::Wake::SpareUsed)
+    }
+
+    /// After a failed fork: answers the next request with `-errno`. False if the client went.
+    fn refuse_next(&self, py: Python<'_>, errno: i32) -> PyResult<bool> {
+        self.with(py, |s| s.refuse_next(errno))
+    }
+
+    /// In the spare (a fork of the server whose pid is `server_pid`): waits for the next
+    /// request, answers the client with this process's pid and returns `(payload, fds)`,
+    /// the fds now owned by the caller; `None` when the client has gone or the server died.
+    /// Closes every server descriptor first. The spare dies with the server while it waits.
+    fn take<'py>(
         &self,
         py: Python<'py>,
+        server_pid: i32,
     ) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
-        let mut taken = self
-            .inner
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
-            .take();
-        let server = taken
-            .as_mut()
-            .ok_or_else(|| PyRuntimeError::new_err("forkserver is closed"))?;
-        let ev = py.detach(|| server.next_event());
-        *self
-            .inner
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = taken;
-        match ev? {
-            forkserver::Event::Shutdown => Ok(None),
-            forkserver::Event::Request(req) => {
-                let raw = req
-                    .fds
-                    .iter()
-                    .map(std::os::fd::AsRawFd::as_raw_fd)
-                    .collect();
-                *self
-                    .pending
-                    .lock()
-                    .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))? = req.fds;
-                Ok(Some((PyBytes::new(py, &req.payload), raw)))
-            }
+        use nix::sys::{prctl, signal::Signal};
+        let spare = {
+            let server = self.lock()?.take().ok_or_else(closed)?;
+            server.spare()?
+        };
+        prctl::set_pdeathsig(Signal::SIGKILL).map_err(Error::from)?;
+        if nix::unistd::getppid().as_raw() != server_pid {
+            return Ok(None);
         }
-    }
-
-    /// In the server after a successful fork: remember the child and reply with its pid.
-    fn forked(&self, pid: i32) -> PyResult<()> {
-        let fds = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?,
-        );
-        self.with(|s| Ok(s.forked(pid, fds)?))
-    }
-
-    /// In the server after a failed fork: reply with the errno and drop the request's fds.
-    fn fork_failed(&self, errno: i32) -> PyResult<()> {
-        self.pending
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
-            .clear();
-        self.with(|s| Ok(s.fork_failed(errno)?))
-    }
-
-    /// In the child: close every server descriptor and hand the request's fds to Python, which
-    /// owns them from now on.
-    fn child_after_fork(&self) -> PyResult<Vec<i32>> {
-        self.inner
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?
-            .take();
-        let fds = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .map_err(|_| PyRuntimeError::new_err("forkserver poisoned"))?,
-        );
-        Ok(fds.into_iter().map(IntoRawFd::into_raw_fd).collect())
-    }
-
-    /// The control socket's number (for diagnostics).
-    fn ctl_fd(&self) -> PyResult<i32> {
-        self.with(|s| Ok(s.ctl_fd()))
+        let own_name = prctl::get_name().ok();
+        let _ = prctl::set_name(SPARE_NAME);
+        let me = nix::unistd::getpid().as_raw();
+        let req = py.detach(|| spare.take(me));
+        if let Some(name) = own_name {
+            let _ = prctl::set_name(&name);
+        }
+        prctl::set_pdeathsig(None).map_err(Error::from)?;
+        Ok(match req? {
+            None => None,
+            Some(req) => {
+                let raw = req.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+                Some((PyBytes::new(py, &req.payload), raw))
+            }
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use _ferroproc::error::Error;
-use _ferroproc::process::forkserver::{self, Event, Server};
+use _ferroproc::process::forkserver::{self, Server, Wake};
 use _ferroproc::sys::{fd, sock, spawn, wait};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
@@ -56,7 +56,8 @@ fn spawn_keeps_exactly_the_requested_fds() {
     let (r, w) = fd::pipe().unwrap();
     let (_r2, w2) = fd::pipe().unwrap();
     let script = format!(
-        "echo kept >&{}; if (echo x >&{}) 2>/dev/null; then exit 1; fi; exit 0",
+        // Through /proc: dash's `>&N` takes single-digit descriptors only.
+        "echo kept >/proc/self/fd/{}; if (echo x >/proc/self/fd/{}) 2>/dev/null; then exit 1; fi; exit 0",
         w.as_raw_fd(),
         w2.as_raw_fd()
     );
@@ -142,25 +143,16 @@ fn descriptors_cross_a_socket_with_the_message() {
 
 #[test]
 fn forkserver_protocol_round_trip() {
-    // The "server" runs in a thread and, instead of forking, hands out a real spawned child:
-    // the protocol (request, pid reply, exit report on the status pipe) is what is tested.
+    // Real processes stand in for the spares (the test cannot fork a Python child): a spare's
+    // handles read the request in a thread, reply with the stand-in's pid and hand the status
+    // pipe to the server, which reports the stand-in's exit code there once it reaps it.
     let (client, server_end) = pair();
-    let server = std::thread::spawn(move || {
-        let mut server = Server::new(server_end);
-        let mut served = 0;
-        loop {
-            match server.next_event().expect("next_event") {
-                Event::Shutdown => return served,
-                Event::Request(req) => {
-                    assert_eq!(req.payload, b"pickled process");
-                    assert_eq!(req.fds.len(), 2);
-                    let pid = sh("exit 42", &[]);
-                    server.forked(pid, req.fds).expect("reply");
-                    served += 1;
-                }
-            }
-        }
-    });
+    let mut server = Server::new(server_end).unwrap();
+
+    let stand_in = sh("sleep 0.2; exit 42", &[]);
+    server.spare_forked(stand_in);
+    let spare = server.spare().unwrap();
+    let taker = std::thread::spawn(move || spare.take(stand_in).unwrap());
     let (status_r, status_w) = fd::pipe().unwrap();
     let (_extra_r, extra_w) = fd::pipe().unwrap();
     let pid = forkserver::request(
@@ -169,17 +161,33 @@ fn forkserver_protocol_round_trip() {
         &[status_w.as_raw_fd(), extra_w.as_raw_fd()],
     )
     .unwrap();
-    assert!(pid > 0);
-    drop(status_w);
-    // The server reaps the child and writes its exit code to the status pipe.
+    assert_eq!(pid, stand_in);
+    let req = taker.join().unwrap().expect("a request");
+    assert_eq!(req.payload, b"pickled process");
+    assert_eq!(req.fds.len(), 2);
+    drop((req, status_w, extra_w));
+    assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
+
+    // The next spare dies before any request, after the first child: the server reaps that
+    // child meanwhile, reports its code, and asks for another spare.
+    let doomed = sh("sleep 0.5", &[]);
+    server.spare_forked(doomed);
+    assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
     assert!(!wait::poll_readable(&[status_r.as_fd()], Some(LIMIT))
         .unwrap()
         .is_empty());
     let mut code = [0u8; 4];
     assert_eq!(fd::read_full(status_r.as_fd(), &mut code).unwrap(), 4);
     assert_eq!(i32::from_le_bytes(code), 42);
+
+    // The client leaves: the waiting spare says so, and the server shuts down.
+    let last = sh("sleep 0.1", &[]);
+    server.spare_forked(last);
+    let spare = server.spare().unwrap();
+    let taker = std::thread::spawn(move || spare.take(last).unwrap());
     drop(client);
-    assert_eq!(server.join().unwrap(), 1);
+    assert!(taker.join().unwrap().is_none());
+    assert_eq!(server.wait().unwrap(), Wake::Shutdown);
 }
 
 #[test]
@@ -187,6 +195,23 @@ fn forkserver_rejects_a_request_without_descriptors() {
     let (client, server_end) = pair();
     fd::write_all(client.as_fd(), &forkserver::encode_header(3, 1)).unwrap();
     fd::write_all(client.as_fd(), b"abc").unwrap();
-    let mut server = Server::new(server_end);
-    assert!(matches!(server.next_event(), Err(Error::Protocol(_))));
+    let server = Server::new(server_end).unwrap();
+    let spare = server.spare().unwrap();
+    assert!(matches!(spare.take(1), Err(Error::Protocol(_))));
+}
+
+#[test]
+fn forkserver_without_a_spare_refuses_with_the_fork_errno() {
+    let (client, server_end) = pair();
+    let mut server = Server::new(server_end).unwrap();
+    let (_status_r, status_w) = fd::pipe().unwrap();
+    let requester = std::thread::spawn(move || {
+        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
+        (got, client)
+    });
+    assert!(server.refuse_next(libc::EAGAIN).unwrap());
+    let (got, client) = requester.join().unwrap();
+    assert_eq!(got.unwrap_err(), Error::from(nix::errno::Errno::EAGAIN));
+    drop(client);
+    assert!(!server.refuse_next(libc::EAGAIN).unwrap());
 }

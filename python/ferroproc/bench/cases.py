@@ -7,7 +7,9 @@ functions here: spawn and forkserver children find them by importing this module
 Child targets live in ``ferroproc.bench.targets``, a module without imports: spawn and
 forkserver children import it to find their target, and the timings should show the libraries'
 start-up cost rather than this harness's. Under ``python -m ferroproc.bench`` the main module is
-``ferroproc.bench.__main__``, which neither library re-imports in children.
+``ferroproc.bench.__main__``, which neither library re-imports in children. The CLI adds
+``targets`` to both libraries' forkserver preload list, where a script's ``__main__`` (and the
+targets it defines or imports) would be by default.
 
 Later subsystems add their cases below with ``@case``, and their child targets to ``targets``.
 """

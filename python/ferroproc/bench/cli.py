@@ -107,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot import {impl_name!r}: {exc}", file=sys.stderr)
         return 2
     impls = [("stdlib", multiprocessing), ("ferroproc", under_test)]
+    for _, mod in impls:
+        # A script's forkserver preloads its `__main__`, and with it the script's targets; run
+        # as `-m ferroproc.bench` there is no such main, so name the targets module instead.
+        # Without this every forkserver child would import it, for both libraries alike.
+        set_preload = getattr(mod, "set_forkserver_preload", None)
+        if set_preload is not None:
+            set_preload(["__main__", "ferroproc.bench.targets"])
 
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -4,12 +4,29 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
 
 use crate::error::{Error, Result};
 
 /// Most descriptors one message may carry (the kernel's `SCM_MAX_FD` is 253).
 pub const MAX_FDS: usize = 253;
+
+/// A connected pair of close-on-exec unix `SOCK_SEQPACKET` sockets: message boundaries are
+/// kept, so several writers (one at a time) can share one end.
+///
+/// # Errors
+/// The `socketpair` errno (EMFILE, ENFILE).
+pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
 
 /// Sends `data` with `fds` attached to its first byte; the rest of `data` follows as plain
 /// stream bytes if the kernel takes it in pieces.
