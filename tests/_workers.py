@@ -409,6 +409,20 @@ def proc_table():
     return table
 
 
+#: `/proc/<pid>/comm` of the child ferroproc's forkserver keeps forked ahead of the next
+#: request: one per server, replaced after each start, so never a leak.
+FORKSERVER_SPARE = "ferroproc-spare"
+
+
+def is_forkserver_spare(pid):
+    """Whether `pid` is a ferroproc forkserver's waiting spare (by its `comm` name)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == FORKSERVER_SPARE
+    except OSError:
+        return False
+
+
 def _processes_in_group(pgid):
     return [
         pid

@@ -95,19 +95,6 @@ def _open_fds():
     return fds
 
 
-#: `/proc/<pid>/comm` of the child ferroproc's forkserver keeps forked ahead of the next
-#: request: one per server, replaced after each start, so never a leak.
-FORKSERVER_SPARE = "ferroproc-spare"
-
-
-def _is_spare(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == FORKSERVER_SPARE
-    except OSError:
-        return False
-
-
 def _descendants():
     """``{pid: (ppid, state, cmdline)}`` of every descendant of this process (forkserver spares
     excepted)."""
@@ -118,7 +105,7 @@ def _descendants():
     while frontier:
         parent = frontier.pop()
         for pid, (ppid, state) in table.items():
-            if ppid == parent and pid not in result and not _is_spare(pid):
+            if ppid == parent and pid not in result and not _workers.is_forkserver_spare(pid):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()

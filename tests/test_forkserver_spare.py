@@ -18,29 +18,16 @@ pytestmark = pytest.mark.timeout(120)
 PRELUDE = """
 import os, signal, time
 from ferroproc.forkserver import _forkserver
-from _workers import noop, SHORT_TIMEOUT
-
-SPARE = "ferroproc-spare"
-
-def children(pid):
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found[int(entry)] = stat[stat.index("(") + 1 : stat.rfind(")")]
-    return found
+from _workers import FORKSERVER_SPARE, SHORT_TIMEOUT, is_forkserver_spare, noop, proc_table
 
 def spares(server):
     deadline = time.monotonic() + SHORT_TIMEOUT
     while True:
-        found = [pid for pid, name in children(server).items() if name == SPARE]
+        found = [
+            pid
+            for pid, (state, ppid, _) in proc_table().items()
+            if ppid == server and state not in ("Z", "X") and is_forkserver_spare(pid)
+        ]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
@@ -62,6 +49,13 @@ def run_one(ctx):
     p.join(SHORT_TIMEOUT)
     assert p.exitcode == 0, p.exitcode
     return p.pid
+
+# A forkserver context whose server has run one child: (ctx, server pid, spare pids).
+def started():
+    ctx = mp.get_context("forkserver")
+    run_one(ctx)
+    server = _forkserver._forkserver_pid
+    return ctx, server, spares(server)
 """
 
 
@@ -77,10 +71,7 @@ def test_the_next_child_is_the_waiting_spare():
     out = run(
         """
         if __name__ == "__main__":
-            ctx = mp.get_context("forkserver")
-            run_one(ctx)
-            server = _forkserver._forkserver_pid
-            first = spares(server)
+            ctx, server, first = started()
             assert len(first) == 1, first
             pid = run_one(ctx)
             # The child that ran is the process that was waiting, and a new one waits now.
@@ -98,8 +89,7 @@ def test_a_started_child_no_longer_looks_like_a_spare():
         """
         import _workers
         if __name__ == "__main__":
-            ctx = mp.get_context("forkserver")
-            run_one(ctx)
+            ctx, _, _ = started()
             ready = ctx.Event()
             release = ctx.Event()
             p = ctx.Process(target=_workers.set_and_wait, args=(ready, release))
@@ -109,7 +99,7 @@ def test_a_started_child_no_longer_looks_like_a_spare():
                 name = f.read().strip()
             release.set()
             p.join(SHORT_TIMEOUT)
-            print(name != SPARE, p.exitcode)
+            print(name != FORKSERVER_SPARE, p.exitcode)
         """
     )
     assert out == ["True", "0"]
@@ -119,10 +109,7 @@ def test_a_killed_server_takes_its_spare_along_and_is_replaced():
     out = run(
         """
         if __name__ == "__main__":
-            ctx = mp.get_context("forkserver")
-            run_one(ctx)
-            server = _forkserver._forkserver_pid
-            (spare,) = spares(server)
+            ctx, server, (spare,) = started()
             os.kill(server, signal.SIGKILL)
             print(gone(spare))
             run_one(ctx)
@@ -136,10 +123,7 @@ def test_a_killed_spare_is_replaced():
     out = run(
         """
         if __name__ == "__main__":
-            ctx = mp.get_context("forkserver")
-            run_one(ctx)
-            server = _forkserver._forkserver_pid
-            (spare,) = spares(server)
+            ctx, server, (spare,) = started()
             os.kill(spare, signal.SIGKILL)
             assert gone(spare)
             pids = [run_one(ctx) for _ in range(3)]
@@ -153,10 +137,7 @@ def test_stopping_the_server_stops_its_spare():
     out = run(
         """
         if __name__ == "__main__":
-            ctx = mp.get_context("forkserver")
-            run_one(ctx)
-            server = _forkserver._forkserver_pid
-            (spare,) = spares(server)
+            ctx, server, (spare,) = started()
             _forkserver._stop()
             print(gone(server), gone(spare))
         """
