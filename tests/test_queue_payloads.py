@@ -198,29 +198,52 @@ def ferro(impl):
     return impl
 
 
-def test_blob_memory_is_freed_when_read(ferro):
+#: Freed blobs a ferroproc queue keeps for reuse (`SPARES` in src/channel/ring/blob.rs), and
+#: the memory each takes for an 8 MiB buffer (its bytes start 2 KiB into a page).
+SPARES = 4
+BLOB_8MIB = (8 << 20) + 4096
+#: Ring pages the small pickles naming the blobs may touch besides.
+RING = 1 << 20
+
+
+def test_blob_memory_is_reused_not_grown(ferro):
     q = ferro.Queue()
     base = blob_memory(q)
     kept = []
-    for _ in range(5):
+    for _ in range(10):
         q.put(w.Blob(bytearray(8 << 20)))
         assert blob_memory(q) >= base + (8 << 20)
         kept.append(q.get(timeout=SHORT_TIMEOUT))  # the object lives on in its own memory
-        assert blob_memory(q) <= base + (1 << 20)
-        q.put(b"x" * (4 << 20))
-        assert q.get(timeout=SHORT_TIMEOUT) == b"x" * (4 << 20)
-        assert blob_memory(q) <= base + (1 << 20)
+        # The freed blob is kept and taken again by the next put: one blob's memory in all.
+        assert base + (8 << 20) <= blob_memory(q) <= base + BLOB_8MIB + RING
+    q.put(b"x" * (4 << 20))
+    assert blob_memory(q) <= base + (4 << 20) + 4096 + RING  # the 8 MiB spare was trimmed to fit
+    assert q.get(timeout=SHORT_TIMEOUT) == b"x" * (4 << 20)
     assert all(k == w.Blob(bytearray(8 << 20)) for k in kept)
+    q.close()
+
+
+def test_blob_memory_beyond_the_spares_is_freed_when_read(ferro):
+    q = ferro.Queue()
+    base = blob_memory(q)
+    n = SPARES + 3
+    for _ in range(n):
+        q.put(w.Blob(bytearray(8 << 20)))
+    assert blob_memory(q) >= base + n * (8 << 20)
+    for _ in range(n):
+        assert q.get(timeout=SHORT_TIMEOUT) == w.Blob(bytearray(8 << 20))
+    assert blob_memory(q) <= base + SPARES * BLOB_8MIB + RING
     q.close()
 
 
 def test_blobs_of_messages_lost_to_a_failed_get_many_are_freed(ferro):
     q = ferro.Queue()
     base = blob_memory(q)
-    q.put_many([w.Unloadable()] + [w.Blob(bytearray(4 << 20)) for _ in range(3)])
+    q.put_many([w.Unloadable()] + [w.Blob(bytearray(8 << 20)) for _ in range(SPARES + 2)])
     with pytest.raises(ValueError, match="cannot be unpickled"):
         q.get_many(10, timeout=SHORT_TIMEOUT)
-    assert blob_memory(q) <= base + (1 << 20)
+    assert q.empty()
+    assert blob_memory(q) <= base + SPARES * BLOB_8MIB + RING
     q.close()
 
 
@@ -229,10 +252,12 @@ def test_blob_of_a_refused_put_is_freed(ferro):
     base = blob_memory(q)
     q.put(1)
     with pytest.raises(queue.Full):
-        q.put(w.Blob(bytearray(4 << 20)), timeout=0.01)
-    with pytest.raises(queue.Full):
-        q.put_many([w.Blob(bytearray(4 << 20)), b"y" * (4 << 20)], timeout=0.01)
-    assert blob_memory(q) <= base + (1 << 20)
+        q.put(w.Blob(bytearray(8 << 20)), timeout=0.01)
+    assert blob_memory(q) <= base + BLOB_8MIB + RING  # kept as a spare
+    for _ in range(3):
+        with pytest.raises(queue.Full):
+            q.put_many([w.Blob(bytearray(8 << 20)), b"y" * (8 << 20)], timeout=0.01)
+        assert blob_memory(q) <= base + 2 * BLOB_8MIB + RING  # the same two blobs, taken again
     q.close()
 
 

@@ -167,6 +167,14 @@ pub struct JoinSide {
     pub seq: AtomicU32,
 }
 
+/// Freed blobs kept for reuse (see `ring/blob.rs`).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct BlobSide {
+    /// Each a freed blob's first page and page count, packed; 0: empty.
+    pub spares: [AtomicU64; blob::SPARES],
+}
+
 /// The shared words of a ring (the data area follows at [`DATA_OFFSET`]).
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -179,9 +187,11 @@ pub struct RingShared {
     pub r: ReaderSide,
     /// Join side.
     pub j: JoinSide,
+    /// Blob reuse.
+    pub b: BlobSide,
 }
 
-const _: () = assert!(size_of::<RingShared>() == 256);
+const _: () = assert!(size_of::<RingShared>() == 320);
 const _: () = assert!(std::mem::align_of::<RingShared>() == 64);
 const _: () = assert!(segment_size::<RingShared>() <= DATA_OFFSET);
 

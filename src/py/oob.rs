@@ -9,19 +9,19 @@
 //! is a small [`bundle`] naming the blobs.
 //!
 //! The reader reads each blob, again positionally and with the GIL released, straight into the
-//! new `bytearray` (or `bytes`, for a read-only buffer: what unpickling the same buffer in-band
-//! gives) that `pickle.loads(..., buffers=...)` hands to the reconstructor, and frees the blob
-//! at once. One copy on each side, against the stdlib's half-dozen, and the received object is
+//! new, unzeroed `bytearray` (or `bytes`, for a read-only buffer: what unpickling the same
+//! buffer in-band gives) that `pickle.loads(..., buffers=...)` hands to the reconstructor, and
+//! frees the blob at once (to the queue's spares, for the next large message). One copy on each side, against the stdlib's half-dozen, and the received object is
 //! ordinary private memory (fork, copy-on-write and lifetime as for any other object).
 
 use std::sync::Mutex;
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::channel::bundle::{self, Piece};
-use crate::channel::pybuf::ExportedBytes;
+use crate::channel::pybuf::{self, ExportedBytes};
 use crate::channel::ring::RingBuffer;
 
 /// Smallest buffer the pickler's callback sends out-of-band (below it, copies through the
@@ -137,16 +137,10 @@ impl Bundle {
 }
 
 /// A new `bytes` (read-only piece) or `bytearray` holding the blob `piece`, read with the GIL
-/// released.
+/// released straight into the new object's unzeroed memory.
 fn take_blob<'py>(py: Python<'py>, ring: &RingBuffer, piece: Piece) -> PyResult<Bound<'py, PyAny>> {
-    let read = |b: &mut [u8]| {
-        py.detach(|| ring.blob_read(piece.at, b))
-            .map_err(PyErr::from)
-    };
-    Ok(if piece.readonly {
-        PyBytes::new_with(py, piece.len, read)?.into_any()
-    } else {
-        PyByteArray::new_with(py, piece.len, read)?.into_any()
+    pybuf::new_filled(py, piece.len, piece.readonly, |dest| {
+        ring.blob_read_into(piece.at, dest)
     })
 }
 

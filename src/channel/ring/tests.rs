@@ -334,3 +334,87 @@ fn a_writer_waits_for_an_active_reader_instead_of_logging() {
     );
     ring.shared().ctl.rlock.unlock().unwrap();
 }
+
+/// Bytes of memory the ring's memfd holds.
+fn held(ring: &RingBuffer) -> u64 {
+    nix::sys::stat::fstat(ring.fd.as_fd()).unwrap().st_blocks as u64 * 512
+}
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn blob_round_trip_starts_off_the_page_boundary() {
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i % 251) as u8).collect();
+    let at = ring.blob_alloc(data.len()).unwrap();
+    assert_eq!(at % PAGE, 0);
+    assert_eq!(RingBuffer::blob_offset(at) % PAGE, blob::DATA_SHIFT);
+    ring.blob_write(at, &[&data[..10], &data[10..]]).unwrap();
+    let mut back = vec![0; data.len()];
+    ring.blob_read(at, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_freed_blob_is_reused_and_trimmed_to_the_next_message() {
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let base = held(&ring);
+    let big = vec![7u8; 8 * MIB];
+    let at = ring.blob_alloc(big.len()).unwrap();
+    ring.blob_write(at, &[&big]).unwrap();
+    ring.blob_free(at, big.len());
+    // Kept as a spare: the memory stays, and the next allocation gets the same blob.
+    assert!(held(&ring) >= base + 8 * MIB as u64);
+    let again = ring.blob_alloc(MIB).unwrap();
+    assert_eq!(again, at);
+    // ... trimmed to what the smaller message needs.
+    assert!(held(&ring) <= base + 2 * MIB as u64);
+    let small = vec![9u8; MIB];
+    ring.blob_write(again, &[&small]).unwrap();
+    let mut back = vec![0; MIB];
+    ring.blob_read(again, &mut back).unwrap();
+    assert_eq!(back, small);
+    // A spare too small for the next message is not taken: a fresh blob is.
+    ring.blob_free(again, MIB);
+    let fresh = ring.blob_alloc(2 * MIB).unwrap();
+    assert!(fresh > at);
+}
+
+#[test]
+fn spares_are_bounded_in_number_and_size() {
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let base = held(&ring);
+    let one = vec![1u8; MIB];
+    let blobs: Vec<u64> = (0..blob::SPARES + 2)
+        .map(|_| {
+            let at = ring.blob_alloc(MIB).unwrap();
+            ring.blob_write(at, &[&one]).unwrap();
+            at
+        })
+        .collect();
+    for &at in &blobs {
+        ring.blob_free(at, MIB);
+    }
+    // Only SPARES blobs keep their memory; the others were punched out.
+    let per_blob = (MIB as u64 + blob::DATA_SHIFT).next_multiple_of(PAGE);
+    assert_eq!(held(&ring), base + blob::SPARES as u64 * per_blob);
+    // A larger freed blob replaces the smallest spare.
+    let two = vec![2u8; 2 * MIB];
+    let at = ring.blob_alloc(two.len()).unwrap();
+    ring.blob_write(at, &[&two]).unwrap();
+    ring.blob_free(at, two.len());
+    let per_big = (2 * MIB as u64 + blob::DATA_SHIFT).next_multiple_of(PAGE);
+    assert_eq!(
+        held(&ring),
+        base + (blob::SPARES as u64 - 1) * per_blob + per_big
+    );
+    // A blob over the size bound is never kept.
+    let huge = usize::try_from(blob::SPARE_MAX).unwrap() + 1;
+    let at = ring.blob_alloc(huge).unwrap();
+    ring.blob_write(at, &[&vec![3u8; huge]]).unwrap();
+    ring.blob_free(at, huge);
+    assert_eq!(
+        held(&ring),
+        base + (blob::SPARES as u64 - 1) * per_blob + per_big
+    );
+}

@@ -1,7 +1,7 @@
 //! Positional I/O on a (memfd) file shared between processes: the overflow log of a queue.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -55,6 +55,43 @@ pub fn read_exact_at(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut pos: u64) -> Re
         };
         pos += n as u64;
         buf = &mut buf[n..];
+    }
+    Ok(())
+}
+
+/// Fills the `len` bytes at `ptr` from file offset `pos`, for a destination that is not yet
+/// initialized (no Rust reference to it may exist before it is filled).
+///
+/// # Errors
+/// `Error::Eof` if the file ends first; the `pread` errno. On error the destination is
+/// partly written and must not be read.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes, and nothing else may access them, for the
+/// duration of the call.
+pub unsafe fn read_exact_at_raw(
+    fd: BorrowedFd<'_>,
+    ptr: *mut u8,
+    len: usize,
+    pos: u64,
+) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let at = off(pos + done as u64)?;
+        // Stays inside the caller's range: `done < len`.
+        let dest = ptr.wrapping_add(done);
+        // SAFETY: the caller guarantees `[ptr, ptr + len)` is writable and ours alone; `dest`
+        // starts `done < len` bytes into it, so the `len - done` bytes from `dest` lie inside
+        // it. `pread` writes at most that many bytes there and reads none.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), dest.cast(), len - done, at) };
+        match n {
+            0 => return Err(Error::Eof),
+            n if n > 0 => done += n as usize,
+            _ => match Errno::last() {
+                Errno::EINTR => {}
+                e => return Err(e.into()),
+            },
+        }
     }
     Ok(())
 }

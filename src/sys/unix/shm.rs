@@ -35,6 +35,30 @@ pub fn size(fd: BorrowedFd<'_>) -> Result<usize> {
     usize::try_from(st.st_size).map_err(|_| Errno::EOVERFLOW.into())
 }
 
+/// Size of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back the whole 2 MiB pages inside `[ptr, ptr + len)` of this process's
+/// private memory with transparent huge pages when they are first touched (`MADV_HUGEPAGE`),
+/// as numpy does for its large arrays: filling a fresh 64 MiB buffer then takes 32 page faults
+/// instead of 16384. A hint only; failures (no THP support, THP disabled) are ignored.
+pub fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+    let end = (ptr as usize).saturating_add(len) / HUGE_PAGE * HUGE_PAGE;
+    if end <= start {
+        return;
+    }
+    let Some(addr) = NonNull::new(start as *mut c_void) else {
+        return;
+    };
+    // SAFETY: `[start, end)` lies inside the caller's allocation (rounded inward), so it is
+    // mapped memory of this process. MADV_HUGEPAGE only sets a flag on the mapping: it neither
+    // changes nor frees any byte, so no Rust object can observe it.
+    let _ = unsafe {
+        nix::sys::mman::madvise(addr, end - start, nix::sys::mman::MmapAdvise::MADV_HUGEPAGE)
+    };
+}
+
 /// A `MAP_SHARED`, read-write mapping of the first `len` bytes of a file. Unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
