@@ -22,6 +22,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.6"
 	# Optional for users; here it runs the numpy tests and benchmark cases (zero-copy arrays).
 	$(PY) -m pip install -q numpy
+	# Optional for users; tests the tqdm progress bar, and the benchmark's peer rows (mpire, loky).
+	$(PY) -m pip install -q tqdm mpire loky
 	touch $@
 
 venv: $(VENV)/.deps

@@ -414,6 +414,120 @@ def test_results_are_awaitable_ferroproc_extension(fctx):
     p.join()
 
 
+class _Bar:
+    """A tqdm look-alike: ``update(n)``, a settable ``total``, ``refresh``."""
+
+    def __init__(self, total=None):
+        self.total, self.n, self.refreshed = total, 0, 0
+
+    def update(self, n):
+        self.n += n
+
+    def refresh(self):
+        self.refreshed += 1
+
+
+def _checked_calls(calls, total):
+    """The progress calls end at (total, total) and count up in steps that add up to total."""
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones) and dones[-1] == total
+    assert all(t == total for _, t in calls)
+
+
+def test_map_reports_progress_ferroproc_extension(fctx):
+    calls = []
+    with fctx.Pool(2) as p:
+        out = p.map(pw.square, range(300), chunksize=7, progress=lambda d, t: calls.append((d, t)))
+        # Every item is reported before map returns.
+        assert out == [x * x for x in range(300)]
+        _checked_calls(calls, 300)
+        assert len(calls) == len(range(0, 300, 7))  # one report per chunk
+        calls.clear()
+        r = p.starmap_async(
+            pw.add, [(i, i) for i in range(40)], progress=lambda *a: calls.append(a)
+        )
+        assert r.get(T) == [2 * i for i in range(40)]
+        _checked_calls(calls, 40)
+        calls.clear()
+        # A failing chunk counts as done too; the failure is what get() raises.
+        with pytest.raises(ValueError):
+            p.map(pw.fail_on, range(10), chunksize=1, progress=lambda *a: calls.append(a))
+        _checked_calls(calls, 10)
+        assert p.map(pw.square, [], progress=lambda *a: calls.append(a)) == []
+    p.join()
+
+
+def test_imap_reports_progress_with_total_when_known_ferroproc_extension(fctx):
+    with fctx.Pool(2) as p:
+        calls = []
+        got = list(p.imap(pw.square, range(50), progress=lambda *a: calls.append(a)))
+        assert got == [x * x for x in range(50)]
+        _checked_calls(calls, 50)
+        # A lazy iterable: the total is None until the pool has read all of it.
+        calls = []
+        got = sorted(
+            p.imap_unordered(pw.square, iter(range(60)), 4, progress=lambda *a: calls.append(a))
+        )
+        assert got == sorted(x * x for x in range(60))
+        assert calls[-1] == (60, 60)
+        assert all(t in (None, 60) for _, t in calls)
+    p.join()
+
+
+def test_progress_bar_object_gets_updates_and_its_total_ferroproc_extension(fctx):
+    bar = _Bar()
+    with fctx.Pool(2) as p:
+        assert p.map(pw.square, range(100), chunksize=10, progress=bar) == [
+            x * x for x in range(100)
+        ]
+        assert (bar.n, bar.total) == (100, 100)
+        fixed = _Bar(total=999)  # a total the caller set is left alone
+        assert len(list(p.imap(pw.square, iter(range(20)), progress=fixed))) == 20
+        assert (fixed.n, fixed.total, fixed.refreshed) == (20, 999, 0)
+    p.join()
+
+
+def test_progress_true_draws_a_tqdm_bar_ferroproc_extension(fctx, capsys):
+    pytest.importorskip("tqdm")
+    with fctx.Pool(2) as p:
+        assert p.map(pw.square, range(64), chunksize=8, progress=True) == [x * x for x in range(64)]
+    p.join()
+    assert "64/64" in capsys.readouterr().err
+
+
+def test_bad_progress_is_refused_and_a_failing_one_is_reported(fctx, monkeypatch, capsys):
+    with fctx.Pool(2) as p:
+        with pytest.raises(TypeError, match="progress must be"):
+            p.map(pw.square, range(3), progress=3)
+        with pytest.raises(TypeError, match="progress must be"):
+            p.imap(pw.square, range(3), progress="bar")
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+        with pytest.raises(ImportError, match="needs the tqdm package"):
+            p.map(pw.square, range(3), progress=True)
+
+        def broken(done, total):
+            raise RuntimeError("progress display broke")
+
+        # A progress callback that raises is printed like a failing result callback; the
+        # map itself still completes.
+        assert p.map(pw.square, range(5), progress=broken) == [0, 1, 4, 9, 16]
+        assert p.map(pw.square, range(3)) == [0, 1, 4]
+        assert not p._cache
+    p.join()
+    assert "progress display broke" in capsys.readouterr().err
+
+
+def test_thread_pool_reports_progress_ferroproc_extension(impl):
+    if impl.__name__ != "ferroproc":
+        pytest.skip("ferroproc extension")
+    calls = []
+    with _pool_module(impl).ThreadPool(3) as p:
+        assert p.map(pw.square, range(30), progress=lambda *a: calls.append(a))[-1] == 841
+    p.join()
+    _checked_calls(calls, 30)
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 import {impl} as mp

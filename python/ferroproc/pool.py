@@ -106,6 +106,80 @@ def _report_callback_error():
     traceback.print_exc()
 
 
+class _Progress:
+    """ferroproc extension: reports how many items of one map-like call are done.
+
+    `spec` is ``True`` (a ``tqdm`` bar this object creates and closes), an object with an
+    ``update(n)`` method (a ``tqdm`` bar or look-alike, given ``n`` newly finished items; its
+    ``total`` is set when the call knows it and the bar has none), or a callable
+    ``spec(done, total)`` (``total`` is ``None`` while unknown, for a lazy iterable). It is
+    called from the pool's scheduler thread, like result callbacks, before the items it
+    counts are handed to the caller; an exception it raises is printed, as for callbacks.
+    """
+
+    __slots__ = ("_bar", "_call", "_own", "done", "total")
+
+    def __init__(self, spec, total):
+        self.done = 0
+        self.total = total
+        self._bar = self._call = None
+        self._own = False
+        if spec is True:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                raise ImportError(
+                    "progress=True draws a tqdm bar and needs the tqdm package; pass a "
+                    "callable(done, total) or an object with an update(n) method instead"
+                ) from None
+            self._bar = tqdm(total=total)
+            self._own = True
+        elif callable(getattr(spec, "update", None)):
+            self._bar = spec
+            if total is not None and getattr(spec, "total", 0) is None:
+                spec.total = total
+        elif callable(spec):
+            self._call = spec
+        else:
+            raise TypeError(
+                "progress must be True, a callable(done, total) or an object with an "
+                f"update(n) method, not {type(spec).__name__}"
+            )
+
+    def set_total(self, total):
+        if self.total == total:
+            return
+        self.total = total
+        if self._bar is not None and getattr(self._bar, "total", 0) is None:
+            try:
+                self._bar.total = total
+                self._bar.refresh()
+            except Exception:
+                _report_callback_error()
+
+    def advance(self, count):
+        self.done += count
+        try:
+            if self._bar is not None:
+                self._bar.update(count)
+            else:
+                self._call(self.done, self.total)
+        except Exception:
+            _report_callback_error()
+
+    def close(self):
+        if self._own:
+            self._own = False
+            try:
+                self._bar.close()
+            except Exception:
+                _report_callback_error()
+
+
+def _progress_of(spec, total):
+    return None if spec is None else _Progress(spec, total)
+
+
 # -- work waiting to be dispatched ---------------------------------------------------------
 
 
@@ -791,21 +865,34 @@ class Pool:
         """Calls ``func(*args, **kwds)`` in a worker and returns its result."""
         return self.apply_async(func, args, kwds).get()
 
-    def map(self, func, iterable, chunksize=None):
-        """``list(map(func, iterable))`` computed by the workers, in order."""
-        return self._map_async(func, iterable, False, chunksize).get()
+    def map(self, func, iterable, chunksize=None, *, progress=None):
+        """``list(map(func, iterable))`` computed by the workers, in order.
 
-    def starmap(self, func, iterable, chunksize=None):
+        ``progress`` (ferroproc extension, keyword-only): ``True`` for a tqdm bar, a tqdm-like
+        object with ``update(n)``, or a callable ``progress(done, total)``, told as items
+        finish (see the README's Extensions).
+        """
+        return self._map_async(func, iterable, False, chunksize, progress=progress).get()
+
+    def starmap(self, func, iterable, chunksize=None, *, progress=None):
         """Like `map`, with each item unpacked as ``func(*item)``."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._map_async(func, iterable, True, chunksize, progress=progress).get()
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(
+        self, func, iterable, chunksize=None, callback=None, error_callback=None, *, progress=None
+    ):
         """Asynchronous `starmap`: returns a `MapResult`."""
-        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+        return self._map_async(
+            func, iterable, True, chunksize, callback, error_callback, progress=progress
+        )
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def map_async(
+        self, func, iterable, chunksize=None, callback=None, error_callback=None, *, progress=None
+    ):
         """Asynchronous `map`: returns a `MapResult`."""
-        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+        return self._map_async(
+            func, iterable, False, chunksize, callback, error_callback, progress=progress
+        )
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):  # noqa: B006
         """Asynchronous `apply`: returns an `ApplyResult`."""
@@ -814,24 +901,36 @@ class Pool:
         self._core.submit(_Task(result, func, tuple(args), dict(kwds)))
         return result
 
-    def imap(self, func, iterable, chunksize=1):
-        """An iterator over ``func(item)`` for each item, in order, as results arrive."""
-        self._check_running()
-        _check_chunksize(chunksize)
-        result = IMapIterator(self)
-        self._core.submit(_Source(result, func, iterable, False, chunksize))
-        return result
+    def imap(self, func, iterable, chunksize=1, *, progress=None):
+        """An iterator over ``func(item)`` for each item, in order, as results arrive.
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+        ``progress``: as for `map` (ferroproc extension); ``total`` is ``None`` until a lazy
+        iterable is exhausted.
+        """
+        return self._imap(IMapIterator, func, iterable, chunksize, progress)
+
+    def imap_unordered(self, func, iterable, chunksize=1, *, progress=None):
         """Like `imap`, yielding results in the order they complete."""
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, progress)
+
+    def _imap(self, kind, func, iterable, chunksize, progress):
         self._check_running()
         _check_chunksize(chunksize)
-        result = IMapUnorderedIterator(self)
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        result = kind(self, _progress_of(progress, total))
         self._core.submit(_Source(result, func, iterable, False, chunksize))
         return result
 
     def _map_async(  # noqa: PLR0917 - mirrors the public *_async signatures
-        self, func, iterable, star, chunksize=None, callback=None, error_callback=None
+        self,
+        func,
+        iterable,
+        star,
+        chunksize=None,
+        callback=None,
+        error_callback=None,
+        *,
+        progress=None,
     ):
         self._check_running()
         if not hasattr(iterable, "__len__"):
@@ -839,7 +938,8 @@ class Pool:
         length = len(iterable)
         if chunksize is not None:
             _check_chunksize(chunksize)
-        result = MapResult(self, chunksize, length, callback, error_callback)
+        tracker = _progress_of(progress, length)
+        result = MapResult(self, chunksize, length, callback, error_callback, tracker)
         if length == 0:
             return result
         self._core.submit(_Source(result, func, iterable, star, chunksize))
@@ -961,6 +1061,7 @@ class ApplyResult:
                     pass
 
     _futures = None
+    _progress = None  # a map's progress reporter (ferroproc extension)
 
     def __await__(self):
         """ferroproc extension: ``await result`` in a coroutine gives what `get` would, without
@@ -1014,6 +1115,8 @@ class ApplyResult:
             _report_callback_error()
 
     def _abandon(self, exc):
+        if self._progress is not None:
+            self._progress.close()
         if not self._ready:
             self._success, self._value = False, exc
             self._signal()
@@ -1029,12 +1132,13 @@ AsyncResult = ApplyResult
 class MapResult(ApplyResult):
     """The result of `Pool.map_async`/`starmap_async`: a list, in order."""
 
-    def __init__(self, pool, chunksize, length, callback, error_callback):
+    def __init__(self, pool, chunksize, length, callback, error_callback, progress=None):  # noqa: PLR0917
         super().__init__(pool, callback, error_callback=error_callback)
         self._success = True
         self._value = [None] * length
         self._chunksize = chunksize
         self._number_left = length
+        self._progress = progress
         if length == 0:
             self._complete()
 
@@ -1064,6 +1168,10 @@ class MapResult(ApplyResult):
 
     def _account(self, count):
         self._number_left -= count
+        if self._progress is not None:
+            self._progress.advance(count)
+            if self._number_left <= 0:
+                self._progress.close()
         if self._number_left <= 0:
             if self._success:
                 if self._callback is not None:
@@ -1073,6 +1181,8 @@ class MapResult(ApplyResult):
             self._pool = None
 
     def _complete(self):
+        if self._progress is not None:
+            self._progress.close()
         if self._callback is not None:
             self._run_callback(self._callback, self._value)
         self._signal()
@@ -1094,8 +1204,9 @@ class IMapIterator:
 
     _ordered = True
 
-    def __init__(self, pool):
+    def __init__(self, pool, progress=None):
         self._pool = pool
+        self._progress = progress
         self._cond = threading.Condition(threading.Lock())
         self._job = next(job_counter)
         self._cache = pool._cache
@@ -1143,6 +1254,8 @@ class IMapIterator:
         self._arrive(start, len(outcomes), outcomes)
 
     def _arrive(self, start, count, entries):
+        if self._progress is not None:
+            self._progress.advance(count)
         with self._cond:
             if self._ordered:
                 self._parked[start] = (count, entries)
@@ -1158,6 +1271,8 @@ class IMapIterator:
             self._cond.notify_all()
 
     def _set_length(self, length):
+        if self._progress is not None:
+            self._progress.set_total(length)
         with self._cond:
             self._length = length
             self._check_done()
@@ -1170,8 +1285,12 @@ class IMapIterator:
     def _check_done(self):
         if self._finished():
             self._cache.pop(self._job, None)
+            if self._progress is not None:
+                self._progress.close()
 
     def _abandon(self, exc):
+        if self._progress is not None:
+            self._progress.close()
         with self._cond:
             if not self._finished():
                 self._items.append((False, exc))
