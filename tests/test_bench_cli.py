@@ -54,3 +54,30 @@ def test_json_has_both_implementations_and_a_ratio() -> None:
     assert record["floor_result"]["median"] > 0
     assert set(record["floor_multiple"]) == {"stdlib", "ferroproc"}
     assert record["floor"] in by_name
+
+
+@pytest.mark.timeout(300)
+def test_pool_case_reports_its_peers() -> None:
+    """Peers (other libraries) of a pool case are timed after it, each in its own interpreter;
+    one that is not installed is reported as skipped, not as an error."""
+    case = "pool_lifecycle"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroproc.bench", "--case", case, "--repeat", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = {r["name"]: r for r in json.loads(proc.stdout)["cases"]}[case]
+    assert record["errors"] == {}
+    labels = {"concurrent.futures", "loky", "mpire"}
+    assert labels <= set(record["peers"]) | set(record["skipped"])
+    assert "concurrent.futures" in record["peers"]  # the stdlib's executor is always there
+    for label, result in record["peers"].items():
+        assert len(result["samples"]) == 1
+        assert result["median"] > 0
+        assert record["peer_ratio"][label] > 0
+    for label in labels - set(record["peers"]):
+        assert record["skipped"][label].startswith("lacks the API")
+    assert set(record["results"]) == {"stdlib", "ferroproc"}

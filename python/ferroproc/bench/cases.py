@@ -155,6 +155,7 @@ from ferroproc.bench import (  # noqa: E402, F401
     conn_cases,
     manager_cases,
     pool_cases,
+    pool_peers,
     queue_cases,
     shm_cases,
 )

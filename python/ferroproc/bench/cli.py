@@ -67,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_cases(cases: Sequence[Any]) -> str:
+    from ferroproc.bench.registry import PEERS
+
     rows = [("case", "ops/repeat", "unit", "description")]
     for case in cases:
         desc = ("[reference] " if case.reference else "") + case.description
         if case.floor:
             desc += f" (floor: {case.floor})"
+        peers = PEERS.get(case.name)
+        if peers:
+            desc += f" (peers: {', '.join(peers)})"
         rows.append((case.name, str(case.n), case.unit, desc))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(

@@ -27,6 +27,13 @@ Contract of a case function::
 * Reference cases (``reference=True``) measure a floor without multiprocessing, are called
   with ``None`` instead of a module, and run once per repeat rather than once per module.
   A case names its floor with ``floor=`` and the report shows how many floors it costs.
+* Peers (:func:`peer`) are other libraries doing a case's work with their own API
+  (``concurrent.futures``, mpire, loky). A peer function takes ``(None, n)`` like a reference
+  case and is timed right after the rounds of the case it belongs to; each sample runs in a
+  fresh interpreter (``python -m ferroproc.bench.peer_run``): importing a peer library, its
+  threads and helper processes would otherwise slow every later fork of the benchmark
+  process, for both implementations. An ``ImportError`` there (the library is not
+  installed) skips the peer.
 
 This module is imported by spawn and forkserver children (through ``cases``), so it stays
 cheap to import: no dataclasses, no typing at run time.
@@ -40,7 +47,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["REGISTRY", "Case", "SkipCase", "case", "select"]
+__all__ = ["PEERS", "PEER_BODIES", "REGISTRY", "Case", "SkipCase", "case", "peer", "select"]
 
 
 class SkipCase(Exception):
@@ -152,6 +159,77 @@ def case(
                 floor=floor,
                 warmup=warmup,
             )
+        return func
+
+    return register
+
+
+#: Peers of a case, by case name: ``{label: Case}`` in registration order. Calling one runs
+#: the peer in a fresh interpreter.
+PEERS: dict[str, dict[str, Case]] = {}
+
+#: The function of each peer, by ``(case name, label)``, for ``peer_run``.
+PEER_BODIES: dict[tuple[str, str], Callable[..., float]] = {}
+
+#: Longest a peer sample may take, warm-up included.
+PEER_TIMEOUT = 600.0
+
+#: ``peer_run``'s exit status when the peer's library is not installed.
+PEER_MISSING = 3
+
+
+def _isolated(of: str, label: str) -> Callable[..., float]:
+    def run(_mod: None, n: int) -> float:
+        import subprocess
+        import sys
+
+        proc = subprocess.run(
+            [sys.executable, "-m", "ferroproc.bench.peer_run", of, label, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=PEER_TIMEOUT,
+            check=False,
+        )
+        if proc.returncode == PEER_MISSING:
+            raise ImportError(proc.stdout.strip())
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            raise RuntimeError(f"peer run failed: {lines[-1]}")
+        return float(proc.stdout.split()[-1])
+
+    return run
+
+
+def peer(
+    of: str, label: str, *, description: str | None = None
+) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Registers the decorated function as `label`'s way of doing case `of`'s work.
+
+    The case must be registered first; the peer runs the case's ``n`` and ``warmup``.
+    """
+
+    def register(func: Callable[..., float]) -> Callable[..., float]:
+        base = REGISTRY.get(of)
+        if base is None:
+            raise ValueError(f"peer {label!r} of unregistered case {of!r}")
+        peers = PEERS.setdefault(of, {})
+        if label in peers or label in {"stdlib", "ferroproc"}:
+            raise ValueError(f"case {of!r} already has a participant {label!r}")
+        doc = description
+        if doc is None:
+            doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
+        PEER_BODIES[of, label] = func
+        peers[label] = Case(
+            f"{of}[{label}]",
+            _isolated(of, label),
+            param=None,
+            n=base.n,
+            unit=base.unit,
+            description=doc,
+            reference=True,
+            floor=None,
+            warmup=base.warmup,
+        )
         return func
 
     return register

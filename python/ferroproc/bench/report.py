@@ -13,6 +13,7 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ferroproc.bench.registry import PEERS
 from ferroproc.bench.runner import FLOOR, REFERENCE
 
 if TYPE_CHECKING:
@@ -209,6 +210,33 @@ def format_table(machine: dict[str, Any], repeat: int, records: list[dict[str, A
             "floor: median of the case's reference floor (named in --list), timed in the same "
             "rounds; std/floor, fp/floor: medians as multiples of it"
         )
+
+    with_peers = [r for r in compared if PEERS.get(r["name"])]
+    if with_peers:
+        out += [
+            "",
+            "peers: other libraries doing the same work, timed right after the case "
+            "(fp/peer = ferroproc median / peer median):",
+        ]
+        rows = [["case", "peer", "unit", "peer", "ferroproc", "fp/peer"]]
+        for record in with_peers:
+            fp = record["results"].get("ferroproc")
+            for label in PEERS[record["name"]]:
+                result = record["peers"].get(label)
+                medians = [r["median"] for r in (result, fp) if r is not None]
+                factor, unit = _scale_for(min(medians)) if medians else (1e-3, "ms")
+                ratio = record["peer_ratio"].get(label)
+                rows.append(
+                    [
+                        record["name"],
+                        label,
+                        f"{unit}/{record['unit']}",
+                        _cell(result, factor) if result else status(record, label, factor),
+                        status(record, "ferroproc", factor),
+                        "-" if ratio is None else f"{ratio:.2f}",
+                    ]
+                )
+        out += _render(rows, right={3, 4, 5})
 
     if floors:
         out += ["", "reference floors on their own (plain os calls, no multiprocessing):"]

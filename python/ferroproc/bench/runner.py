@@ -14,7 +14,8 @@ For one case the order of work is:
 Reference cases run the same way with a single pseudo-implementation, ``reference``. A case
 that names a ``floor`` also times that floor in every round, as a third participant of the
 rotation, so "how many floors" compares numbers taken under the same machine conditions
-rather than minutes apart.
+rather than minutes apart. A case's peers (other libraries, see ``registry.peer``) are timed
+right after the case's own rounds, in rounds of their own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from ferroproc.bench.registry import SkipCase
+from ferroproc.bench.registry import PEERS, SkipCase
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -75,12 +76,16 @@ def run_case(
     skipped: dict[str, str] = {}
     errors: dict[str, str] = {}
     live: list[tuple[str, Any]] = []
+    peers = {} if case.reference else PEERS.get(case.name, {})
 
     def bench_of(label: str) -> Case:
-        return floor if label == FLOOR and floor is not None else case
+        if label == FLOOR and floor is not None:
+            return floor
+        return peers.get(label, case)
 
     if floor is not None:
         targets.append((FLOOR, None))
+    targets += [(label, None) for label in peers]
     for label, mod in targets:
         bench = bench_of(label)
         try:
@@ -96,8 +101,14 @@ def run_case(
             live.append((label, mod))
 
     samples: dict[str, list[float]] = {label: [] for label, _ in live}
-    for round_no in range(repeat):
-        order = live if round_no % 2 == 0 else live[::-1]
+    main = [(label, mod) for label, mod in live if label not in peers]
+    others = [(label, mod) for label, mod in live if label in peers]
+    # Peers run after the case's own rounds, not among them: a peer's exiting helper
+    # processes would otherwise still be freeing memory while stdlib or ferroproc is timed.
+    rounds = [main if i % 2 == 0 else main[::-1] for i in range(repeat)]
+    rounds += [others if i % 2 == 0 else others[::-1] for i in range(repeat if others else 0)]
+    for index, order in enumerate(rounds):
+        round_no = index % repeat
         for label, mod in order:
             if label in errors or label in skipped:
                 continue
@@ -120,6 +131,7 @@ def run_case(
         if values and label not in errors and label not in skipped
     }
     floor_result = summaries.pop(FLOOR, None)
+    peer_results = {label: summaries.pop(label) for label in peers if label in summaries}
     results = summaries
     ratio = None
     if "stdlib" in results and "ferroproc" in results and results["stdlib"]["median"] > 0:
@@ -129,6 +141,12 @@ def run_case(
         floor_multiple = {
             label: result["median"] / floor_result["median"] for label, result in results.items()
         }
+    fp = results.get("ferroproc")
+    peer_ratio = {
+        label: fp["median"] / result["median"]
+        for label, result in peer_results.items()
+        if fp is not None and result["median"] > 0
+    }
     return {
         "name": case.name,
         "description": case.description,
@@ -140,6 +158,8 @@ def run_case(
         "ratio": ratio,
         "floor_result": floor_result,
         "floor_multiple": floor_multiple,
+        "peers": peer_results,
+        "peer_ratio": peer_ratio,
         "skipped": skipped,
         "errors": errors,
     }
