@@ -66,6 +66,13 @@ SIGNATURE_DIFFERENCES[("multiprocessing.shared_memory", "SharedMemory.__init__")
     SIGNATURE_DIFFERENCES[("multiprocessing.shared_memory", "SharedMemory")]
 )
 
+#: Keyword-only parameters ferroproc adds as documented extensions (README, Extensions): the
+#: signature must equal the stdlib's once these are taken out.
+EXTENSION_KEYWORDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("multiprocessing.pool", f"Pool.{meth}"): ("progress",)
+    for meth in ("map", "map_async", "starmap", "starmap_async", "imap", "imap_unordered")
+}
+
 SUBMODULES = [
     (multiprocessing.connection, ferroproc.connection),
     (multiprocessing.context, ferroproc.context),
@@ -167,6 +174,13 @@ def test_signatures_match(module, qualname, std_obj, our_obj):
     if std_sig is None:
         return
     assert our_sig is not None, f"{qualname}: no signature"
+    extra = EXTENSION_KEYWORDS.get((module, qualname), ())
+    if extra:
+        params = list(our_sig.parameters.values())
+        added = [p for p in params if p.name in extra]
+        assert [p.name for p in added] == list(extra), f"{qualname}: extension keywords"
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in added), qualname
+        our_sig = our_sig.replace(parameters=[p for p in params if p.name not in extra])
     assert str(our_sig) == str(std_sig), f"{module}.{qualname}"
 
 
