@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 
@@ -77,3 +78,13 @@ def segfault():
 
 def kill_self(_=None):
     os.kill(os.getpid(), 9)
+
+
+def identity(x):
+    return x
+
+
+class Level(enum.IntEnum):
+    """An int subclass, to come back from a pool as itself."""
+
+    LOW = 1

@@ -42,8 +42,7 @@ import ferroproc.util
 import pytest
 
 # name -> the issue that implements it
-NOT_YET = {
-}
+NOT_YET = {}
 
 # (module, qualified name) -> why ferroproc's signature differs
 _NATIVE_SELF = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
+import math
 import multiprocessing
 import os
 import pickle
@@ -412,6 +413,58 @@ def test_results_are_awaitable_ferroproc_extension(fctx):
     with fctx.Pool(2) as p:
         asyncio.run(asyncio.wait_for(main(p), T))
     p.join()
+
+
+def _same_values(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert type(g) is type(w), (g, w)
+        if isinstance(w, float) and math.isnan(w):
+            assert math.isnan(g)
+        else:
+            assert g == w
+            if isinstance(w, float):
+                assert math.copysign(1, g) == math.copysign(1, w)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [*range(-5, 3000, 7), 2**31, -(2**31) - 1, 2**63 - 1, -(2**63)],
+        [0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"), 1e308, 5e-324],
+        [True, False, 1, 0],  # bools stay bools
+        [1, 2.0, 3],  # mixed
+        [2**63, 1, -(2**63) - 1],  # beyond 64 bits
+        [pw.Level.LOW, 7],  # an int subclass
+        [],
+    ],
+    ids=["ints", "floats", "bools", "mixed", "big-ints", "int-subclass", "empty"],
+)
+def test_map_results_keep_their_values_and_types(ctx, values):
+    """What comes back from map is what the function returned, whatever the encoding
+    (ferroproc packs lists of plain ints or floats natively)."""
+    with ctx.Pool(2) as p:
+        for chunksize in (None, 1, 3):
+            _same_values(p.map(pw.identity, values, chunksize=chunksize), values)
+        _same_values(list(p.imap(pw.identity, values, 2)), values)
+    p.join()
+
+
+def test_packed_outcomes_refuse_damaged_input(impl):
+    if impl.__name__ != "ferroproc":
+        pytest.skip("ferroproc's native outcome packing")
+    from ferroproc import _ferroproc as native
+
+    packed = native.pool_pack_outcomes([(True, [1, 2, 3]), (True, [0.5])])
+    assert native.pool_is_packed(packed)
+    assert native.pool_unpack_outcomes(packed) == [(True, [1, 2, 3]), (True, [0.5])]
+    assert not native.pool_is_packed(pickle.dumps([(True, [1])]))
+    for bad in (packed[:-1], packed + b"x", packed[:5], packed.replace(b"f", b"z")):
+        with pytest.raises(ValueError):
+            native.pool_unpack_outcomes(bad)
+    # Only all-successful batches of plain numeric lists are packed.
+    for outcomes in ([(False, ValueError())], [(True, 3)], [(True, [1, "a"])], [(1, [1])]):
+        assert native.pool_pack_outcomes(outcomes) is None
 
 
 class _Bar:

@@ -26,6 +26,8 @@ import time
 import traceback
 from queue import Empty
 
+from ._ferroproc import pool_pack_outcomes
+
 __all__ = ["ExceptionWithTraceback", "MaybeEncodingError", "RemoteTraceback", "worker"]
 
 APPLY, MAP, STAR, EACH, EACH_STAR = range(5)
@@ -110,8 +112,12 @@ def _encodable(outcome, dumps):
 
 
 def encode_outcomes(outcomes, kinds, dumps):
-    """Pickles a batch's outcomes; a value that cannot be pickled becomes a
-    `MaybeEncodingError` for its task alone."""
+    """Encodes a batch's outcomes: packed natively when every chunk returned a list of plain
+    ints or floats (see ``src/py/pool.rs``), else pickled; a value that cannot be pickled
+    becomes a `MaybeEncodingError` for its task alone."""
+    packed = pool_pack_outcomes(outcomes)
+    if packed is not None:
+        return packed
     try:
         return dumps(outcomes)
     except Exception:

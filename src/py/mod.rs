@@ -7,6 +7,7 @@ mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
 mod oob;
+mod pool;
 mod process;
 mod queues;
 mod sharedctypes;
@@ -18,6 +19,7 @@ use pyo3::prelude::*;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
+    pool::register(m)?;
     queues::register(m)?;
     sharedctypes::register(m)?;
     synchronize::register(m)
