@@ -33,7 +33,9 @@ Contract of a case function::
   fresh interpreter (``python -m ferroproc.bench.peer_run``): importing a peer library, its
   threads and helper processes would otherwise slow every later fork of the benchmark
   process, for both implementations. An ``ImportError`` there (the library is not
-  installed) skips the peer.
+  installed) skips the peer. A case with peers also runs itself on ferroproc the same way
+  (label :data:`FRESH`), and peers are compared with that: a fresh interpreter forks faster
+  than the long-running benchmark process, which would otherwise favour the peers.
 
 This module is imported by spawn and forkserver children (through ``cases``), so it stays
 cheap to import: no dataclasses, no typing at run time.
@@ -47,7 +49,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["PEERS", "PEER_BODIES", "REGISTRY", "Case", "SkipCase", "case", "peer", "select"]
+__all__ = [
+    "FRESH",
+    "PEERS",
+    "PEER_BODIES",
+    "REGISTRY",
+    "Case",
+    "SkipCase",
+    "case",
+    "peer",
+    "select",
+]
 
 
 class SkipCase(Exception):
@@ -171,6 +183,9 @@ PEERS: dict[str, dict[str, Case]] = {}
 #: The function of each peer, by ``(case name, label)``, for ``peer_run``.
 PEER_BODIES: dict[tuple[str, str], Callable[..., float]] = {}
 
+#: The participant that runs a case on ferroproc in a fresh interpreter, like its peers.
+FRESH = "ferroproc, fresh"
+
 #: Longest a peer sample may take, warm-up included.
 PEER_TIMEOUT = 600.0
 
@@ -200,6 +215,20 @@ def _isolated(of: str, label: str) -> Callable[..., float]:
     return run
 
 
+def _peer_case(base: Case, label: str, description: str) -> Case:
+    return Case(
+        f"{base.name}[{label}]",
+        _isolated(base.name, label),
+        param=None,
+        n=base.n,
+        unit=base.unit,
+        description=description,
+        reference=True,
+        floor=None,
+        warmup=base.warmup,
+    )
+
+
 def peer(
     of: str, label: str, *, description: str | None = None
 ) -> Callable[[Callable[..., float]], Callable[..., float]]:
@@ -213,23 +242,15 @@ def peer(
         if base is None:
             raise ValueError(f"peer {label!r} of unregistered case {of!r}")
         peers = PEERS.setdefault(of, {})
-        if label in peers or label in {"stdlib", "ferroproc"}:
+        if label in peers or label in {"stdlib", "ferroproc", FRESH}:
             raise ValueError(f"case {of!r} already has a participant {label!r}")
         doc = description
         if doc is None:
             doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
+        if not peers:
+            peers[FRESH] = _peer_case(base, FRESH, "the case itself, on ferroproc")
         PEER_BODIES[of, label] = func
-        peers[label] = Case(
-            f"{of}[{label}]",
-            _isolated(of, label),
-            param=None,
-            n=base.n,
-            unit=base.unit,
-            description=doc,
-            reference=True,
-            floor=None,
-            warmup=base.warmup,
-        )
+        peers[label] = _peer_case(base, label, doc)
         return func
 
     return register

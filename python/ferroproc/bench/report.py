@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ferroproc.bench.registry import PEERS
+from ferroproc.bench.registry import FRESH, PEERS
 from ferroproc.bench.runner import FLOOR, REFERENCE
 
 if TYPE_CHECKING:
@@ -215,13 +215,16 @@ def format_table(machine: dict[str, Any], repeat: int, records: list[dict[str, A
     if with_peers:
         out += [
             "",
-            "peers: other libraries doing the same work, timed right after the case "
-            "(fp/peer = ferroproc median / peer median):",
+            "peers: other libraries doing the same work, timed right after the case, each "
+            "sample in a fresh interpreter, as is the ferroproc column here "
+            "(fp/peer = its median / the peer's):",
         ]
         rows = [["case", "peer", "unit", "peer", "ferroproc", "fp/peer"]]
         for record in with_peers:
-            fp = record["results"].get("ferroproc")
+            fp = record["peers"].get(FRESH)
             for label in PEERS[record["name"]]:
+                if label == FRESH:
+                    continue
                 result = record["peers"].get(label)
                 medians = [r["median"] for r in (result, fp) if r is not None]
                 factor, unit = _scale_for(min(medians)) if medians else (1e-3, "ms")
@@ -232,7 +235,7 @@ def format_table(machine: dict[str, Any], repeat: int, records: list[dict[str, A
                         label,
                         f"{unit}/{record['unit']}",
                         _cell(result, factor) if result else status(record, label, factor),
-                        status(record, "ferroproc", factor),
+                        _cell(fp, factor) if fp else status(record, FRESH, factor),
                         "-" if ratio is None else f"{ratio:.2f}",
                     ]
                 )

@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from ferroproc.bench.registry import PEERS, SkipCase
+from ferroproc.bench.registry import FRESH, PEERS, SkipCase
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -141,11 +141,12 @@ def run_case(
         floor_multiple = {
             label: result["median"] / floor_result["median"] for label, result in results.items()
         }
-    fp = results.get("ferroproc")
+    # Peers ran in fresh interpreters: compare them with ferroproc run the same way.
+    fp = peer_results.get(FRESH) or results.get("ferroproc")
     peer_ratio = {
         label: fp["median"] / result["median"]
         for label, result in peer_results.items()
-        if fp is not None and result["median"] > 0
+        if label != FRESH and fp is not None and result["median"] > 0
     }
     return {
         "name": case.name,
