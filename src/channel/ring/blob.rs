@@ -74,7 +74,7 @@ fn span(len: usize) -> u64 {
 
 impl RingBuffer {
     /// Reserves a page-aligned blob of `len` bytes; returns its position in the blob area.
-    /// Takes the spare blob when it is large enough (punching the pages beyond `len`).
+    /// Takes a spare blob when one is large enough (punching the pages beyond `len`).
     ///
     /// # Errors
     /// `Error::Protocol` if the blob area is exhausted (after 2^62 bytes).
