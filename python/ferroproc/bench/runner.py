@@ -9,7 +9,9 @@ For one case the order of work is:
    passed the warm-up. The order flips every round (stdlib, ferroproc, then ferroproc,
    stdlib, ...) so slow drift of the machine affects both sides alike;
 3. each sample is seconds per operation; the summary is the median, with min, max and the
-   quartiles as the spread.
+   quartiles as the spread. Before each sample the runner collects garbage and returns free
+   C-heap memory to the system (``malloc_trim``), so no sample pays for what an earlier one
+   left behind.
 
 Reference cases run the same way with a single pseudo-implementation, ``reference``. A case
 that names a ``floor`` also times that floor in every round, as a third participant of the
@@ -40,6 +42,29 @@ FLOOR = "floor"
 
 #: Exceptions from the warm-up call that mean "this module lacks the API", not "it is broken".
 _MISSING_API = (AttributeError, NotImplementedError, ImportError)
+
+
+def _trim_heap() -> None:
+    """Returns the C heap's free memory to the system before a sample (glibc only).
+
+    Earlier cases leave this process with tens of MB of freed heap (a million-item ``map``
+    result, say), and every fork copies the mappings that hold it: in one measurement a
+    pool's life took 11.9 ms after the ``map`` cases and 8.0 ms after trimming, for both
+    libraries alike. Trimming makes a case's figures independent of the cases before it.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError, ImportError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -116,6 +141,7 @@ def run_case(
             if progress is not None:
                 progress(f"{case.name}: {label} repeat {round_no + 1}/{repeat}")
             gc.collect()
+            _trim_heap()
             try:
                 seconds = bench(mod, bench.n)
             except SkipCase as exc:
