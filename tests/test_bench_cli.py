@@ -26,17 +26,22 @@ def _ferroproc_imports() -> bool:
 pytestmark = pytest.mark.skipif(not _ferroproc_imports(), reason="ferroproc does not import")
 
 
-@pytest.mark.timeout(150)
-def test_json_has_both_implementations_and_a_ratio() -> None:
+def _bench_json(case: str, timeout: float) -> dict:
+    """The ``--json`` report of one repeat of `case`, run in its own interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ferroproc.bench", "--case", CASE, "--repeat", "1", "--json"],
+        [sys.executable, "-m", "ferroproc.bench", "--case", case, "--repeat", "1", "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.timeout(150)
+def test_json_has_both_implementations_and_a_ratio() -> None:
+    report = _bench_json(CASE, 120)
 
     assert report["repeat"] == 1
     assert report["machine"]["modules"]["ferroproc"]["module"] == "ferroproc"
@@ -61,15 +66,7 @@ def test_pool_case_reports_its_peers() -> None:
     """Peers (other libraries) of a pool case are timed after it, each in its own interpreter;
     one that is not installed is reported as skipped, not as an error."""
     case = "pool_lifecycle"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ferroproc.bench", "--case", case, "--repeat", "1", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    record = {r["name"]: r for r in json.loads(proc.stdout)["cases"]}[case]
+    record = {r["name"]: r for r in _bench_json(case, 280)["cases"]}[case]
     assert record["errors"] == {}
     labels = {"concurrent.futures", "loky", "mpire"}
     assert labels <= set(record["peers"]) | set(record["skipped"])

@@ -11,8 +11,9 @@
 //! The reader reads each blob, again positionally and with the GIL released, straight into the
 //! new, unzeroed `bytearray` (or `bytes`, for a read-only buffer: what unpickling the same
 //! buffer in-band gives) that `pickle.loads(..., buffers=...)` hands to the reconstructor, and
-//! frees the blob at once (to the queue's spares, for the next large message). One copy on each side, against the stdlib's half-dozen, and the received object is
-//! ordinary private memory (fork, copy-on-write and lifetime as for any other object).
+//! frees the blob at once (to the queue's spares, for the next large message). One copy on
+//! each side, against the stdlib's half-dozen, and the received object is ordinary private
+//! memory (fork, copy-on-write and lifetime as for any other object).
 
 use std::sync::Mutex;
 

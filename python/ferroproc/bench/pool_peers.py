@@ -58,10 +58,18 @@ def _started_executor(label: str):
     return ex
 
 
-def _check(out, n: int) -> None:
-    out = list(out)
+def _timed_map(started, n: int, **kwds) -> float:
+    """Times ``map(square, range(n), **kwds)`` (its results all in hand) on a started pool or
+    executor, which it then shuts down; checks the results."""
+    with started as pool:
+        t0 = _perf()
+        out = pool.map(square, range(n), **kwds)
+        if not isinstance(out, list):  # an executor's lazy iterator
+            out = list(out)
+        elapsed = _perf() - t0
     if len(out) != n or (n and out[-1] != (n - 1) ** 2):
         raise RuntimeError("wrong result")
+    return elapsed
 
 
 def _stdlib_chunksize(n: int) -> int:
@@ -84,22 +92,12 @@ def _register_executor(label: str) -> None:
     @peer("pool_map_default_chunksize", label)
     def map_default(_mod: None, n: int) -> float:
         """map(square, range(n), chunksize=<the stdlib Pool's default>)."""
-        with _started_executor(label) as ex:
-            t0 = _perf()
-            out = list(ex.map(square, range(n), chunksize=_stdlib_chunksize(n)))
-            elapsed = _perf() - t0
-        _check(out, n)
-        return elapsed
+        return _timed_map(_started_executor(label), n, chunksize=_stdlib_chunksize(n))
 
     @peer("pool_map_chunksize1", label)
     def map_chunksize1(_mod: None, n: int) -> float:
         """map(square, range(n)) one item per task (the executor's default)."""
-        with _started_executor(label) as ex:
-            t0 = _perf()
-            out = list(ex.map(square, range(n)))
-            elapsed = _perf() - t0
-        _check(out, n)
-        return elapsed
+        return _timed_map(_started_executor(label), n)
 
     @peer("pool_lifecycle", label)
     def lifecycle(_mod: None, n: int) -> float:
@@ -138,23 +136,13 @@ def mpire_apply_async(_mod: None, n: int) -> float:
 @peer("pool_map_default_chunksize", "mpire")
 def mpire_map_default(_mod: None, n: int) -> float:
     """map(square, range(n)) with mpire's own chunk size."""
-    with _started_mpire() as pool:
-        t0 = _perf()
-        out = pool.map(square, range(n))
-        elapsed = _perf() - t0
-    _check(out, n)
-    return elapsed
+    return _timed_map(_started_mpire(), n)
 
 
 @peer("pool_map_chunksize1", "mpire")
 def mpire_map_chunksize1(_mod: None, n: int) -> float:
     """map(square, range(n), chunk_size=1)."""
-    with _started_mpire() as pool:
-        t0 = _perf()
-        out = pool.map(square, range(n), chunk_size=1)
-        elapsed = _perf() - t0
-    _check(out, n)
-    return elapsed
+    return _timed_map(_started_mpire(), n, chunk_size=1)
 
 
 @peer("pool_imap_unordered", "mpire")

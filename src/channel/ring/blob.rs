@@ -22,10 +22,9 @@
 //! punched itself. Spares are at most [`SPARE_MAX`] bytes each, so an idle queue holds at
 //! most `SPARES * SPARE_MAX` bytes of them, until its memfd is closed.
 //!
-//! A blob whose
-//! message is never published (its writer died or gave up) or never freed (its reader died)
-//! keeps its memory until the queue's memfd is closed by every process, like the rest of the
-//! queue: nothing outlives the queue.
+//! A blob whose message is never published (its writer died or gave up) or never freed (its
+//! reader died) keeps its memory until the queue's memfd is closed by every process, like the
+//! rest of the queue: nothing outlives the queue.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,7 +140,7 @@ impl RingBuffer {
         dest.fill_from(self.fd.as_fd(), Self::blob_offset(at))
     }
 
-    /// Frees the blob of `len` bytes at `at`: keeps it as the spare, or punches its memory out
+    /// Frees the blob of `len` bytes at `at`: keeps it as a spare, or punches its memory out
     /// (best effort).
     pub fn blob_free(&self, at: u64, len: usize) {
         self.release(at, span(len));

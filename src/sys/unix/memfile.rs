@@ -1,11 +1,11 @@
-//! Positional I/O on a (memfd) file shared between processes: the overflow log of a queue.
+//! Positional I/O on a (memfd) file shared between processes: a queue's overflow log and blobs.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
-use nix::sys::uio::{preadv, pwritev};
+use nix::sys::uio::pwritev;
 
 use crate::error::{Error, Result};
 
@@ -43,20 +43,11 @@ pub fn write_all_at(fd: BorrowedFd<'_>, parts: &[&[u8]], mut pos: u64) -> Result
 /// Fills `buf` from file offset `pos`.
 ///
 /// # Errors
-/// `Error::Eof` if the file ends first; the `preadv` errno.
-pub fn read_exact_at(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut pos: u64) -> Result<()> {
-    while !buf.is_empty() {
-        let mut iov = [IoSliceMut::new(buf)];
-        let n = match preadv(fd, &mut iov, off(pos)?) {
-            Ok(0) => return Err(Error::Eof),
-            Ok(n) => n,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        pos += n as u64;
-        buf = &mut buf[n..];
-    }
-    Ok(())
+/// `Error::Eof` if the file ends first; the `pread` errno.
+pub fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], pos: u64) -> Result<()> {
+    // SAFETY: `buf` is a live, exclusively borrowed slice: its `len` bytes are writable and
+    // nothing else accesses them while the borrow lasts.
+    unsafe { read_exact_at_raw(fd, buf.as_mut_ptr(), buf.len(), pos) }
 }
 
 /// Fills the `len` bytes at `ptr` from file offset `pos`, for a destination that is not yet
