@@ -24,9 +24,8 @@ import signal
 import sys
 import time
 import traceback
-from queue import Empty
 
-from ._ferroproc import pool_pack_outcomes
+from ._ferroproc import pool_worker_loop
 
 __all__ = ["ExceptionWithTraceback", "MaybeEncodingError", "RemoteTraceback", "worker"]
 
@@ -111,13 +110,10 @@ def _encodable(outcome, dumps):
     return outcome
 
 
-def encode_outcomes(outcomes, kinds, dumps):
-    """Encodes a batch's outcomes: packed natively when every chunk returned a list of plain
-    ints or floats (see ``src/py/pool.rs``), else pickled; a value that cannot be pickled
-    becomes a `MaybeEncodingError` for its task alone."""
-    packed = pool_pack_outcomes(outcomes)
-    if packed is not None:
-        return packed
+def pickle_outcomes(outcomes, kinds, dumps):
+    """Pickles a batch's outcomes (the native loop has found they do not pack, see
+    ``src/py/pool.rs``); a value that cannot be pickled becomes a `MaybeEncodingError` for
+    its task alone."""
     try:
         return dumps(outcomes)
     except Exception:
@@ -135,7 +131,8 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
     taskq, resultq, initializer=None, initargs=(), maxtasks=None, wrap_exception=True
 ):
     """A pool worker: takes batches from its queue, runs them, sends outcomes back, until it
-    receives ``None`` or has run `maxtasks` chunks."""
+    receives ``None`` or has run `maxtasks` chunks. The loop itself is native
+    (``pool_worker_loop``); it calls back here only to unpickle, run and pickle."""
     # The parent turns Ctrl-C into terminating the pool; a worker must not die half-way
     # through a task (or print a KeyboardInterrupt traceback) because the terminal's whole
     # foreground group received the signal.
@@ -147,49 +144,22 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
         initializer(*initargs)
     from .reduction import ForkingPickler
 
-    loads = ForkingPickler.loads
-
     def dumps(obj, _dumps=ForkingPickler.dumps):
         return bytes(_dumps(obj))
 
-    done = 0
-    clock = time.perf_counter
-    parent_gone = _parent_watch()
-    while maxtasks is None or done < maxtasks:
-        try:
-            msg = taskq.get(timeout=_PARENT_CHECK_SECONDS)
-        except Empty:
-            # A ring never reports end-of-file as the stdlib's pipe does: look at the pool's
-            # owner instead, so a worker does not outlive it (after kill -9 of the parent).
-            if parent_gone():
-                break
-            continue
-        except (EOFError, OSError, ValueError):
-            break
-        if msg is None:
-            break
-        bid, blob = msg
-        del msg
-        start = clock()
-        try:
-            chunks = loads(blob)
-        except Exception as e:
-            resultq.put((bid, clock() - start, None, _error_blob(e, dumps)))
-            continue
-        del blob
-        kinds = [c[0] for c in chunks]
-        outcomes = [run_chunk(k, f, a, kw, wrap_exception) for k, f, a, kw in chunks]
-        done += len(chunks)
-        del chunks
-        try:
-            payload = encode_outcomes(outcomes, kinds, dumps)
-        except Exception as e:
-            resultq.put((bid, clock() - start, None, _error_blob(e, dumps)))
-            continue
-        del outcomes
-        resultq.put((bid, clock() - start, payload))
-        del payload
-    _flush()
+    hooks = (
+        ForkingPickler.loads,
+        run_chunk,
+        lambda outcomes, kinds: pickle_outcomes(outcomes, kinds, dumps),
+        lambda exc: _error_blob(exc, dumps),
+        _parent_watch(),
+    )
+    try:
+        pool_worker_loop(
+            taskq, resultq, hooks, maxtasks, bool(wrap_exception), _PARENT_CHECK_SECONDS
+        )
+    finally:
+        _flush()
 
 
 #: How often an idle worker checks that the process that owns its pool still exists.

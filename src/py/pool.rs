@@ -7,10 +7,16 @@
 //! Layout: [`MAGIC`], the chunk count (u32 LE), then per chunk a tag (`b'i'` or `b'f'`), the
 //! item count (u32 LE) and the items (i64 or f64 bits, LE). A pickle never starts with a zero
 //! byte, so [`MAGIC`] tells the two apart.
+//!
+//! Also here: [`pool_worker_loop`], the loop a process pool's worker runs.
 
-use pyo3::exceptions::PyValueError;
+use std::time::Instant;
+
+use pyo3::exceptions::{PyEOFError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
+
+use super::queues::PyRingQueue;
 
 /// First bytes of a packed batch.
 const MAGIC: &[u8] = b"\x00FPo1";
@@ -122,7 +128,149 @@ fn pool_unpack_outcomes<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Bound<
     Ok(out)
 }
 
+/// The Python pieces a worker's loop calls: unpickling, running and (when packing does not
+/// apply) pickling are Python's; receiving, timing, packing and sending are native.
+struct Hooks<'py> {
+    /// `loads(blob)`: the batch's list of chunks `(kind, func, args, kwds)`.
+    loads: Bound<'py, PyAny>,
+    /// `run_chunk(kind, func, args, kwds, wrap)`: one chunk's outcome.
+    run_chunk: Bound<'py, PyAny>,
+    /// `pickle_outcomes(outcomes, kinds)`: the batch's outcomes as bytes.
+    pickle_outcomes: Bound<'py, PyAny>,
+    /// `error_blob(exc)`: a batch-wide failure, pickled.
+    error_blob: Bound<'py, PyAny>,
+    /// `parent_gone()`: whether the pool's owner has ended.
+    parent_gone: Bound<'py, PyAny>,
+}
+
+impl<'py> Hooks<'py> {
+    fn new(hooks: &Bound<'py, PyTuple>) -> PyResult<Self> {
+        if hooks.len() != 5 {
+            return Err(PyTypeError::new_err(
+                "pool worker hooks: expected 5 callables",
+            ));
+        }
+        Ok(Self {
+            loads: hooks.get_item(0)?,
+            run_chunk: hooks.get_item(1)?,
+            pickle_outcomes: hooks.get_item(2)?,
+            error_blob: hooks.get_item(3)?,
+            parent_gone: hooks.get_item(4)?,
+        })
+    }
+}
+
+/// Whether a failed `get` means the worker's queue is gone (closed, unmapped, torn down):
+/// the worker then ends quietly, as the stdlib's does on a broken pipe.
+fn queue_gone(py: Python<'_>, e: &PyErr) -> bool {
+    e.is_instance_of::<PyEOFError>(py)
+        || e.is_instance_of::<PyOSError>(py)
+        || e.is_instance_of::<PyValueError>(py)
+}
+
+/// Runs one batch; `Ok(Err(exc))` when the batch as a whole failed (could not be unpickled,
+/// or its outcomes could not be pickled), which fails its tasks in the parent. Returns the
+/// number of chunks run with the payload.
+fn run_batch<'py>(
+    hooks: &Hooks<'py>,
+    blob: Bound<'py, PyAny>,
+    wrap: bool,
+) -> PyResult<(usize, Result<Bound<'py, PyAny>, PyErr>)> {
+    let py = blob.py();
+    let chunks = match hooks.loads.call1((blob,)) {
+        Ok(c) => c,
+        Err(e) => return Ok((0, Err(e))),
+    };
+    let chunks = chunks.cast_into::<PyList>()?;
+    let n = chunks.len();
+    let kinds = PyList::empty(py);
+    let outcomes = PyList::empty(py);
+    for chunk in chunks.iter() {
+        let chunk = chunk.cast_into::<PyTuple>()?;
+        let kind = chunk.get_item(0)?;
+        let args = (
+            &kind,
+            chunk.get_item(1)?,
+            chunk.get_item(2)?,
+            chunk.get_item(3)?,
+        );
+        outcomes.append(
+            hooks
+                .run_chunk
+                .call1((args.0, args.1, args.2, args.3, wrap))?,
+        )?;
+        kinds.append(kind)?;
+    }
+    // The arguments go before the outcomes are encoded (a large batch holds both otherwise).
+    drop(chunks);
+    let payload = match pool_pack_outcomes(py, outcomes.as_any()) {
+        Some(p) => Ok(p.into_any()),
+        None => hooks.pickle_outcomes.call1((outcomes, kinds)),
+    };
+    Ok((n, payload))
+}
+
+/// A process pool worker's loop: takes `(batch_id, blob)` messages from `taskq`, runs each
+/// batch and puts `(batch_id, seconds, payload)` on `resultq` (`(batch_id, seconds, None,
+/// error)` when the batch failed as a whole), until `None` arrives, `maxtasks` chunks have
+/// run, the queue goes away, or `hooks.parent_gone()` says so after `check_seconds` idle.
+/// An exception a chunk lets escape (a `BaseException` such as `SystemExit`) ends the loop
+/// and propagates, as it ends the stdlib's worker.
+#[pyfunction]
+#[pyo3(signature = (taskq, resultq, hooks, maxtasks = None, wrap_exception = true, check_seconds = 1.0))]
+fn pool_worker_loop(
+    taskq: &Bound<'_, PyRingQueue>,
+    resultq: &Bound<'_, PyRingQueue>,
+    hooks: &Bound<'_, PyTuple>,
+    maxtasks: Option<u64>,
+    wrap_exception: bool,
+    check_seconds: f64,
+) -> PyResult<()> {
+    let py = taskq.py();
+    let hooks = Hooks::new(hooks)?;
+    let mut done: u64 = 0;
+    while maxtasks.map_or(true, |m| done < m) {
+        let msg = match PyRingQueue::recv_within(taskq, check_seconds) {
+            Ok(Some(msg)) => msg,
+            // A ring never reports end-of-file as the stdlib's pipe does: look at the pool's
+            // owner instead, so a worker does not outlive it (after kill -9 of the parent).
+            Ok(None) if hooks.parent_gone.call0()?.is_truthy()? => break,
+            Ok(None) => continue,
+            Err(e) if queue_gone(py, &e) => break,
+            Err(e) => return Err(e),
+        };
+        if msg.is_none() {
+            break;
+        }
+        let msg = msg.cast_into::<PyTuple>()?;
+        let (bid, blob) = (msg.get_item(0)?, msg.get_item(1)?);
+        drop(msg);
+        let start = Instant::now();
+        let (n, payload) = run_batch(&hooks, blob, wrap_exception)?;
+        done += n as u64;
+        let seconds = start.elapsed().as_secs_f64();
+        let reply = match payload {
+            Ok(p) => PyTuple::new(py, [bid, seconds.into_pyobject(py)?.into_any(), p])?,
+            Err(e) => {
+                let err = hooks.error_blob.call1((e.into_value(py),))?;
+                PyTuple::new(
+                    py,
+                    [
+                        bid,
+                        seconds.into_pyobject(py)?.into_any(),
+                        py.None().into_bound(py),
+                        err,
+                    ],
+                )?
+            }
+        };
+        PyRingQueue::send(resultq, reply.as_any())?;
+    }
+    Ok(())
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pool_worker_loop, m)?)?;
     m.add_function(wrap_pyfunction!(pool_pack_outcomes, m)?)?;
     m.add_function(wrap_pyfunction!(pool_is_packed, m)?)?;
     m.add_function(wrap_pyfunction!(pool_unpack_outcomes, m)?)

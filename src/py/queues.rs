@@ -559,6 +559,25 @@ impl PyRingQueue {
         }
         Ok(())
     }
+
+    /// `get(timeout=timeout)` for a native loop (the pool worker's): `Ok(None)` instead of
+    /// `queue.Empty` when nothing came in time.
+    pub(crate) fn recv_within<'py>(
+        slf: &Bound<'py, Self>,
+        timeout: f64,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Self::check_open(slf)?;
+        slf.get()
+            .core
+            .get(slf.py(), true, Deadline::after_secs(Some(timeout.max(0.0))))
+    }
+
+    /// `put(obj)` for a native loop: blocks while the queue is full.
+    pub(crate) fn send(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        Self::check_open(slf)?;
+        slf.get().core.put(slf.py(), obj, true, Deadline::never())?;
+        Ok(())
+    }
 }
 
 #[cold]
