@@ -6,6 +6,7 @@ Layers: `sys` (the only libc/nix calls), `process` (start strategies, forkserver
 pub mod channel;
 pub mod deadline;
 pub mod error;
+pub mod pool;
 pub mod process;
 pub mod shm;
 pub mod sync;

@@ -239,9 +239,10 @@ def _busy_worker_pid(p, result):
         core = p._core
         with core.lock:
             for slot in core.slots:
-                for batch in slot.outstanding:
-                    if any(rec[0] is result for rec in batch.recs):
-                        if slot.proc is not None and slot.taskq.qsize() < len(slot.outstanding):
+                held = core.ledger.batches(slot.index)
+                for recs in held:
+                    if any(rec[0] is result for rec in recs):
+                        if slot.proc is not None and slot.taskq.qsize() < len(held):
                             return slot.proc.pid
         time.sleep(0.01)
     raise AssertionError("no worker took the task")

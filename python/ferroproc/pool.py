@@ -3,14 +3,16 @@
 How it works (differs from the stdlib's three threads and two pipes):
 
 * every worker has its **own task queue** (a ferroproc shared-memory ring); the pool has one
-  result ring shared by all workers;
+  result ring shared by all workers; a worker's loop is native (``pool_worker_loop``) and
+  calls Python only to unpickle, run and pickle;
 * **one scheduler thread** in the parent waits, with the GIL released, on the result ring's
   event descriptor and on every worker's sentinel (a pidfd) at once; it hands results to the
   result objects and refills the worker that answered;
 * tasks are sent in **batches** (several chunks per message) with at most two batches
   outstanding per worker, so a worker never waits for the parent and the parent always knows
-  which batches each worker holds. Batch size adapts to the measured cost of a task (about
-  5 ms of work per message), and never takes more than a fair share of the remaining work;
+  which batches each worker holds (a native ledger, ``src/pool/``). Batch size adapts to the
+  measured cost of a task (about 5 ms of work per message), and never takes more than a fair
+  share of the remaining work;
   ``map`` without a ``chunksize`` chunks the same way instead of the stdlib's fixed
   ``len/(4*processes)``;
 * a batch whose chunks all returned lists of plain ``int``s (64-bit) or ``float``s (what
@@ -46,7 +48,7 @@ import warnings
 from queue import Empty, SimpleQueue
 
 from . import util
-from ._ferroproc import pool_is_packed, pool_unpack_outcomes
+from ._ferroproc import PoolLedger, pool_is_packed, pool_unpack_outcomes
 from ._poolworker import (
     APPLY,
     EACH,
@@ -75,11 +77,10 @@ job_counter = itertools.count()
 _REEXPORTED = (ExceptionWithTraceback, MaybeEncodingError, RemoteTraceback, rebuild_exc)
 
 #: Batches a worker may hold at once: one running and one waiting, so it never idles while
-#: the parent reacts to a result.
-_CREDIT = 2
-#: Seconds of work aimed for per batch once task cost is known.
-_BATCH_SECONDS = 0.005
-_MAX_BATCH_ITEMS = 16384
+#: the parent reacts to a result. The ledger of who holds what, and the batch size (about
+#: 5 ms of work once a task's cost is measured), are native: ``src/pool/mod.rs``.
+_CREDIT = PoolLedger.credit
+_MAX_BATCH_ITEMS = PoolLedger.max_batch_items
 
 
 class WorkerLostError(ProcessError):
@@ -286,24 +287,17 @@ class _Source:
         self.done = True
 
 
-class _Batch:
-    __slots__ = ("bid", "items", "recs")
-
-    def __init__(self, bid, recs, items):
-        self.bid, self.recs, self.items = bid, recs, items
-
-
 class _Slot:
-    """One worker position: its process (replaced when it ends), its task queue (kept across
-    replacements, so batches still queued there go to the replacement) and the batches it
-    holds, oldest first."""
+    """One worker position: its process (replaced when it ends) and its task queue (kept
+    across replacements, so batches still queued there go to the replacement). The batches
+    it holds are in the pool's ledger under its `index`."""
 
-    __slots__ = ("fd", "outstanding", "proc", "taskq")
+    __slots__ = ("fd", "index", "proc", "taskq")
 
-    def __init__(self, taskq):
+    def __init__(self, index, taskq):
+        self.index = index
         self.proc = None
         self.taskq = taskq
-        self.outstanding = collections.deque()
         self.fd = None
 
 
@@ -321,12 +315,10 @@ class _Core:
         self.idle = threading.Condition(self.lock)
         self.cache = {}
         self.pending = collections.deque()
-        self.batch_slot = {}
-        self.bids = itertools.count()
+        self.ledger = PoolLedger(processes, maxtasks is not None)
         self.state = RUN
         self.stopping = False
         self.stopped = False
-        self.item_cost = None
         self.maxtasks = maxtasks
         self.threads = threads
         self.new_process = new_process
@@ -336,7 +328,7 @@ class _Core:
         self.thread = None
         if threads:
             self.resultq = SimpleQueue()
-            self.slots = [_Slot(SimpleQueue()) for _ in range(processes)]
+            self.slots = [_Slot(i, SimpleQueue()) for i in range(processes)]
             self.dumps = self.loads = None
         else:
             from .reduction import ForkingPickler
@@ -345,7 +337,7 @@ class _Core:
             self.loads = ForkingPickler.loads
             qctx = _queue_context(ctx)
             self.resultq = qctx.Queue()
-            self.slots = [_Slot(qctx.Queue()) for _ in range(processes)]
+            self.slots = [_Slot(i, qctx.Queue()) for i in range(processes)]
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -380,27 +372,20 @@ class _Core:
 
     def _fill(self):
         failed = []
-        live = [s for s in self.slots if s.proc is not None]
+        live = [s.index for s in self.slots if s.proc is not None]
         if not live or self.state == TERMINATE:
             return failed
-        sent = True
-        while self.pending and sent:
-            sent = False
-            for level in range(_CREDIT):
-                for slot in live:
-                    if self.pending and len(slot.outstanding) <= level:
-                        self._send(slot, len(live), failed)
-                        sent = True
+        # Each send either records a batch (using up credit) or consumes pending work.
+        while self.pending:
+            index = self.ledger.next_slot(live)
+            if index is None:
+                break
+            self._send(self.slots[index], len(live), failed)
         return failed
 
-    def _budget(self):
-        # One item per batch until a task's cost has been measured (slow start).
-        if self.maxtasks is not None or self.item_cost is None:
-            return 1
-        return max(1, min(_MAX_BATCH_ITEMS, int(_BATCH_SECONDS / self.item_cost)))
-
     def _send(self, slot, nworkers, failed):
-        budget = self._budget()
+        # One item per batch until a task's cost has been measured (slow start).
+        budget = self.ledger.budget()
         single = self.maxtasks is not None
         recs, chunks, items = [], [], 0
         while self.pending and items < budget:
@@ -423,9 +408,7 @@ class _Core:
                 return
         else:
             payload = chunks
-        bid = next(self.bids)
-        slot.outstanding.append(_Batch(bid, recs, items))
-        self.batch_slot[bid] = slot
+        bid = self.ledger.record(slot.index, items, recs)
         slot.taskq.put((bid, payload))
 
     def _encode(self, recs, chunks, failed):
@@ -477,24 +460,13 @@ class _Core:
     def _on_result(self, msg):
         bid, seconds, payload = msg[0], msg[1], msg[2]
         with self.lock:
-            slot = self.batch_slot.pop(bid, None)
-            if slot is None:
+            # Also measures the cost of an item, from this batch alone (see the ledger).
+            done = self.ledger.complete(bid, seconds)
+            if done is None:  # failed already: its worker was lost, or the pool terminated
                 return
-            batch = None
-            for i, b in enumerate(slot.outstanding):
-                if b.bid == bid:
-                    batch = b
-                    del slot.outstanding[i]
-                    break
-            if batch is None:
-                return
-            if batch.items:
-                # The latest batch alone: a small batch overstates the cost per item (its fixed
-                # overhead), so batches grow geometrically from one item, and shrink at once
-                # when tasks get slower.
-                self.item_cost = max(seconds / batch.items, 1e-8)
+            recs = done[1]
             failed = self._fill()
-            if not self.pending and not self.batch_slot:
+            if not self.pending and self.ledger.idle:
                 self.idle.notify_all()
         self._deliver_failures(failed)
         if payload is None:
@@ -509,8 +481,8 @@ class _Core:
                     outcomes = self.loads(payload)
             except Exception as e:
                 err = MaybeEncodingError(e, "<result of a pool task>")
-                outcomes = [(False, err)] * len(batch.recs)
-        for (job, start, count, kind), outcome in zip(batch.recs, outcomes, strict=False):
+                outcomes = [(False, err)] * len(recs)
+        for (job, start, count, kind), outcome in zip(recs, outcomes, strict=False):
             self._deliver(job, start, count, kind, outcome)
 
     def _batch_error(self, blob):
@@ -531,24 +503,20 @@ class _Core:
         pid = proc.pid
         with self.lock:
             queued = 0 if self.threads else slot.taskq.qsize()
-            held = []
-            while len(slot.outstanding) > queued:
-                batch = slot.outstanding.popleft()
-                self.batch_slot.pop(batch.bid, None)
-                held.append(batch)
+            held = self.ledger.lost(slot.index, queued)
             slot.proc = None
             slot.fd = None
             self.fds_changed = True
             replace = not self.stopping and self.state != TERMINATE
         if held:
             err = WorkerLostError(_describe_exit(pid, exitcode))
-            for batch in held:
-                for rec in batch.recs:
+            for recs in held:
+                for rec in recs:
                     self._deliver(*rec, (False, err))
         if replace:
             self._replace(slot)
         with self.lock:
-            if not self.pending and not self.batch_slot:
+            if not self.pending and self.ledger.idle:
                 self.idle.notify_all()
 
     def _replace(self, slot):
@@ -646,7 +614,7 @@ class _Core:
 
     def wait_idle(self):
         with self.lock:
-            while (self.pending or self.batch_slot) and self.state != TERMINATE:
+            while (self.pending or not self.ledger.idle) and self.state != TERMINATE:
                 self.idle.wait(0.1)
 
     def stop_workers(self):
@@ -682,9 +650,7 @@ class _Core:
             self.state = TERMINATE
             self.stopping = True
             self.pending.clear()
-            for slot in self.slots:
-                slot.outstanding.clear()
-            self.batch_slot.clear()
+            self.ledger.clear()
             jobs = list(self.cache.values())
             self.idle.notify_all()
             procs = [s.proc for s in self.slots if s.proc is not None]

@@ -8,15 +8,18 @@
 //! item count (u32 LE) and the items (i64 or f64 bits, LE). A pickle never starts with a zero
 //! byte, so [`MAGIC`] tells the two apart.
 //!
-//! Also here: [`pool_worker_loop`], the loop a process pool's worker runs.
+//! Also here: [`pool_worker_loop`], the loop a process pool's worker runs, and
+//! [`PoolLedger`], the parent's record of the batches its workers hold
+//! ([`crate::pool::Ledger`]).
 
 use std::time::Instant;
 
-use pyo3::exceptions::{PyEOFError, PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyEOFError, PyIndexError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
 
 use super::queues::PyRingQueue;
+use crate::pool::{Bid, Ledger, CREDIT, MAX_BATCH_ITEMS};
 
 /// First bytes of a packed batch.
 const MAGIC: &[u8] = b"\x00FPo1";
@@ -269,7 +272,103 @@ fn pool_worker_loop(
     Ok(())
 }
 
+/// The parent's ledger of a pool's batches (see [`crate::pool`]); each batch carries the
+/// caller's task records (a Python object) to deliver its results with. Used under the pool's
+/// own lock.
+#[pyclass(module = "ferroproc._ferroproc", name = "PoolLedger")]
+struct PoolLedger {
+    inner: Ledger<Py<PyAny>>,
+}
+
+#[pymethods]
+impl PoolLedger {
+    /// `PoolLedger(slots, single)`: `single` keeps batches to one item (`maxtasksperchild`).
+    #[new]
+    fn new(slots: usize, single: bool) -> Self {
+        Self {
+            inner: Ledger::new(slots, single),
+        }
+    }
+
+    /// Batches a worker may hold at once.
+    #[classattr]
+    fn credit() -> usize {
+        CREDIT
+    }
+
+    /// Most items in one batch.
+    #[classattr]
+    fn max_batch_items() -> usize {
+        MAX_BATCH_ITEMS
+    }
+
+    /// Items for the next batch.
+    fn budget(&self) -> usize {
+        self.inner.budget()
+    }
+
+    /// Seconds per item measured by the latest batch, or None.
+    #[getter]
+    fn item_cost(&self) -> Option<f64> {
+        self.inner.item_cost()
+    }
+
+    /// The slot, among `live`, that gets the next batch; None when all hold their credit.
+    fn next_slot(&self, live: Vec<usize>) -> Option<usize> {
+        self.inner.next_slot(live)
+    }
+
+    /// Records a batch of `items` items with `recs` queued to `slot`; returns its id.
+    fn record(&mut self, slot: usize, items: usize, recs: Py<PyAny>) -> PyResult<Bid> {
+        if slot >= self.inner.slots() {
+            return Err(PyIndexError::new_err("pool slot out of range"));
+        }
+        Ok(self.inner.record(slot, items, recs))
+    }
+
+    /// `(items, recs)` of batch `bid`, answered after `seconds`, now out of the ledger; None
+    /// when it was not outstanding.
+    fn complete(&mut self, bid: Bid, seconds: f64) -> Option<(usize, Py<PyAny>)> {
+        self.inner.complete(bid, seconds).map(|b| (b.items, b.recs))
+    }
+
+    /// The records of the batches the dead worker of `slot` had taken (all but the newest
+    /// `queued`), oldest first, now out of the ledger.
+    fn lost(&mut self, slot: usize, queued: usize) -> Vec<Py<PyAny>> {
+        self.inner
+            .lost(slot, queued)
+            .into_iter()
+            .map(|b| b.recs)
+            .collect()
+    }
+
+    /// The records of every outstanding batch, now out of the ledger.
+    fn clear(&mut self) -> Vec<Py<PyAny>> {
+        self.inner.clear().into_iter().map(|b| b.recs).collect()
+    }
+
+    /// How many batches `slot` holds.
+    fn held(&self, slot: usize) -> usize {
+        self.inner.held(slot)
+    }
+
+    /// The records of the batches `slot` holds, oldest first.
+    fn batches(&self, py: Python<'_>, slot: usize) -> Vec<Py<PyAny>> {
+        self.inner
+            .batches(slot)
+            .map(|b| b.recs.clone_ref(py))
+            .collect()
+    }
+
+    /// Whether no batch is outstanding.
+    #[getter]
+    fn idle(&self) -> bool {
+        self.inner.is_idle()
+    }
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PoolLedger>()?;
     m.add_function(wrap_pyfunction!(pool_worker_loop, m)?)?;
     m.add_function(wrap_pyfunction!(pool_pack_outcomes, m)?)?;
     m.add_function(wrap_pyfunction!(pool_is_packed, m)?)?;
