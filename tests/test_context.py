@@ -261,6 +261,95 @@ def test_main_module_imported_as_mp_main(impl, method, tmp_path):
     assert lines[-1] == "exitcode 0"
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_main_script_rerun_sees_what_runpy_gives_it(impl, method, tmp_path):
+    # ferroproc re-runs a plain main script itself (not through runpy, whose imports cost a
+    # spawned child milliseconds): the script must see the same module and sys state.
+    script = tmp_path / "user_main.py"
+    script.write_text(
+        '"""The docstring."""\n'
+        + w.script_source(
+            impl.__name__,
+            """
+            import os, sys
+            if __name__ != "__main__":
+                me = sys.modules[__name__]
+                seen = dict(
+                    name=__name__, file=__file__, package=__package__, spec=__spec__,
+                    loader=__loader__, cached=__cached__, doc=__doc__,
+                    argv0=sys.argv[0], registered=me.__dict__ is globals(),
+                    main_is_me=sys.modules["__main__"] is me,
+                )
+                print("during", sorted(seen.items()), flush=True)
+            GLOBAL = 41
+
+            def target():
+                main = sys.modules["__main__"]
+                print("after", main.GLOBAL, main.__name__, sys.argv[0],
+                      main.__file__ == sys.modules["__mp_main__"].__file__, flush=True)
+
+            if __name__ == "__main__":
+                p = mp.get_context(METHOD).Process(target=target)
+                p.start()
+                p.join(30)
+                print("exitcode", p.exitcode, flush=True)
+            """,
+            method,
+        )
+    )
+    result = run_interp(["user_main.py"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    during = [line for line in lines if line.startswith("during ")]
+    assert len(during) == 1, lines
+    # The child is given the script's absolute path; sys.argv[0] is that path while the
+    # script runs, and the parent's own argv[0] again afterwards.
+    expected = dict(
+        name="__mp_main__",
+        file=str(script),
+        package="",
+        spec=None,
+        loader=None,
+        cached=None,
+        doc="The docstring.",
+        argv0=str(script),
+        registered=True,
+        main_is_me=False,
+    )
+    assert during[0] == f"during {sorted(expected.items())}"
+    assert "after 41 __mp_main__ user_main.py True" in lines
+    assert lines[-1] == "exitcode 0"
+
+
+def test_main_script_without_py_suffix_is_rerun(impl, tmp_path):
+    # Only ``*.py`` scripts skip runpy in ferroproc; anything else still goes through it.
+    script = tmp_path / "tool"
+    script.write_text(
+        w.script_source(
+            impl.__name__,
+            """
+            import sys
+            print("run-as", __name__, flush=True)
+
+            def target():
+                sys.exit(7)
+
+            if __name__ == "__main__":
+                p = mp.get_context("spawn").Process(target=target)
+                p.start()
+                p.join(30)
+                print("exitcode", p.exitcode, flush=True)
+            """,
+        )
+    )
+    result = run_interp(["tool"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "run-as __main__"
+    assert "run-as __mp_main__" in lines
+    assert lines[-1] == "exitcode 7"
+
+
 def test_forkserver_preload(impl, tmp_path):
     (tmp_path / "preload_marker_mod.py").write_text("VALUE = 1\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
