@@ -130,6 +130,61 @@ def process_roundtrip_exitcode(mod: ModuleType, n: int, method: str) -> float:
     return total
 
 
+#: The user script of `process_start_join_from_script`: nothing imported beyond what it needs,
+#: its targets defined in itself, so each spawn child re-runs it as ``__mp_main__``.
+_SCRIPT = """\
+import sys
+import time
+
+
+def noop():
+    pass
+
+
+if __name__ == "__main__":
+    mod = __import__(sys.argv[1])
+    ctx = mod.get_context("spawn")
+    n = int(sys.argv[2])
+    total = 0.0
+    for i in range(n + 1):
+        t0 = time.perf_counter()
+        proc = ctx.Process(target=noop)
+        proc.start()
+        proc.join(60)
+        if i:  # the first one warms up this interpreter
+            total += time.perf_counter() - t0
+        if proc.exitcode != 0:
+            sys.exit(f"child exited with {proc.exitcode}")
+    print(total)
+"""
+
+
+@case("process_start_join_from_script", params=("spawn",), n={"spawn": 8}, unit="process", warmup=0)
+def process_start_join_from_script(mod: ModuleType, n: int, method: str) -> float:
+    """As process_start_join, timed inside a script run as ``python script.py`` (spawn
+    children re-run the script)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "user_script.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_SCRIPT)
+        proc = subprocess.run(
+            [sys.executable, path, mod.__name__, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_TIMEOUT * (n + 1),
+            check=False,
+            cwd=tmp,
+        )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"{method} script failed: {lines[-1]}")
+    return float(proc.stdout.split()[-1])
+
+
 # -- reference floors ----------------------------------------------------------------------
 
 
