@@ -244,6 +244,18 @@ def test_shutdown_request_stops_a_started_server_promptly(impl):
         m.shutdown()
 
 
+def test_server_ignores_sigint(impl):
+    # Ctrl-C in a terminal reaches the whole process group; the owner decides when to stop.
+    with impl.Manager() as m:
+        d = m.dict(a=1)
+        os.kill(m._process.pid, signal.SIGINT)
+        time.sleep(0.1)
+        assert m._process.is_alive()
+        assert d["a"] == 1
+        del d
+    assert m._process.exitcode == 0
+
+
 def test_pool(impl):
     if impl.__name__ == "ferroproc":
         pytest.importorskip("ferroproc.pool")
