@@ -28,7 +28,6 @@ Differences:
       it all the same).
     * A proxy in another process than its manager's (a child's copy) can still receive
       proxies as results (`iter()` of a managed dict); the stdlib's raises `AttributeError`.
-    * `SharedMemoryManager` is not available yet (it needs `ferroproc.shared_memory`).
 """
 
 from __future__ import annotations
