@@ -32,8 +32,9 @@ struct Call<'py> {
     obj: Bound<'py, PyAny>,
     methodname: Bound<'py, PyString>,
     args: Bound<'py, PyTuple>,
-    /// `None` when the request has no keyword arguments.
+    /// What the method is called with: a copy of the keywords, `None` when there are none.
     kwds: Option<Bound<'py, PyDict>>,
+    /// The keywords as received (what the Python helpers take).
     kwds_given: Bound<'py, PyDict>,
     /// The object's `method_to_typeid` dict, or `None`.
     gettypeid: Bound<'py, PyAny>,
