@@ -3,6 +3,7 @@ forkserver children can import them by name)."""
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import os
 import sys
@@ -112,10 +113,83 @@ _MANAGER_CLASSES: dict = {}
 def __getattr__(name):
     # Made on first use, so a stdlib child never imports ferroproc (and the other way round);
     # a spawn child unpickling `ThingManager_<impl>._run_server` lands here.
-    prefix = "ThingManager_"
-    if name.startswith(prefix) and name[len(prefix) :] in ("multiprocessing", "ferroproc"):
-        return make_manager_class(name[len(prefix) :])
+    for prefix, make in (
+        ("ThingManager_", make_manager_class),
+        ("ProbeManager_", make_probe_manager_class),
+    ):
+        if name.startswith(prefix) and name[len(prefix) :] in ("multiprocessing", "ferroproc"):
+            return make(name[len(prefix) :])
     raise AttributeError(name)
+
+
+# -- a type whose calls take every path of the server's request loop ---------------------------
+
+
+class ProbeError(Exception):
+    """Raised by `Probe.fail` (module level, so it unpickles in the client)."""
+
+
+class Probe:
+    """Answers with plain values, raises, returns what cannot be pickled, has new `Probe`s
+    made (returned as proxies through ``method_to_typeid``) and has a `repr` of its own."""
+
+    def __init__(self, n=0):
+        self.n = n
+        self.started = 0
+        self.done = 0
+
+    def value(self):
+        return self.n
+
+    def kw(self, a, b=2, **more):
+        return (a, b, sorted(more.items()))
+
+    def fail(self, text):
+        raise ProbeError(text)
+
+    def unpicklable(self):
+        return _thread.allocate_lock()  # neither pickle nor xmlrpc can send it
+
+    def spawn(self, n):
+        # Through ``method_to_typeid`` the server makes a new `Probe(n)` of this result.
+        return n
+
+    def slow(self, seconds):
+        self.started += 1
+        time.sleep(seconds)
+        self.done += 1
+        return self.done
+
+    def progress(self):
+        return (self.started, self.done)
+
+    def __repr__(self):
+        return f"Probe({self.n})"
+
+    def __str__(self):
+        return f"probe #{self.n}"
+
+
+# "missing" is exposed but is no attribute of Probe: its look-up fails in the server.
+PROBE_EXPOSED = ("value", "kw", "fail", "unpicklable", "spawn", "slow", "progress", "missing")
+
+
+def make_probe_manager_class(impl_name):
+    """A BaseManager subclass of `impl_name` serving `Probe` (made once per library)."""
+    key = (impl_name, "Probe")
+    cls = _MANAGER_CLASSES.get(key)
+    if cls is None:
+        managers = importlib.import_module(f"{impl_name}.managers")
+        cls = type(f"ProbeManager_{impl_name}", (managers.BaseManager,), {"__module__": __name__})
+        cls.register("Probe", Probe, exposed=PROBE_EXPOSED, method_to_typeid={"spawn": "Probe"})
+        setattr(sys.modules[__name__], cls.__name__, cls)
+        _MANAGER_CLASSES[key] = cls
+    return cls
+
+
+def slow_call_through(proxy, seconds):
+    """Calls `proxy.slow(seconds)` in a child (killed in the middle of it by the test)."""
+    proxy.slow(seconds)
 
 
 def serve_remote(impl_name, authkey, address_conn):

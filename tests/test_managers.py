@@ -244,6 +244,18 @@ def test_shutdown_request_stops_a_started_server_promptly(impl):
         m.shutdown()
 
 
+def test_server_ignores_sigint(impl):
+    # Ctrl-C in a terminal reaches the whole process group; the owner decides when to stop.
+    with impl.Manager() as m:
+        d = m.dict(a=1)
+        os.kill(m._process.pid, signal.SIGINT)
+        time.sleep(0.1)
+        assert m._process.is_alive()
+        assert d["a"] == 1
+        del d
+    assert m._process.exitcode == 0
+
+
 def test_pool(impl):
     if impl.__name__ == "ferroproc":
         pytest.importorskip("ferroproc.pool")
@@ -251,6 +263,274 @@ def test_pool(impl):
         assert pool.map(abs, [-1, -2, 3]) == [1, 2, 3]
         assert pool.apply_async(abs, (-4,)).get(SHORT_TIMEOUT) == 4
         assert sorted(pool.imap_unordered(abs, [-1, -2])) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's request loop: every kind of reply. ferroproc serves its own connections with a
+# native loop and any other (the xmlrpclib serializer's) with the Python one; both must answer
+# as the stdlib's loop does.
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_manager(impl, **kwds):
+    return mw.make_probe_manager_class(impl.__name__)(**kwds)
+
+
+def _method_connection(impl, manager, name):
+    """A raw connection to `manager` switched to method calls, as a proxy's own is."""
+    managers = _managers(impl)
+    conn = managers.listener_client["pickle"][1](manager.address, authkey=manager._authkey)
+    managers.dispatch(conn, None, "accept_connection", (name,))
+    return conn
+
+
+def test_method_results_errors_and_tracebacks(impl):
+    managers = _managers(impl)
+    with _probe_manager(impl) as m:
+        p = m.Probe(7)
+        assert p.value() == 7
+        assert p.kw(1) == (1, 2, [])
+        assert p.kw(1, b=3, c=4) == (1, 3, [("c", 4)])
+        # Raised by the method: the same exception, raised in the caller.
+        with pytest.raises(mw.ProbeError, match="from the method"):
+            p.fail("from the method")
+        # A result that cannot be pickled: a RemoteError, and the connection stays usable.
+        with pytest.raises(managers.RemoteError, match="Unserializable message"):
+            p.unpicklable()
+        assert p.value() == 7
+        # Not exposed, and exposed but missing: the server's traceback.
+        with pytest.raises(managers.RemoteError) as info:
+            p._callmethod("n")
+        text = str(info.value)
+        assert "Traceback (most recent call last)" in text
+        assert "'n'" in text and "is not in exposed" in text
+        with pytest.raises(managers.RemoteError) as info:
+            p.missing()
+        text = str(info.value)
+        assert "Traceback (most recent call last)" in text
+        assert "has no attribute 'missing'" in text
+        assert p.value() == 7
+        del p, info
+        gc.collect()  # the raised exceptions' tracebacks held the proxy in cycles
+        assert m._number_of_objects() == 0
+
+
+def test_str_repr_and_getvalue_stand_ins(impl):
+    with _probe_manager(impl) as m:
+        p = m.Probe(3)
+        # None of these is exposed: the server's stand-ins answer.
+        assert str(p) == "Probe(3)"  # the proxy's __str__ asks for the referent's repr
+        assert p._callmethod("__repr__") == "Probe(3)"
+        assert p._callmethod("__str__") == "probe #3"
+        copy = p._getvalue()
+        assert type(copy) is mw.Probe and copy.n == 3
+        assert repr(p).startswith("<AutoProxy[Probe] object, typeid 'Probe' at ")
+        del p
+
+
+def test_method_to_typeid_returns_a_proxy(impl):
+    with _probe_manager(impl) as m:
+        p = m.Probe(1)
+        child = p.spawn(5)  # a "#PROXY" reply
+        assert type(child).__name__ == "AutoProxy[Probe]"
+        assert child.value() == 5
+        assert child.spawn(6).value() == 6
+        assert m._number_of_objects() == 2
+        del child
+        gc.collect()
+        assert m._number_of_objects() == 1
+        del p
+
+
+def test_raw_requests_get_the_stdlib_replies(impl):
+    """Requests no proxy sends (malformed, unknown ids, odd types) get the replies of the
+    stdlib's loop; ferroproc's native loop hands these to its Python steps."""
+    managers = _managers(impl)
+    with _probe_manager(impl) as m:
+        p = m.Probe(7)
+        ident = p._id
+        conn = _method_connection(impl, m, "raw")
+        try:
+
+            def ask(request):
+                conn.send(request)
+                assert conn.poll(SHORT_TIMEOUT)
+                return conn.recv()
+
+            assert ask((ident, "value", (), {})) == ("#RETURN", 7)
+            # Any sequence of four unpacks, args any iterable.
+            assert ask([ident, "value", (), {}]) == ("#RETURN", 7)
+            assert ask((ident, "kw", [1], {"b": 5})) == ("#RETURN", (1, 5, []))
+            kind, err = ask((ident, "kw", (1,), {1: 2}))
+            assert kind == "#ERROR" and type(err) is TypeError
+            kind, err = ask((ident, "fail", ("boom",), {}))
+            assert kind == "#ERROR" and type(err) is mw.ProbeError and err.args == ("boom",)
+            kind, text = ask(("no such id", "value", (), {}))
+            assert kind == "#TRACEBACK" and "KeyError: 'no such id'" in text
+            kind, text = ask((ident, "value"))
+            assert kind == "#TRACEBACK" and "ValueError" in text
+            kind, text = ask((ident, b"value", (), {}))
+            assert kind == "#TRACEBACK" and "is not in exposed" in text
+            kind, text = ask((ident, "missing", (), {}))
+            assert kind == "#TRACEBACK" and "has no attribute 'missing'" in text
+            kind, text = ask((ident, "unpicklable", (), {}))
+            assert kind == "#UNSERIALIZABLE" and "Traceback" in text
+            assert ask((ident, "__repr__", (), {})) == ("#RETURN", "Probe(7)")
+            kind, (exposed, token) = ask((ident, "spawn", (2,), {}))
+            assert kind == "#PROXY" and token.typeid == "Probe" and "value" in exposed
+            assert ask((token.id, "value", (), {})) == ("#RETURN", 2)
+            # The reference the server took for the "#PROXY" reply (a proxy would adopt it).
+            control = managers.listener_client["pickle"][1](m.address, authkey=m._authkey)
+            try:
+                managers.dispatch(control, None, "decref", (token.id,))
+            finally:
+                control.close()
+        finally:
+            conn.close()
+        assert m._number_of_objects() == 1
+        del p
+
+
+def test_client_gone_mid_call_leaves_the_server_serving(ctx):
+    impl = sys.modules[type(ctx).__module__.split(".")[0]]
+    with _probe_manager(impl, ctx=ctx) as m:
+        p = m.Probe(4)
+        child = ctx.Process(target=mw.slow_call_through, args=(p, 0.3))
+        child.start()
+        deadline = time.monotonic() + SHORT_TIMEOUT
+        while p.progress()[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.progress() == (1, 0)  # the child's call is running in the server
+        child.kill()
+        child.join(SHORT_TIMEOUT)
+        assert child.exitcode == -signal.SIGKILL
+        # The call completes; its reply has nobody to go to.
+        while p.progress()[1] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.progress() == (1, 1)
+        time.sleep(0.05)  # let the server try to send that reply
+        assert p.value() == 4
+        assert m.Probe(9).value() == 9
+        assert m._process.is_alive()
+        del p
+
+
+def test_xmlrpclib_serializer(impl):
+    """A manager on the xmlrpclib serializer: connections that are not ferroproc's native
+    ones, served by the Python loop."""
+    managers = _managers(impl)
+    with _probe_manager(impl, serializer="xmlrpclib") as m:
+        p = m.Probe(3)
+        assert p.value() == 3
+        assert p.kw(1, b=4) == [1, 4, []]  # xmlrpc has no tuples
+        assert str(p) == "Probe(3)"
+        with pytest.raises(managers.RemoteError, match="has no attribute 'missing'"):
+            p.missing()
+        with pytest.raises(managers.RemoteError, match="Unserializable message"):
+            p.unpicklable()
+        assert p.value() == 3
+        del p
+
+
+def test_native_loop_answers_like_the_python_loop():
+    """ferroproc's two request loops, fed the same requests over a Pipe, give the same
+    replies (payloads, exception types, the last line of each traceback)."""
+    import threading
+
+    from ferroproc import connection, managers
+
+    cls = mw.make_probe_manager_class("ferroproc")
+    server = managers.Server(cls._registry, None, b"key", "pickle")
+    try:
+        ident, _ = server.create(None, "Probe", 7)
+        nested, _ = server.create(None, "Probe", 8)
+        # An object only a proxy inside the server refers to (a proxy stored in a container).
+        server.id_to_local_proxy_obj[nested] = server.id_to_obj.pop(nested)
+        requests = [
+            (ident, "value", (), {}),
+            (nested, "value", (), {}),
+            [ident, "value", (), {}],
+            (ident, "kw", (1,), {"b": 3, "c": 4}),
+            (ident, "kw", [1], {}),
+            (ident, "kw", (1,), {1: 2}),
+            (ident, "fail", ("boom",), {}),
+            (ident, "unpicklable", (), {}),
+            (ident, "missing", (), {}),
+            (ident, "n", (), {}),
+            (ident, "__repr__", (), {}),
+            (ident, "__str__", (), {}),
+            (ident, "#GETVALUE", (), {}),
+            (ident, "spawn", (2,), {}),
+            ("no such id", "value", (), {}),
+            ("0", "value", (), {}),
+            (ident, "value"),
+            (ident, None, (), {}),
+            (ident, ["unhashable"], (), {}),
+            None,
+        ]
+
+        def run(loop):
+            ours, theirs = connection.Pipe()
+            done = threading.Thread(target=loop, args=(theirs,))
+            done.start()
+            try:
+                replies = []
+                for request in requests:
+                    ours.send(request)
+                    assert ours.poll(SHORT_TIMEOUT)
+                    replies.append(ours.recv())
+                ours.send_bytes(b"\x80\x05not a pickle")
+                assert ours.poll(SHORT_TIMEOUT)
+                replies.append(ours.recv())
+            finally:
+                ours.close()
+                done.join(SHORT_TIMEOUT)
+                theirs.close()
+            assert not done.is_alive()
+            return replies
+
+        def comparable(reply):
+            kind, payload = reply
+            if kind in ("#TRACEBACK", "#UNSERIALIZABLE"):
+                assert payload.startswith("Traceback (most recent call last)")
+                return kind, payload.rstrip().splitlines()[-1]
+            if kind == "#ERROR":
+                return kind, type(payload), payload.args
+            if kind == "#PROXY":
+                exposed, token = payload
+                return kind, exposed, token.typeid
+            if isinstance(payload, mw.Probe):
+                return kind, vars(payload)
+            return kind, payload
+
+        native = [comparable(r) for r in run(server.serve_client)]
+        python = [comparable(r) for r in run(server._serve_client_py)]
+        assert native == python
+        assert [r[0] for r in native] == [
+            "#RETURN",
+            "#RETURN",
+            "#RETURN",
+            "#RETURN",
+            "#RETURN",
+            "#ERROR",
+            "#ERROR",
+            "#UNSERIALIZABLE",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#RETURN",
+            "#RETURN",
+            "#RETURN",
+            "#PROXY",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#TRACEBACK",
+            "#TRACEBACK",
+        ]
+    finally:
+        server.listener.close()
 
 
 # ---------------------------------------------------------------------------------------------

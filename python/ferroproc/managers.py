@@ -13,8 +13,10 @@ authenticated connections; method calls on one long-lived connection per client 
 ferroproc client therefore works with a stdlib manager server and the other way round.
 
 What is ferroproc's own: the connections are native (Rust framing, GIL-free waits, builtin data
-pickled on a fast path), the per-call paths on both sides are kept short, a server thread serves
-the connection it accepted itself (no thread start per connection), and the server process
+pickled on a fast path), the server's per-client request loop runs in Rust over them
+(`Server.serve_client`; Python only unpickles, calls the method and pickles, plus the uncommon
+replies), the per-call paths on both sides are kept short, a server thread serves the
+connection it accepted itself (no thread start per connection), and the server process
 watches its owner, so it goes away when the owner ends even without a shutdown.
 
 Differences:
@@ -26,11 +28,11 @@ Differences:
       it all the same).
     * A proxy in another process than its manager's (a child's copy) can still receive
       proxies as results (`iter()` of a managed dict); the stdlib's raises `AttributeError`.
-    * `SharedMemoryManager` is not available yet (it needs `ferroproc.shared_memory`).
 """
 
 from __future__ import annotations
 
+import _signal
 import _thread
 import array
 import os
@@ -40,7 +42,7 @@ import threading
 import time
 import types
 
-from . import connection, process, reduction, util
+from . import _ferroproc, connection, process, reduction, util
 from .context import get_spawning_popen
 
 __all__ = ["BaseManager", "BaseProxy", "SharedMemoryManager", "SyncManager", "Token"]
@@ -78,6 +80,17 @@ def _format_exc():
     import traceback  # lazily: only failures need it
 
     return traceback.format_exc()
+
+
+def _format_error(exc):
+    """`_format_exc()` of `exc` raised here: a traceback that has at least this frame, also
+    for an exception raised by native code (which carries none)."""
+    try:
+        raise exc
+    except BaseException:
+        return _format_exc()
+    finally:
+        del exc  # its traceback holds this frame: no reference cycle through it
 
 
 class Token:
@@ -295,68 +308,128 @@ class Server:
             util.info(" ... exception was %r", e)
 
     def serve_client(self, conn):
-        """Answers method calls arriving on `conn` until the client goes away."""
+        """Answers method calls arriving on `conn` until the client goes away.
+
+        On ferroproc's own `Connection` the loop is native (``_ferroproc.serve_manager_client``):
+        frames are read and written in Rust, and Python runs only to unpickle, to call the
+        method, to pickle, and for the uncommon cases, which the helpers below answer. Any
+        other connection (the ``xmlrpclib`` serializer's wrapper) is served by
+        `_serve_client_py`, which takes the same steps through the same helpers.
+        """
         util.debug("starting server thread to service %r", threading.current_thread().name)
+        if type(conn) is connection.Connection and type(self.id_to_obj) is dict:
+            _ferroproc.serve_manager_client(self, conn, self.id_to_obj, self.stop_event)
+        else:
+            self._serve_client_py(conn)
+
+    def _serve_client_py(self, conn):
+        """`serve_client` over a connection that is not ferroproc's native one."""
         recv = conn.recv
         send = conn.send
-        id_to_obj = self.id_to_obj
         stop = self.stop_event
         while not stop.is_set():
-            methodname = obj = None
             try:
-                try:
-                    request = recv()
-                except (EOFError, OSError):
-                    # Gone, possibly in the middle of a message: nothing left to answer.
-                    util.debug("client of %r went away", threading.current_thread().name)
-                    return
-                ident, methodname, args, kwds = request
-                try:
-                    obj, exposed, gettypeid = id_to_obj[ident]
-                except KeyError:
-                    try:
-                        obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
-                    except KeyError:
-                        raise KeyError(ident) from None
-                if methodname not in exposed:
-                    raise AttributeError(
-                        f"method {methodname!r} of {type(obj)!r} object is not in"
-                        f" exposed={exposed!r}"
-                    )
-                function = getattr(obj, methodname)
-                try:
-                    res = function(*args, **kwds)
-                except Exception as e:
-                    reply = (_ERROR, e)
-                else:
-                    typeid = gettypeid and gettypeid.get(methodname)
-                    if typeid:
-                        rident, rexposed = self.create(conn, typeid, res)
-                        reply = (_PROXY, (rexposed, Token(typeid, self.address, rident)))
-                    else:
-                        reply = (_RETURN, res)
-            except AttributeError:
-                fallback = self.fallback_mapping.get(methodname) if methodname else None
-                if fallback is None:
-                    reply = (_TRACEBACK, _format_exc())
-                else:
-                    try:
-                        reply = (_RETURN, fallback(self, conn, ident, obj, *args, **kwds))
-                    except Exception:
-                        reply = (_TRACEBACK, _format_exc())
+                request = recv()
+            except (EOFError, OSError):
+                self._client_gone()
+                return
             except Exception:
                 reply = (_TRACEBACK, _format_exc())
+            else:
+                reply = self._reply(conn, request)
             try:
-                try:
-                    send(reply)
-                except Exception:
-                    send((_UNSERIALIZABLE, _format_exc()))
+                send(reply)
             except Exception as e:
-                util.info("exception in thread serving %r", threading.current_thread().name)
-                util.info(" ... message was %r", reply)
-                util.info(" ... exception was %r", e)
-                conn.close()
-                return
+                if not self._send_unserializable(conn, reply, e):
+                    return
+
+    # The steps of one method call. The native loop takes the common path itself (an exact
+    # `(ident, methodname, args, kwds)` tuple naming an object of `id_to_obj` and one of its
+    # exposed methods) and calls these for everything else.
+
+    def _reply(self, conn, request):
+        """The reply to the method call `request`, from unpacking it to the result."""
+        ident = methodname = obj = args = kwds = None
+        try:
+            ident, methodname, args, kwds = request
+            try:
+                obj, exposed, gettypeid = self.id_to_obj[ident]
+            except KeyError:
+                try:
+                    obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
+                except KeyError:
+                    raise KeyError(ident) from None
+            if methodname not in exposed:
+                raise AttributeError(
+                    f"method {methodname!r} of {type(obj)!r} object is not in exposed={exposed!r}"
+                )
+            function = getattr(obj, methodname)
+        except AttributeError:
+            return self._fallback_reply(conn, ident, obj, methodname, args, kwds)
+        except Exception:
+            return (_TRACEBACK, _format_exc())
+        try:
+            res = function(*args, **kwds)
+        except Exception as e:
+            return (_ERROR, e)
+        return self._result_reply(conn, ident, obj, methodname, args, kwds, gettypeid, res)
+
+    def _getattr_failed(self, conn, ident, obj, methodname, args, kwds, exc):  # noqa: PLR0917
+        """The reply when looking up the exposed method `methodname` raised `exc`."""
+        try:
+            raise exc
+        except AttributeError:
+            return self._fallback_reply(conn, ident, obj, methodname, args, kwds)
+        except Exception:
+            return (_TRACEBACK, _format_exc())
+        finally:
+            del exc  # its traceback holds this frame: no reference cycle through it
+
+    def _result_reply(self, conn, ident, obj, methodname, args, kwds, gettypeid, res):  # noqa: PLR0917
+        """The reply carrying `res`, the result of `methodname`: a proxy of a new shared object
+        when `gettypeid` (the object's `method_to_typeid`) maps the method to a type id."""
+        try:
+            typeid = gettypeid and gettypeid.get(methodname)
+            if typeid:
+                rident, rexposed = self.create(conn, typeid, res)
+                return (_PROXY, (rexposed, Token(typeid, self.address, rident)))
+        except AttributeError:
+            return self._fallback_reply(conn, ident, obj, methodname, args, kwds)
+        except Exception:
+            return (_TRACEBACK, _format_exc())
+        return (_RETURN, res)
+
+    def _fallback_reply(self, conn, ident, obj, methodname, args, kwds):  # noqa: PLR0917
+        """The reply when an `AttributeError` (being handled) stopped a call: the stand-ins of
+        `fallback_mapping` answer ``__str__``, ``__repr__`` and ``#GETVALUE``; anything else
+        gets the traceback."""
+        fallback = self.fallback_mapping.get(methodname) if methodname else None
+        if fallback is None:
+            return (_TRACEBACK, _format_exc())
+        try:
+            return (_RETURN, fallback(self, conn, ident, obj, *args, **kwds))
+        except Exception:
+            return (_TRACEBACK, _format_exc())
+
+    def _traceback_reply(self, exc):
+        """The reply when a request could not be received (unpickled) because of `exc`."""
+        return (_TRACEBACK, _format_error(exc))
+
+    def _send_unserializable(self, conn, reply, exc):
+        """After `reply` could not be sent because of `exc`, tells the client why. Returns
+        False (the connection closed, its loop to end) when that cannot be sent either."""
+        try:
+            conn.send((_UNSERIALIZABLE, _format_error(exc)))
+        except Exception as e:
+            util.info("exception in thread serving %r", threading.current_thread().name)
+            util.info(" ... message was %r", reply)
+            util.info(" ... exception was %r", e)
+            conn.close()
+            return False
+        return True
+
+    def _client_gone(self):
+        util.debug("client of %r went away", threading.current_thread().name)
 
     def fallback_getvalue(self, conn, ident, obj):
         return obj
@@ -659,10 +732,11 @@ class BaseManager:
         owner_end=None,
     ):
         """The server process's body: make the server, report its address, serve."""
-        import signal
-
         # Ctrl-C in a terminal reaches the whole process group; the owner decides when we stop.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # `_signal`, not `signal.signal`: that wrapper turns the previous handler into an enum
+        # member, running enough of `enum` in a fresh fork child (copy-on-write faults) to
+        # cost about a tenth of a millisecond of the manager's start.
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
         if owner_end is not None:
             owner_end.close()  # the owner's copy (a fork child inherits it)
         if initializer is not None:

@@ -384,6 +384,21 @@ impl Connection {
         got?.ok_or_else(|| Error::Timeout.into())
     }
 
+    /// `send(obj)` for Rust callers: pickles `obj` and sends it as one message.
+    pub(crate) fn send_object(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let fd_num = self.for_writing()?;
+        let data = dumps(obj)?;
+        let out = outgoing(&data)?;
+        self.send_frame(py, fd_num, out.as_slice())
+    }
+
+    /// `recv()` for Rust callers: receives one message and unpickles it.
+    pub(crate) fn recv_object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let fd_num = self.for_reading()?;
+        let payload = self.recv_frame(py, fd_num, None)?;
+        cached(py, &PICKLE_LOADS, "pickle", "loads")?.call1((payload,))
+    }
+
     /// Reads one frame into a new `bytes`.
     fn recv_frame<'py>(
         &self,
@@ -538,10 +553,7 @@ impl Connection {
 
     /// Pickles `obj` and sends it as one message; nothing is sent if pickling fails.
     fn send(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
-        let fd_num = self.for_writing()?;
-        let data = dumps(obj)?;
-        let out = outgoing(&data)?;
-        self.send_frame(py, fd_num, out.as_slice())
+        self.send_object(py, obj)
     }
 
     /// Receives one message as `bytes`. A message longer than `maxlength` raises
@@ -615,9 +627,7 @@ impl Connection {
 
     /// Receives one message and unpickles it.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let fd_num = self.for_reading()?;
-        let payload = self.recv_frame(py, fd_num, None)?;
-        cached(py, &PICKLE_LOADS, "pickle", "loads")?.call1((payload,))
+        self.recv_object(py)
     }
 
     /// Whether a message (or end of file) is waiting; waits up to `timeout` seconds

@@ -6,6 +6,7 @@ pub(crate) mod blocking;
 mod connection;
 pub(crate) mod errors;
 pub(crate) mod logging;
+mod managers;
 mod oob;
 mod pool;
 mod process;
@@ -19,6 +20,7 @@ use pyo3::prelude::*;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
+    managers::register(m)?;
     pool::register(m)?;
     queues::register(m)?;
     sharedctypes::register(m)?;

@@ -1,11 +1,17 @@
-"""Benchmark cases for ``managers``: a proxied dict set+get pair, and a Manager's life.
+"""Benchmark cases for ``managers``: a proxied dict set+get pair, a Manager's life, and the
+server's side of one method call.
 
-Imported by :mod:`ferroproc.bench.cases`. Both cases use the fork start method (the default on
-Linux for 3.11), as a user's ``Manager()`` would.
+Imported by :mod:`ferroproc.bench.cases`. The first two use the fork start method (the default
+on Linux for 3.11), as a user's ``Manager()`` would; the third runs a server's request loop in
+this process.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import socket
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -48,3 +54,58 @@ def manager_start_shutdown(mod: ModuleType, n: int) -> float:
     for _ in range(n):
         ctx.Manager().shutdown()
     return _perf() - t0
+
+
+# Requests queued per connection: written before the loop runs, so they must fit in the
+# socket's buffer (each small message takes about a kilobyte of it).
+_QUEUED = 100
+
+
+def _queued_requests(mod, ident, first, count):
+    """A method-call connection (the server's end) with `count` dict requests queued on it and
+    the client's end, whose writing half is shut: the loop ends after the last request."""
+    client, conn = mod.Pipe()
+    for i in range(first, first + count):
+        if i % 2 == 0:
+            client.send((ident, "__setitem__", (i, i), {}))
+        else:
+            client.send((ident, "__getitem__", (i - 1,), {}))
+    with socket.socket(fileno=os.dup(client.fileno())) as s:
+        s.shutdown(socket.SHUT_WR)
+    return client, conn
+
+
+@case("manager_server_request", n=5_000, unit="request")
+def manager_server_request(mod: ModuleType, n: int) -> float:
+    """The server's side of one ``d[k] = v`` or ``d[k]`` call, without the client's.
+
+    The library's own ``Server.serve_client`` receives, carries out and answers requests
+    already queued on its connection (the two kinds alternate), in this process.
+    """
+    managers = importlib.import_module(f"{mod.__name__}.managers")
+    server = managers.Server(managers.SyncManager._registry, ("127.0.0.1", 0), b"bench", "pickle")
+    if not hasattr(server, "stop_event"):
+        server.stop_event = threading.Event()  # the stdlib's makes it in serve_forever()
+    try:
+        ident, _ = server.create(None, "dict")
+        elapsed = 0.0
+        for first in range(0, n, _QUEUED):
+            count = min(_QUEUED, n - first)
+            client, conn = _queued_requests(mod, ident, first, count)
+            try:
+                t0 = _perf()
+                try:
+                    server.serve_client(conn)
+                except SystemExit:  # the stdlib's loop ends its thread at end of input
+                    pass
+                elapsed += _perf() - t0
+                for _ in range(count):
+                    kind, _ = client.recv()
+                    if kind != "#RETURN":
+                        raise RuntimeError(f"unexpected {kind} reply")
+            finally:
+                client.close()
+                conn.close()
+        return elapsed
+    finally:
+        server.listener.close()
