@@ -197,3 +197,14 @@ def test_stdlib_public_submodule_names_exist():
             if not hasattr(our_mod, name):
                 missing.append(f"{std_mod.__name__}.{name}")
     assert missing == []
+
+
+@pytest.mark.parametrize("package", ["multiprocessing", "ferroproc"])
+def test_the_windows_spawn_module_exists_but_does_not_import_here(package):
+    import importlib
+    import importlib.util
+
+    name = f"{package}.popen_spawn_win32"
+    assert importlib.util.find_spec(name) is not None
+    with pytest.raises(ImportError):
+        importlib.import_module(name)
