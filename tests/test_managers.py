@@ -244,6 +244,26 @@ def test_shutdown_request_stops_a_started_server_promptly(impl):
         m.shutdown()
 
 
+def _threads_of(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_server_starts_its_accept_thread_when_the_first_client_comes():
+    # ferroproc: an owned server watches its owner and its listening socket on one thread,
+    # and starts the thread that accepts clients only once a client knocks.
+    import ferroproc
+
+    with ferroproc.Manager() as m:
+        pid = m._process.pid
+        time.sleep(0.05)
+        assert _threads_of(pid) == 1
+        d = m.dict(a=1)
+        assert d["a"] == 1
+        assert _threads_of(pid) >= 2
+        del d
+    assert m._process.exitcode == 0
+
+
 def test_server_ignores_sigint(impl):
     # Ctrl-C in a terminal reaches the whole process group; the owner decides when to stop.
     with impl.Manager() as m:

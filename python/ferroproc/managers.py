@@ -215,12 +215,14 @@ class Server:
         stop = self.stop_event
         process.current_process()._manager_server = self
         try:
-            # Not `threading.Thread.start()`, which waits for the new thread to run.
-            _thread.start_new_thread(self.accepter, ())
+            control = getattr(self, "_owner_control", None)
+            listening = _listening_socket(self.listener) if control is not None else None
+            if listening is None:
+                # Not `threading.Thread.start()`, which waits for the new thread to run.
+                _thread.start_new_thread(self.accepter, ())
             try:
-                control = getattr(self, "_owner_control", None)
                 if control is not None:
-                    _watch_owner(self, control)
+                    _watch_owner(self, control, listening)
                 while not stop.is_set():
                     stop.wait(1.0)
             except (KeyboardInterrupt, SystemExit):
@@ -582,10 +584,23 @@ class _WakingEvent(threading.Event):
             pass
 
 
-def _watch_owner(server, control):
+def _listening_socket(listener):
+    """The socket `listener` accepts on, or None when it has no such socket."""
+    inner = getattr(listener, "_listener", None)
+    return getattr(inner, "_socket", None)
+
+
+def _watch_owner(server, control, listening=None):
     """Waits until `server` is told to stop, its owner asks to over `control`, closes it, or
-    ends; the server then stops. Runs on the server's main thread."""
+    ends; the server then stops. Runs on the server's main thread.
+
+    With `listening` (the server's listening socket), the thread that accepts clients is only
+    started once the first client knocks: a manager that is stopped without ever being used
+    (or before its first client) never pays for creating a thread, which sat between the
+    server reporting its address and it watching its owner."""
     watched = [control]
+    if listening is not None:
+        watched.append(listening)
     stop = server.stop_event
     wake = getattr(stop, "_wake_r", None)
     if wake is not None:
@@ -597,6 +612,14 @@ def _watch_owner(server, control):
         ready = connection.wait(watched, timeout=1.0)
         if not ready or stop.is_set():
             continue
+        if listening is not None and listening in ready:
+            # Not `threading.Thread.start()`, which waits for the new thread to run.
+            _thread.start_new_thread(server.accepter, ())
+            watched.remove(listening)
+            ready.remove(listening)
+            listening = None
+            if not ready:
+                continue
         if control in ready:
             try:
                 control.recv_bytes()
