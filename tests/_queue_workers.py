@@ -113,6 +113,24 @@ def check_after_go(obj, go, expected_sum):
     sys.exit(0 if sum(bytes(obj.data)) == expected_sum else 3)
 
 
+def check_buffer_after_go(buf, go, expected_sum):
+    """Waits for ``go``, then checks that the buffer ``buf`` (inherited through fork) is still
+    intact."""
+    go.get(timeout=SHORT_TIMEOUT)
+    sys.exit(0 if sum(bytes(buf)) == expected_sum else 3)
+
+
+def slow_sum_of_blobs(q, ready, n, results):
+    """Says it is ready, then gets `n` Blobs, one a millisecond, and reports the sum of
+    their first bytes."""
+    ready.put(True)
+    total = 0
+    for _ in range(n):
+        total += q.get(timeout=SHORT_TIMEOUT).data[0]
+        time.sleep(0.001)
+    results.put(total)
+
+
 def soak_produce(q, producer, n, seed):
     """Puts ``(producer, 0) .. (producer, n - 1)`` in order, in random batches (``put_many``
     where the queue has it), with the odd large message among them."""

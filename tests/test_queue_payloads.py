@@ -7,12 +7,14 @@ ferroproc's blob memory run on ferroproc only.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import gc
 import math
 import os
 import pickle
 import queue
+import signal
 from collections import namedtuple
 
 import _queue_workers as w
@@ -186,6 +188,73 @@ def test_received_buffer_survives_fork_and_parent_dropping_it(ctx):
         qq.join_thread()
 
 
+def buffer_address(buf):
+    """Where a writable buffer's bytes are (the export is released before returning)."""
+    view = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def test_large_writable_buffer_arrives_in_memory_reused_after_it_is_dropped(ferro):
+    # Extension (README, semantic differences): a writable out-of-band buffer of 4 MiB or
+    # more comes back as a `RecvBuffer`, not a `bytearray`; it pickles as a bytearray.
+    q = ferro.Queue()
+    data = bytearray(os.urandom(8 << 20))
+    q.put(pickle.PickleBuffer(data))
+    got = q.get(timeout=SHORT_TIMEOUT)
+    assert type(got).__name__ == "RecvBuffer"
+    assert len(got) == len(data) and bytes(got) == data
+    view = memoryview(got)
+    assert not view.readonly and view.format == "B" and view.nbytes == len(data)
+    view[:4] = b"abcd"  # its memory is the receiver's own
+    view.release()
+    again = pickle.loads(pickle.dumps(got))
+    assert type(again) is bytearray and again[:4] == b"abcd" and again[4:] == data[4:]
+    where = buffer_address(got)
+    del got
+    gc.collect()
+    q.put(pickle.PickleBuffer(bytearray(b"\x01" * (8 << 20))))
+    got = q.get(timeout=SHORT_TIMEOUT)
+    assert buffer_address(got) == where  # the same pages, filled again
+    assert bytes(got) == b"\x01" * (8 << 20)
+    q.close()
+
+
+def test_small_writable_buffer_still_arrives_as_a_bytearray(ferro):
+    # (The stdlib pickles with protocol 4, which refuses a PickleBuffer.)
+    q = ferro.Queue()
+    q.put(pickle.PickleBuffer(bytearray(b"z" * (1 << 20))))
+    got = q.get(timeout=SHORT_TIMEOUT)
+    assert type(got) is bytearray and got == b"z" * (1 << 20)
+    q.close()
+
+
+@pytest.mark.fork_only
+def test_recycled_buffer_survives_fork_and_parent_reusing_its_memory(ctx):
+    if ctx.Queue.__module__.startswith("multiprocessing"):
+        pytest.skip("ferroproc's recycled receive buffers")
+    q, go = ctx.Queue(), ctx.Queue()
+    data = bytearray(os.urandom(8 << 20))
+    q.put(pickle.PickleBuffer(data))
+    buf = q.get(timeout=SHORT_TIMEOUT)
+    where = buffer_address(buf)
+    p = start(ctx, w.check_buffer_after_go, buf, go, sum(data))
+    del buf
+    gc.collect()
+    # The parent's next large message lands in the same pages (copy-on-write gives the child
+    # its own), marked free to the kernel in between.
+    q.put(pickle.PickleBuffer(bytearray(b"\xff" * (8 << 20))))
+    buf = q.get(timeout=SHORT_TIMEOUT)
+    assert buffer_address(buf) == where
+    go.put(True)
+    join_ok(p)
+    for qq in (q, go):
+        qq.close()
+        qq.join_thread()
+
+
 def blob_memory(q):
     """Bytes of memory the queue's memfd holds (ferroproc only)."""
     return os.fstat(q._handles[0]).st_blocks * 512
@@ -198,9 +267,12 @@ def ferro(impl):
     return impl
 
 
-#: Freed blobs a ferroproc queue keeps for reuse (`SPARES` in src/channel/ring/blob.rs), and
-#: the memory each takes for an 8 MiB buffer (its bytes start 2 KiB into a page).
-SPARES = 4
+#: Freed blobs a ferroproc queue keeps for reuse, and most bytes they hold together (`SPARES`,
+#: `SPARE_BYTES` in src/channel/ring/blob.rs); the memory a blob takes for a 1 MiB and an
+#: 8 MiB buffer (its bytes start 2 KiB into a page).
+SPARES = 64
+SPARE_BYTES = 256 << 20
+BLOB_1MIB = (1 << 20) + 4096
 BLOB_8MIB = (8 << 20) + 4096
 #: Ring pages the small pickles naming the blobs may touch besides.
 RING = 1 << 20
@@ -228,23 +300,95 @@ def test_blob_memory_beyond_the_spares_is_freed_when_read(ferro):
     base = blob_memory(q)
     n = SPARES + 3
     for _ in range(n):
-        q.put(w.Blob(bytearray(8 << 20)))
-    assert blob_memory(q) >= base + n * (8 << 20)
+        q.put(w.Blob(bytearray(1 << 20)))
+    assert blob_memory(q) >= base + n * (1 << 20)
     for _ in range(n):
-        assert q.get(timeout=SHORT_TIMEOUT) == w.Blob(bytearray(8 << 20))
-    assert blob_memory(q) <= base + SPARES * BLOB_8MIB + RING
+        assert q.get(timeout=SHORT_TIMEOUT) == w.Blob(bytearray(1 << 20))
+    assert blob_memory(q) <= base + SPARES * BLOB_1MIB + RING
+    q.close()
+
+
+def test_spares_are_bounded_in_bytes(ferro):
+    q = ferro.Queue()
+    base = blob_memory(q)
+    size = 40 << 20
+    kept = SPARE_BYTES // (size + 4096)
+    n = kept + 2
+    for _ in range(n):
+        q.put(w.Blob(bytearray(size)))
+    assert blob_memory(q) >= base + n * size
+    for _ in range(n):
+        assert len(q.get(timeout=SHORT_TIMEOUT).data) == size
+    assert blob_memory(q) <= base + kept * (size + 4096) + RING
     q.close()
 
 
 def test_blobs_of_messages_lost_to_a_failed_get_many_are_freed(ferro):
     q = ferro.Queue()
     base = blob_memory(q)
-    q.put_many([w.Unloadable()] + [w.Blob(bytearray(8 << 20)) for _ in range(SPARES + 2)])
-    with pytest.raises(ValueError, match="cannot be unpickled"):
-        q.get_many(10, timeout=SHORT_TIMEOUT)
-    assert q.empty()
-    assert blob_memory(q) <= base + SPARES * BLOB_8MIB + RING
+    n = 6
+    for _ in range(2):
+        q.put_many([w.Unloadable()] + [w.Blob(bytearray(8 << 20)) for _ in range(n)])
+        with pytest.raises(ValueError, match="cannot be unpickled"):
+            q.get_many(10, timeout=SHORT_TIMEOUT)
+        assert q.empty()
+        # The second round takes the blobs the first one freed: the memory does not grow.
+        assert blob_memory(q) <= base + n * BLOB_8MIB + RING
     q.close()
+
+
+#: Blobs in flight from which a writer waits for an active reader to free one (`PACE`).
+PACE = 32
+
+
+@pytest.mark.fork_only
+def test_writer_ahead_of_an_active_reader_reuses_blobs_instead_of_growing(ctx):
+    if ctx.Queue.__module__.startswith("multiprocessing"):
+        pytest.skip("ferroproc's blob memory")
+    q, ready, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    n = 150
+    p = start(ctx, w.slow_sum_of_blobs, q, ready, n, results)
+    assert ready.get(timeout=SHORT_TIMEOUT)
+    base = blob_memory(q)
+    peak = 0
+    for i in range(n):
+        q.put(w.Blob(bytearray([i % 256]) * (1 << 20)))
+        peak = max(peak, blob_memory(q) - base)
+    assert results.get(timeout=SHORT_TIMEOUT) == sum(i % 256 for i in range(n))
+    join_ok(p)
+    # Without pacing the writer would hold all n blobs at once (the reader takes a
+    # millisecond per message); with it, about PACE in flight and a few spares.
+    assert peak <= (PACE + 8) * BLOB_1MIB + RING, peak
+    for qq in (q, ready, results):
+        qq.close()
+
+
+@pytest.mark.fork_only
+def test_writer_does_not_wait_for_a_reader_killed_mid_stream(ctx):
+    if ctx.Queue.__module__.startswith("multiprocessing"):
+        pytest.skip("ferroproc's blob pacing")
+    q, ready, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    p = start(ctx, w.slow_sum_of_blobs, q, ready, 10_000, results)
+    assert ready.get(timeout=SHORT_TIMEOUT)
+    for i in range(PACE + 20):
+        q.put(w.Blob(bytearray([i % 256]) * (1 << 20)))
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(SHORT_TIMEOUT)
+    assert p.exitcode == -signal.SIGKILL
+    # Nobody reads any more: each put allocates at once (at most one short wait while the
+    # dead reader still looks active), and every message is there for a new reader.
+    for _ in range(2 * PACE):
+        q.put(w.Blob(bytearray([7]) * (1 << 20)))
+    got = 0
+    while True:
+        try:
+            q.get(timeout=0.5)
+        except queue.Empty:
+            break
+        got += 1
+    assert got >= 2 * PACE
+    for qq in (q, ready, results):
+        qq.close()
 
 
 def test_blob_of_a_refused_put_is_freed(ferro):

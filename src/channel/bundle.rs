@@ -3,12 +3,15 @@
 //! pickle. The buffers themselves never pass through the ring.
 //!
 //! ```text
-//! "\0FPB"  u32 n  u64 pickle_len  n × (u64 len | READONLY, u64 blob position)  pickle
+//! "\0FPB"  u32 n  u64 pickle_len  n × (u64 len | READONLY | REUSED, u64 blob position)  pickle
 //! ```
 //! (integers little-endian). A pickle never starts with a zero byte (it starts with the PROTO
 //! opcode), so a reader tells a bundle from a plain pickle by its first bytes. `READONLY`
 //! marks a buffer that is to come back as `bytes` (read-only); the others come back writable.
+//! `REUSED` marks a buffer written into a spare blob, which the reader copies out through its
+//! mapping of that blob (see `ring::blob`).
 
+use crate::channel::ring::Blob;
 use crate::error::{Error, Result};
 
 /// First bytes of every bundle.
@@ -19,6 +22,8 @@ pub const FIXED: usize = 16;
 pub const ENTRY: usize = 16;
 /// Flag bit of a buffer length: read-only buffer.
 pub const READONLY: u64 = 1 << 63;
+/// Flag bit of a buffer length: the buffer lies in a reused (spare) blob.
+pub const REUSED: u64 = 1 << 62;
 /// Most buffers one bundle may carry.
 pub const MAX_BUFFERS: usize = 4096;
 
@@ -31,6 +36,19 @@ pub struct Piece {
     pub readonly: bool,
     /// Position in the blob area.
     pub at: u64,
+    /// The blob was a spare (see [`REUSED`]).
+    pub reused: bool,
+}
+
+impl Piece {
+    /// The blob this buffer lies in.
+    #[must_use]
+    pub fn blob(&self) -> Blob {
+        Blob {
+            at: self.at,
+            reused: self.reused,
+        }
+    }
 }
 
 /// A parsed bundle: the buffers and where the pickle lies in the message.
@@ -60,8 +78,11 @@ pub fn header(pickle_len: usize, pieces: &[Piece]) -> Vec<u8> {
     );
     h.extend_from_slice(&(pickle_len as u64).to_le_bytes());
     for p in pieces {
-        let flag = if p.readonly { READONLY } else { 0 };
-        h.extend_from_slice(&(p.len as u64 | flag).to_le_bytes());
+        let mut flags = if p.readonly { READONLY } else { 0 };
+        if p.reused {
+            flags |= REUSED;
+        }
+        h.extend_from_slice(&(p.len as u64 | flags).to_le_bytes());
         h.extend_from_slice(&p.at.to_le_bytes());
     }
     h
@@ -98,7 +119,8 @@ pub fn parse(msg: &[u8]) -> Result<Layout> {
         .chunks_exact(ENTRY)
         .map(|e| {
             let raw = word(e);
-            let len = usize::try_from(raw & !READONLY).map_err(|_| corrupt("bad buffer length"))?;
+            let len = usize::try_from(raw & !(READONLY | REUSED))
+                .map_err(|_| corrupt("bad buffer length"))?;
             let at = word(&e[8..]);
             if at.checked_add(len as u64).map_or(true, |end| end > 1 << 62) {
                 return Err(corrupt("bad buffer position"));
@@ -107,6 +129,7 @@ pub fn parse(msg: &[u8]) -> Result<Layout> {
                 len,
                 readonly: raw & READONLY != 0,
                 at,
+                reused: raw & REUSED != 0,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -125,11 +148,13 @@ mod tests {
                 len: 3,
                 readonly: true,
                 at: 0,
+                reused: false,
             },
             Piece {
                 len: 5000,
                 readonly: false,
                 at: 4096,
+                reused: true,
             },
         ];
         let mut msg = header(2, &pieces);
@@ -148,6 +173,7 @@ mod tests {
                 len: 1,
                 readonly: false,
                 at: 0,
+                reused: false,
             }],
         );
         msg.extend_from_slice(b"PKx");
@@ -162,6 +188,7 @@ mod tests {
                 len: 1,
                 readonly: false,
                 at: u64::MAX,
+                reused: true,
             }],
         );
         assert!(parse(&msg).is_err(), "position");

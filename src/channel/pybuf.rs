@@ -1,19 +1,23 @@
 //! Raw views of exported Python buffers, for reading and writing them with the GIL released.
 //!
 //! This is the one module outside `src/py/` that names a pyo3 type. Turning a buffer export
-//! into a Rust slice, and filling a new `bytes`/`bytearray` before it is zeroed, need
-//! `unsafe`, which `src/py/` forbids; both are kept here, next to the I/O that uses them. The
-//! only Python calls made here are the C-API allocation and data-pointer calls of
-//! [`new_filled`].
+//! into a Rust slice, filling a new `bytes`/`bytearray` before it is zeroed, and exporting
+//! the memory of a [`RecvBuffer`] need `unsafe`, which `src/py/` forbids; they are kept here,
+//! next to the I/O that uses them. The only Python calls made here are the C-API allocation,
+//! data-pointer and buffer-filling calls of [`new_filled`] and [`RecvBuffer`].
 
+use std::ffi::c_int;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyTuple};
 
 use crate::error;
+use crate::sys::shm::PrivateRegion;
 use crate::sys::{memfile, shm};
 
 /// A C-contiguous buffer export, viewed as bytes. Holding it keeps the export (and so the
@@ -109,6 +113,29 @@ pub struct Unfilled {
 unsafe impl Send for Unfilled {}
 
 impl Unfilled {
+    /// Bytes to fill.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: empty buffers are not made through `new_filled`'s copy.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fills the whole buffer with the `len` bytes at `src`.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `self.len()` bytes that nothing writes during the call.
+    pub unsafe fn fill_from_memory(&mut self, src: *const u8) {
+        // SAFETY: `new_filled` made `ptr` point at the `len` data bytes of a fresh object that
+        // nothing else references (see `fill_from`); the caller vouches for the source, which
+        // cannot overlap memory Python just allocated for that object.
+        unsafe { std::ptr::copy_nonoverlapping(src, self.ptr.as_ptr(), self.len) };
+    }
+
     /// Fills the whole buffer from file offset `pos` of `fd`.
     ///
     /// # Errors
@@ -172,4 +199,150 @@ where
     // read or free it.
     py.detach(|| fill(&mut dest)).map_err(PyErr::from)?;
     Ok(obj)
+}
+
+/// Smallest writable out-of-band queue buffer received into a [`RecvBuffer`] (below it, the
+/// allocator's recycled memory serves a `bytearray` as well).
+pub const RECV_BUFFER_MIN: usize = 4 << 20;
+
+/// Most freed [`RecvBuffer`] regions a process keeps, and most bytes they may hold together.
+const POOL_REGIONS: usize = 4;
+const POOL_BYTES: usize = 256 << 20;
+
+/// Regions of dropped [`RecvBuffer`]s, oldest first, their pages lazily freed.
+static POOL: Mutex<Vec<PrivateRegion>> = Mutex::new(Vec::new());
+
+/// A kept region of `len` to `2 * len` bytes, if there is one (and the pool is not busy).
+fn pooled(len: usize) -> Option<PrivateRegion> {
+    let mut pool = POOL.try_lock().ok()?;
+    let i = pool
+        .iter()
+        .position(|r| r.len() >= len && r.len() / 2 <= len)?;
+    Some(pool.remove(i))
+}
+
+/// Keeps `region` for a later buffer (dropping the oldest beyond the pool's bounds), its pages
+/// left to the kernel to take back if memory runs short; unmaps it if the pool is busy.
+fn repool(region: PrivateRegion) {
+    let Ok(mut pool) = POOL.try_lock() else {
+        return;
+    };
+    region.lazy_free();
+    pool.push(region);
+    while pool.len() > POOL_REGIONS
+        || pool.iter().map(PrivateRegion::len).sum::<usize>() > POOL_BYTES
+    {
+        pool.remove(0);
+    }
+}
+
+/// The writable memory a large out-of-band buffer of a queue message is received into (an
+/// extension: the stdlib gives a `bytearray`). It supports the buffer protocol, `len()`, and
+/// pickles as a `bytearray`; numpy arrays and the like made from it use its memory directly.
+///
+/// A fresh `bytearray` of 64 MiB is a fresh mapping, and writing it costs a page fault per
+/// 4 KiB page (on this project's test machine, about 35 ms of the 41 it takes to fill one,
+/// against 6 ms for pages already mapped). A `RecvBuffer`'s memory is a private mapping that
+/// goes back to a small per-process pool when the buffer is dropped, marked `MADV_FREE` (the
+/// kernel takes the pages back only if it needs memory), so a process that receives large
+/// arrays one after another fills the same pages each time.
+#[pyclass(module = "ferroproc._ferroproc", name = "RecvBuffer", frozen)]
+#[derive(Debug)]
+pub struct RecvBuffer {
+    region: Option<PrivateRegion>,
+    len: usize,
+}
+
+impl RecvBuffer {
+    /// A new buffer of `len` bytes, written by `fill` with the GIL released.
+    ///
+    /// # Errors
+    /// `MemoryError` if no memory can be mapped; `fill`'s error (the region then goes back to
+    /// the pool).
+    pub fn new_filled<F>(py: Python<'_>, len: usize, fill: F) -> PyResult<Self>
+    where
+        F: FnOnce(&mut Unfilled) -> error::Result<()> + Send,
+    {
+        let region = match pooled(len) {
+            Some(r) => r,
+            None => PrivateRegion::new(len)
+                .map_err(|_| pyo3::exceptions::PyMemoryError::new_err("cannot map a buffer"))?,
+        };
+        let Some(ptr) = NonNull::new(region.as_ptr()) else {
+            return Err(pyo3::exceptions::PyMemoryError::new_err(
+                "cannot map a buffer",
+            ));
+        };
+        let mut dest = Unfilled { ptr, len };
+        match py.detach(|| fill(&mut dest)) {
+            Ok(()) => Ok(Self {
+                region: Some(region),
+                len,
+            }),
+            Err(e) => {
+                repool(region);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for RecvBuffer {
+    fn drop(&mut self) {
+        if let Some(region) = self.region.take() {
+            repool(region);
+        }
+    }
+}
+
+#[pymethods]
+impl RecvBuffer {
+    /// # Safety
+    /// Called by Python's buffer protocol with a view to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        let Some(region) = this.region.as_ref() else {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "buffer is released",
+            ));
+        };
+        let len = ffi::Py_ssize_t::try_from(this.len)
+            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
+        // SAFETY: `view` is the caller's Py_buffer to fill (the buffer protocol's contract).
+        // The region holds `len` bytes at its base and stays mapped while the view lives: the
+        // view takes a reference to `slf` (FillInfo sets `view.obj`), and the region is only
+        // unmapped or reused when this object is dropped. The memory is plain bytes, writable.
+        let r = unsafe {
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), region.as_ptr().cast(), len, 0, flags)
+        };
+        if r == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ferroproc RecvBuffer of {} bytes>", self.len)
+    }
+
+    /// Pickles as a `bytearray` of the same bytes.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let data = PyBytes::new(py, &[]).call_method1("join", ((slf,),))?;
+        PyTuple::new(
+            py,
+            [
+                py.get_type::<PyByteArray>().into_any(),
+                PyTuple::new(py, [data])?.into_any(),
+            ],
+        )
+    }
 }

@@ -169,10 +169,24 @@ pub struct JoinSide {
 
 /// Freed blobs kept for reuse (see `ring/blob.rs`).
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BlobSide {
     /// Each a freed blob's first page and page count, packed; 0: empty.
     pub spares: [AtomicU64; blob::SPARES],
+    /// Blobs allocated and not yet freed (a hint: a process killed in between leaves it high).
+    pub in_flight: AtomicU32,
+    /// Bytes of those blobs (the same hint).
+    pub in_flight_bytes: AtomicU64,
+}
+
+impl Default for BlobSide {
+    fn default() -> Self {
+        Self {
+            spares: std::array::from_fn(|_| AtomicU64::new(0)),
+            in_flight: AtomicU32::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The shared words of a ring (the data area follows at [`DATA_OFFSET`]).
@@ -191,7 +205,7 @@ pub struct RingShared {
     pub b: BlobSide,
 }
 
-const _: () = assert!(size_of::<RingShared>() == 320);
+const _: () = assert!(size_of::<RingShared>() == 832);
 const _: () = assert!(std::mem::align_of::<RingShared>() == 64);
 const _: () = assert!(segment_size::<RingShared>() <= DATA_OFFSET);
 
@@ -271,6 +285,7 @@ pub struct RingBuffer {
     map: Mapping,
     fd: OwnedFd,
     capacity: usize,
+    maps: blob::BlobMaps,
 }
 
 impl RingBuffer {
@@ -293,7 +308,12 @@ impl RingBuffer {
                 .cast::<Header>()
                 .write(Header::new::<RingShared>(size))
         };
-        let ring = Self { map, fd, capacity };
+        let ring = Self {
+            map,
+            fd,
+            capacity,
+            maps: blob::BlobMaps::default(),
+        };
         let ctl = &ring.shared().ctl;
         ctl.capacity.store(capacity as u64, Ordering::Relaxed);
         ctl.maxsize.store(maxsize, Ordering::Relaxed);
@@ -332,6 +352,7 @@ impl RingBuffer {
             map,
             fd,
             capacity: 0,
+            maps: blob::BlobMaps::default(),
         };
         let cap = usize::try_from(ring.shared().ctl.capacity.load(Ordering::Relaxed)).unwrap_or(0);
         if !cap.is_power_of_two() || cap < MIN_CAPACITY || DATA_OFFSET + cap != size {
@@ -719,8 +740,8 @@ impl RingBuffer {
         self.free_space_signal();
     }
 
-    /// Tells writers waiting for room (bytes or `maxsize`) to look again.
-    fn free_space_signal(&self) {
+    /// Tells writers waiting for room (bytes, `maxsize` or a spare blob) to look again.
+    pub(super) fn free_space_signal(&self) {
         let r = &self.shared().r;
         r.last_read_ms.store(clock::coarse_ms(), Ordering::Relaxed);
         r.last_reader.store(futex::pid(), Ordering::Relaxed);
@@ -918,7 +939,7 @@ impl RingBuffer {
 
 mod blob;
 mod log;
-pub use blob::BLOB_BASE;
+pub use blob::{Blob, BLOB_BASE};
 
 #[cfg(test)]
 mod tests;

@@ -2,18 +2,21 @@
 //!
 //! The queue's reusable pickler runs with protocol 5 and a [`Collector`] as its
 //! `buffer_callback`: a C-contiguous buffer of at least [`OOB_MIN`] bytes (a numpy array, a
-//! `PickleBuffer`) is left out of the pickle. A top-level `bytes` object too large for one ring
-//! frame is sent the same way, as a one-buffer message (smaller ones are cheaper in the ring).
-//! Each such buffer is written once, positionally and with the GIL released, from the object's
-//! own memory into a blob of the queue's memfd (see `channel/ring/blob.rs`); the message itself
-//! is a small [`bundle`] naming the blobs.
+//! `PickleBuffer`) is left out of the pickle. A top-level `bytes` object of that size, or too
+//! large for one ring frame, is sent the same way, as a one-buffer message: through the ring it
+//! would be copied into the ring, out into a scratch buffer and again into the new object.
+//! Each such buffer is written once, with the GIL released, from the object's own memory into
+//! a blob of the queue's memfd (see `channel/ring/blob.rs`); the message itself is a small
+//! [`bundle`] naming the blobs.
 //!
-//! The reader reads each blob, again positionally and with the GIL released, straight into the
-//! new, unzeroed `bytearray` (or `bytes`, for a read-only buffer: what unpickling the same
-//! buffer in-band gives) that `pickle.loads(..., buffers=...)` hands to the reconstructor, and
-//! frees the blob at once (to the queue's spares, for the next large message). One copy on
-//! each side, against the stdlib's half-dozen, and the received object is ordinary private
-//! memory (fork, copy-on-write and lifetime as for any other object).
+//! The reader copies each blob, again with the GIL released, straight into the new, unzeroed
+//! object that `pickle.loads(..., buffers=...)` hands to the reconstructor, and frees the blob
+//! at once (to the queue's spares, for the next large message): `bytes` for a read-only buffer
+//! (what unpickling the same buffer in-band gives), a `bytearray` for a writable one, or for a
+//! writable one of [`RECV_BUFFER_MIN`] bytes or more a [`RecvBuffer`], whose memory is reused
+//! from buffers this process dropped (see there). One copy on each side, against the stdlib's
+//! half-dozen, and the received object is ordinary private memory (fork, copy-on-write and
+//! lifetime as for any other object).
 
 use std::sync::Mutex;
 
@@ -22,7 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::channel::bundle::{self, Piece};
-use crate::channel::pybuf::{self, ExportedBytes};
+use crate::channel::pybuf::{self, ExportedBytes, RecvBuffer, RECV_BUFFER_MIN};
 use crate::channel::ring::RingBuffer;
 
 /// Smallest buffer the pickler's callback sends out-of-band (below it, copies through the
@@ -111,13 +114,22 @@ impl Bundle {
             pyo3::exceptions::PyBufferError::new_err("out-of-band buffer is not contiguous")
         })?;
         let data = view.as_slice();
-        let at = ring.blob_alloc(data.len())?;
+        // Without the GIL: allocating may wait for a reader (in this process too) to free a
+        // blob.
+        let blob = py.detach(|| {
+            let blob = ring.blob_alloc(data.len())?;
+            if let Err(e) = ring.blob_write(blob, &[data]) {
+                ring.blob_free(blob.at, data.len());
+                return Err(e);
+            }
+            Ok::<_, crate::error::Error>(blob)
+        })?;
         self.pieces.push(Piece {
             len: data.len(),
             readonly,
-            at,
+            at: blob.at,
+            reused: blob.reused,
         });
-        py.detach(|| ring.blob_write(at, &[data]))?;
         Ok(())
     }
 
@@ -137,12 +149,16 @@ impl Bundle {
     }
 }
 
-/// A new `bytes` (read-only piece) or `bytearray` holding the blob `piece`, read with the GIL
-/// released straight into the new object's unzeroed memory.
+/// A new `bytes` (read-only piece), `bytearray`, or for a large writable piece a
+/// [`RecvBuffer`], holding the blob `piece`, read with the GIL released straight into the new
+/// object's unzeroed memory.
 fn take_blob<'py>(py: Python<'py>, ring: &RingBuffer, piece: Piece) -> PyResult<Bound<'py, PyAny>> {
-    pybuf::new_filled(py, piece.len, piece.readonly, |dest| {
-        ring.blob_read_into(piece.at, dest)
-    })
+    let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
+    if !piece.readonly && piece.len >= RECV_BUFFER_MIN {
+        let buf = RecvBuffer::new_filled(py, piece.len, fill)?;
+        return Ok(Bound::new(py, buf)?.into_any());
+    }
+    pybuf::new_filled(py, piece.len, piece.readonly, fill)
 }
 
 /// Frees the blobs of a bundle that will not be loaded (its message was dropped).

@@ -924,6 +924,7 @@ impl PySimpleRing {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     futex::install_fork_hook();
+    m.add_class::<crate::channel::pybuf::RecvBuffer>()?;
     m.add_class::<PyRingQueue>()?;
     m.add_class::<PySimpleRing>()?;
     Ok(())

@@ -215,3 +215,29 @@ fn forkserver_without_a_spare_refuses_with_the_fork_errno() {
     drop(client);
     assert!(!server.refuse_next(libc::EAGAIN).unwrap());
 }
+
+#[test]
+fn a_private_region_keeps_what_is_written_after_lazy_free() {
+    use _ferroproc::sys::shm::PrivateRegion;
+    let len = 4 << 20;
+    let region = PrivateRegion::new(len).unwrap();
+    assert_eq!(region.len(), len);
+    assert_eq!(region.as_ptr() as usize % 4096, 0);
+    let fill = |byte: u8| {
+        // SAFETY: the region is `len` bytes of this process's own memory, and nothing else
+        // refers to it in this test.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), byte, len) };
+    };
+    let all = |byte: u8| {
+        // SAFETY: as above; the bytes were all written before.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len) };
+        bytes.iter().all(|&b| b == byte)
+    };
+    fill(0x5a);
+    assert!(all(0x5a));
+    // After MADV_FREE the old bytes may be kept or zeroed; what is written next stays.
+    region.lazy_free();
+    fill(0xa5);
+    assert!(all(0xa5));
+    assert!(PrivateRegion::new(0).is_err());
+}

@@ -346,12 +346,13 @@ const MIB: usize = 1 << 20;
 fn blob_round_trip_starts_off_the_page_boundary() {
     let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
     let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i % 251) as u8).collect();
-    let at = ring.blob_alloc(data.len()).unwrap();
-    assert_eq!(at % PAGE, 0);
-    assert_eq!(RingBuffer::blob_offset(at) % PAGE, blob::DATA_SHIFT);
-    ring.blob_write(at, &[&data[..10], &data[10..]]).unwrap();
+    let blob = ring.blob_alloc(data.len()).unwrap();
+    assert!(!blob.reused);
+    assert_eq!(blob.at % PAGE, 0);
+    assert_eq!(RingBuffer::blob_offset(blob.at) % PAGE, blob::DATA_SHIFT);
+    ring.blob_write(blob, &[&data[..10], &data[10..]]).unwrap();
     let mut back = vec![0; data.len()];
-    ring.blob_read(at, &mut back).unwrap();
+    ring.blob_read(blob, &mut back).unwrap();
     assert_eq!(back, data);
 }
 
@@ -360,13 +361,14 @@ fn a_freed_blob_is_reused_and_trimmed_to_the_next_message() {
     let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
     let base = held(&ring);
     let big = vec![7u8; 8 * MIB];
-    let at = ring.blob_alloc(big.len()).unwrap();
-    ring.blob_write(at, &[&big]).unwrap();
-    ring.blob_free(at, big.len());
+    let blob = ring.blob_alloc(big.len()).unwrap();
+    ring.blob_write(blob, &[&big]).unwrap();
+    ring.blob_free(blob.at, big.len());
     // Kept as a spare: the memory stays, and the next allocation gets the same blob.
     assert!(held(&ring) >= base + 8 * MIB as u64);
     let again = ring.blob_alloc(MIB).unwrap();
-    assert_eq!(again, at);
+    assert_eq!(again.at, blob.at);
+    assert!(again.reused);
     // ... trimmed to what the smaller message needs.
     assert!(held(&ring) <= base + 2 * MIB as u64);
     let small = vec![9u8; MIB];
@@ -375,9 +377,62 @@ fn a_freed_blob_is_reused_and_trimmed_to_the_next_message() {
     ring.blob_read(again, &mut back).unwrap();
     assert_eq!(back, small);
     // A spare too small for the next message is not taken: a fresh blob is.
-    ring.blob_free(again, MIB);
+    ring.blob_free(again.at, MIB);
     let fresh = ring.blob_alloc(2 * MIB).unwrap();
-    assert!(fresh > at);
+    assert!(fresh.at > blob.at && !fresh.reused);
+}
+
+#[test]
+fn a_reused_blob_is_copied_through_a_kept_mapping_that_agrees_with_the_file() {
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let first: Vec<u8> = (0..MIB + 77).map(|i| (i % 253) as u8).collect();
+    let blob = ring.blob_alloc(first.len()).unwrap();
+    ring.blob_write(blob, &[&first]).unwrap();
+    ring.blob_free(blob.at, first.len());
+    let mut mapped_before = None;
+    for round in 0..4u8 {
+        let again = ring.blob_alloc(MIB).unwrap();
+        assert!(again.reused && again.at == blob.at);
+        let data: Vec<u8> = (0..MIB).map(|i| (i % 241) as u8 ^ round).collect();
+        ring.blob_write(again, &[&data[..5], &data[5..]]).unwrap();
+        // The file holds what the mapping was given (a positional read sees it) ...
+        let mut positional = vec![0; MIB];
+        let plain = Blob {
+            reused: false,
+            ..again
+        };
+        ring.blob_read(plain, &mut positional).unwrap();
+        assert!(
+            positional == data,
+            "round {round}: file differs from the write"
+        );
+        // ... and a read through the mapping sees the same bytes.
+        let mut mapped = vec![0; MIB];
+        ring.blob_read(again, &mut mapped).unwrap();
+        assert!(mapped == data, "round {round}: mapped read differs");
+        // The first copy of the reused blob (the write of round 0) is positional; meeting it
+        // again (the read) maps it, and the mapping is kept from then on.
+        let lists = ring.maps.0.lock().unwrap();
+        assert_eq!(lists.maps.len(), 1);
+        let addr = lists.maps[0].1.as_ptr() as usize;
+        assert_eq!(*mapped_before.get_or_insert(addr), addr);
+        drop(lists);
+        ring.blob_free(again.at, MIB);
+    }
+}
+
+#[test]
+fn a_reused_blob_past_the_end_of_the_file_is_read_positionally() {
+    // A corrupted message may name a "reused" blob the file does not hold: no mapping is
+    // made (touching it would raise SIGBUS) and the read fails as a positional one does.
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let bogus = Blob {
+        at: 1 << 40,
+        reused: true,
+    };
+    let mut buf = vec![0; MIB];
+    assert!(matches!(ring.blob_read(bogus, &mut buf), Err(Error::Eof)));
+    assert!(ring.maps.0.lock().unwrap().maps.is_empty());
 }
 
 #[test]
@@ -385,24 +440,24 @@ fn spares_are_bounded_in_number_and_size() {
     let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
     let base = held(&ring);
     let one = vec![1u8; MIB];
-    let blobs: Vec<u64> = (0..blob::SPARES + 2)
+    let blobs: Vec<Blob> = (0..blob::SPARES + 2)
         .map(|_| {
-            let at = ring.blob_alloc(MIB).unwrap();
-            ring.blob_write(at, &[&one]).unwrap();
-            at
+            let blob = ring.blob_alloc(MIB).unwrap();
+            ring.blob_write(blob, &[&one]).unwrap();
+            blob
         })
         .collect();
-    for &at in &blobs {
-        ring.blob_free(at, MIB);
+    for blob in &blobs {
+        ring.blob_free(blob.at, MIB);
     }
     // Only SPARES blobs keep their memory; the others were punched out.
     let per_blob = (MIB as u64 + blob::DATA_SHIFT).next_multiple_of(PAGE);
     assert_eq!(held(&ring), base + blob::SPARES as u64 * per_blob);
     // A larger freed blob replaces the smallest spare.
     let two = vec![2u8; 2 * MIB];
-    let at = ring.blob_alloc(two.len()).unwrap();
-    ring.blob_write(at, &[&two]).unwrap();
-    ring.blob_free(at, two.len());
+    let blob = ring.blob_alloc(two.len()).unwrap();
+    ring.blob_write(blob, &[&two]).unwrap();
+    ring.blob_free(blob.at, two.len());
     let per_big = (2 * MIB as u64 + blob::DATA_SHIFT).next_multiple_of(PAGE);
     assert_eq!(
         held(&ring),
@@ -410,11 +465,28 @@ fn spares_are_bounded_in_number_and_size() {
     );
     // A blob over the size bound is never kept.
     let huge = usize::try_from(blob::SPARE_MAX).unwrap() + 1;
-    let at = ring.blob_alloc(huge).unwrap();
-    ring.blob_write(at, &[&vec![3u8; huge]]).unwrap();
-    ring.blob_free(at, huge);
+    let blob = ring.blob_alloc(huge).unwrap();
+    ring.blob_write(blob, &[&vec![3u8; huge]]).unwrap();
+    ring.blob_free(blob.at, huge);
     assert_eq!(
         held(&ring),
         base + (blob::SPARES as u64 - 1) * per_blob + per_big
     );
+}
+
+#[test]
+fn spares_are_bounded_in_bytes() {
+    // Spare bookkeeping needs no pages: blobs are freed unwritten (the file stays sparse).
+    let ring = RingBuffer::create(4096, u32::MAX, 0).unwrap();
+    let len = usize::try_from(blob::SPARE_MAX).unwrap() - 2 * PAGE as usize;
+    let kept = usize::try_from(blob::SPARE_BYTES / blob::SPARE_MAX).unwrap();
+    let blobs: Vec<Blob> = (0..=kept).map(|_| ring.blob_alloc(len).unwrap()).collect();
+    for b in &blobs {
+        ring.blob_free(b.at, len);
+    }
+    // Only as many as the byte bound allows come back, though slots were free.
+    assert!(kept < blob::SPARES);
+    let again: Vec<Blob> = (0..=kept).map(|_| ring.blob_alloc(len).unwrap()).collect();
+    assert_eq!(again.iter().filter(|b| b.reused).count(), kept);
+    assert!(!again[kept].reused);
 }

@@ -252,7 +252,8 @@ impl Core {
             return Ok(Pickled::Native(native));
         }
         if let Ok(b) = obj.cast_exact::<PyBytes>() {
-            if b.as_bytes().len() > self.ring.max_whole() && self.ring.blobs_usable() {
+            let len = b.as_bytes().len();
+            if (len >= oob::OOB_MIN || len > self.ring.max_whole()) && self.ring.blobs_usable() {
                 let pickle = oob::NEXT_BUFFER_PICKLE;
                 let buf = [b.clone().into_any().unbind()];
                 let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf)?;

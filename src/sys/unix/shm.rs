@@ -95,6 +95,37 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
+    /// Maps `len` bytes of `fd` from file offset `offset` (page aligned) shared and
+    /// read-write; with `populate`, maps every page the file has there at once
+    /// (`MAP_POPULATE`: one call instead of a fault per page on first access).
+    ///
+    /// The range may extend past the end of the file, but touching a page that lies wholly
+    /// beyond it raises SIGBUS: callers check the file's size first.
+    ///
+    /// # Errors
+    /// EINVAL for `len == 0` or an unaligned or too large `offset`; the `mmap` errno.
+    pub fn range(fd: impl AsFd, offset: u64, len: usize, populate: bool) -> Result<Self> {
+        let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let mut flags = MapFlags::MAP_SHARED;
+        if populate {
+            flags |= MapFlags::MAP_POPULATE;
+        }
+        // SAFETY: as in `new`: a fresh range at an address of the kernel's choosing, owned by
+        // the returned Mapping.
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                flags,
+                fd,
+                offset,
+            )
+        }?;
+        Ok(Self { ptr, len })
+    }
+
     /// The base address (page aligned).
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {
@@ -118,6 +149,84 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` describe exactly the range mmap returned in `new`, mapped once and
         // unmapped only here; borrows handed out by `shm::Segment` cannot outlive `self`.
+        let r = unsafe { munmap(self.ptr, self.len.get()) };
+        debug_assert!(r.is_ok(), "munmap of our own mapping cannot fail");
+    }
+}
+
+/// A private, anonymous, read-write mapping of this process (ordinary memory: copied on write
+/// in a fork child). Unmapped on drop.
+#[derive(Debug)]
+pub struct PrivateRegion {
+    ptr: NonNull<c_void>,
+    len: NonZeroUsize,
+}
+
+// SAFETY: as for Mapping: an address range owned by this value alone, with no thread affinity.
+unsafe impl Send for PrivateRegion {}
+// SAFETY: `&PrivateRegion` only hands out the base address and length; whoever writes through
+// that address arranges exclusive access (see `channel::pybuf::RecvBuffer`).
+unsafe impl Sync for PrivateRegion {}
+
+impl PrivateRegion {
+    /// Maps `len` bytes of fresh memory (pages are allocated when first touched).
+    ///
+    /// # Errors
+    /// EINVAL for `len == 0`; the `mmap` errno (ENOMEM).
+    pub fn new(len: usize) -> Result<Self> {
+        let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        // SAFETY: a fresh anonymous range at an address of the kernel's choosing: nothing else
+        // is aliased or overwritten; the result is owned by the returned value.
+        let ptr = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The base address (page aligned).
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr().cast()
+    }
+
+    /// The mapped length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len.get()
+    }
+
+    /// Always false: regions are never empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Lets the kernel take the pages back when it needs memory (`MADV_FREE`): until it does,
+    /// the next write to a page costs no fault; after, the page reads as zeros. For a region
+    /// whose contents are no longer needed. Best effort.
+    pub fn lazy_free(&self) {
+        // SAFETY: the range is exactly this region, private and anonymous (what MADV_FREE
+        // accepts). Its bytes may become zeros at any time after this call: callers keep no
+        // view of them, and any later user writes the bytes it reads (see RecvBuffer).
+        let _ = unsafe {
+            nix::sys::mman::madvise(
+                self.ptr,
+                self.len.get(),
+                nix::sys::mman::MmapAdvise::MADV_FREE,
+            )
+        };
+    }
+}
+
+impl Drop for PrivateRegion {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe exactly the range mmap returned in `new`, unmapped only
+        // here; views handed out by RecvBuffer end before it drops the region.
         let r = unsafe { munmap(self.ptr, self.len.get()) };
         debug_assert!(r.is_ok(), "munmap of our own mapping cannot fail");
     }
