@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -44,3 +45,36 @@ def write_only(writer, payload):
 def sleep_then_exit(seconds):
     """Sleeps, then returns (the sentinel becomes ready)."""
     time.sleep(seconds)
+
+
+def lane_messages():
+    """The messages of the lane tests: sizes around the lane's bounds (128 KiB to 2 MiB go
+    through a ferroproc Pipe's shared-memory lane), interleaved with small ones."""
+    sizes = [5, (128 << 10) - 1, 128 << 10, 1 << 20, 7, 2 << 20, (2 << 20) + 1, 300_000, 0]
+    return [bytes([i % 251]) * size for i, size in enumerate(sizes * 3)]
+
+
+def echo_lane_messages(conn):
+    """Receives the lane messages (the big ones with `recv_bytes_into`), checks each and
+    sends each back; then reports how many more descriptors it has open than before."""
+    buf = bytearray((2 << 20) + 64)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    ok = True
+    for expected in lane_messages():
+        if len(expected) >= 100_000:
+            n = conn.recv_bytes_into(buf, 32)
+            got = bytes(buf[32 : 32 + n])
+        else:
+            got = conn.recv_bytes()
+        ok = ok and got == expected
+        conn.send_bytes(got)
+    conn.send((ok, len(os.listdir("/proc/self/fd")) - fds_before))
+    conn.close()
+
+
+def read_later(conn, delay):
+    """Sleeps `delay` seconds, then receives and checks the lane messages; reports ok."""
+    time.sleep(delay)
+    ok = all(conn.recv_bytes() == m for m in lane_messages())
+    conn.send(ok)
+    conn.close()

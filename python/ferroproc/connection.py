@@ -347,11 +347,12 @@ def XmlClient(*args, **kwds):
 
 def reduce_connection(conn):
     df = reduction.DupFd(conn.fileno())
-    return rebuild_connection, (df, conn.readable, conn.writable)
+    return rebuild_connection, (df, conn.readable, conn.writable, conn._lanes)
 
 
-def rebuild_connection(df, readable, writable):
-    return Connection(df.detach(), readable, writable)
+def rebuild_connection(df, readable, writable, lanes=False):
+    # `lanes`: both ends came from `Pipe()`, so large payloads may use shared-memory lanes.
+    return Connection(df.detach(), readable, writable, _lanes=lanes)
 
 
 reduction.register(Connection, reduce_connection)

@@ -4,13 +4,14 @@
 #![forbid(unsafe_code)]
 
 use std::io::IoSlice;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
 use super::framing::{fill_vec, FrameWriter, HeaderReader, Length, Progress, SliceFill, Source};
 use crate::error::{Error, Result};
+use crate::sys::sock;
 use crate::sys::stream::{self, Io, NoWait};
 use crate::sys::wait::poll_readable;
 
@@ -23,13 +24,36 @@ pub const INLINE_MAX: usize = 64 * 1024;
 pub struct FdSource<'fd> {
     fd: BorrowedFd<'fd>,
     how: NoWait,
+    /// Read with `recvmsg`, keeping a descriptor that comes with the bytes (lane frames).
+    catch: bool,
+    passed: Option<OwnedFd>,
 }
 
 impl<'fd> FdSource<'fd> {
     /// Reads from `fd` the way `how` says (see [`stream::nowait_kind`]).
     #[must_use]
     pub fn new(fd: BorrowedFd<'fd>, how: NoWait) -> Self {
-        Self { fd, how }
+        Self {
+            fd,
+            how,
+            catch: false,
+            passed: None,
+        }
+    }
+
+    /// As [`FdSource::new`] for a socket whose peer may pass a descriptor with a frame's
+    /// header: every read then keeps one (a plain read would make the kernel close it).
+    #[must_use]
+    pub fn catching(fd: BorrowedFd<'fd>, how: NoWait) -> Self {
+        Self {
+            catch: how == NoWait::Socket,
+            ..Self::new(fd, how)
+        }
+    }
+
+    /// The descriptor that came with the bytes read last, if any.
+    pub fn take_passed(&mut self) -> Option<OwnedFd> {
+        self.passed.take()
     }
 
     /// The (possibly downgraded) way this descriptor is read; callers store it back.
@@ -61,6 +85,13 @@ impl<'fd> FdSource<'fd> {
 
 impl Source for FdSource<'_> {
     fn read(&mut self, buf: &mut [u8]) -> Result<Io> {
+        if self.catch {
+            let (io, fd) = sock::recv_nowait_keeping_fd(self.fd, buf)?;
+            if fd.is_some() {
+                self.passed = fd;
+            }
+            return Ok(io);
+        }
         if self.how == NoWait::Unsupported && !self.ready_for_plain_read()? {
             return Ok(Io::Again);
         }
@@ -93,6 +124,9 @@ pub enum Head {
     TooLong,
     /// The header is malformed (a negative length).
     Invalid,
+    /// A lane frame (see `framing`): the payload of this length waits in this slot of the
+    /// lane whose descriptor came with the header ([`FdSource::take_passed`]).
+    Lane(u32, usize),
 }
 
 /// Receives a header and, when small enough, its payload.
@@ -119,11 +153,18 @@ impl RecvHead {
         src: &mut S,
         maxlength: Option<usize>,
         inline_max: usize,
+        lanes: bool,
     ) -> Result<Progress<Head>> {
         if self.inline.is_none() {
-            let len = match self.header.step(src)? {
+            let len = match self.header.step(src, lanes)? {
                 Progress::Pending => return Ok(Progress::Pending),
                 Progress::Ready(Length::Invalid) => return Ok(Progress::Ready(Head::Invalid)),
+                Progress::Ready(Length::Lane(slot, n)) => {
+                    return Ok(Progress::Ready(match usize::try_from(n) {
+                        Ok(n) if !maxlength.is_some_and(|m| n > m) => Head::Lane(slot, n),
+                        _ => Head::TooLong,
+                    }));
+                }
                 Progress::Ready(Length::Valid(n)) => n,
             };
             let Ok(len) = usize::try_from(len) else {

@@ -7,6 +7,12 @@
 //! Decoding is incremental and never trusts the announced length for allocation: a payload
 //! buffer grows geometrically as bytes actually arrive, so a peer that claims 2^62 bytes and
 //! then stops costs at most about twice what it really sent.
+//!
+//! Between the two ends of a ferroproc `Pipe()` (and only there) the length `-2` announces a
+//! *lane frame*: a big-endian 32-bit slot number and 64-bit payload length follow, and the
+//! payload waits in that slot of the sender's shared-memory lane (see `channel::lane`), whose
+//! descriptor comes with the frame. Elsewhere `-2` is as malformed as any other negative
+//! length.
 
 use std::io::IoSlice;
 
@@ -18,8 +24,24 @@ use crate::sys::stream::Io;
 /// Largest payload announced with the short (4-byte) header.
 pub const SHORT_MAX: usize = 0x7fff_ffff;
 
-/// Longest header: the `-1` marker and the 8-byte length.
+/// Longest stdlib header: the `-1` marker and the 8-byte length.
 pub const MAX_HEADER: usize = 12;
+
+/// The marker of a lane frame.
+pub const LANE_MARKER: i32 = -2;
+
+/// A lane frame's header: the marker, the slot and the length.
+pub const LANE_HEADER: usize = 16;
+
+/// The header of a lane frame for `len` bytes in `slot`.
+#[must_use]
+pub fn encode_lane_header(slot: u32, len: usize) -> [u8; LANE_HEADER] {
+    let mut h = [0u8; LANE_HEADER];
+    h[..4].copy_from_slice(&LANE_MARKER.to_be_bytes());
+    h[4..8].copy_from_slice(&slot.to_be_bytes());
+    h[8..].copy_from_slice(&(len as u64).to_be_bytes());
+    h
+}
 
 /// First allocation for a payload whose announced size is larger; later ones double.
 pub const FIRST_CHUNK: usize = 64 * 1024;
@@ -78,16 +100,27 @@ pub enum Header {
     Len(u64),
     /// A negative length other than the `-1` marker: the stream is not a frame stream.
     Invalid(i32),
+    /// A lane frame (only when lanes are expected): slot and length.
+    Lane(u32, u64),
 }
 
-/// Decodes a (possibly partial) header.
+/// Decodes a (possibly partial) header; with `lanes`, `-2` starts a lane frame.
 #[must_use]
-pub fn decode_header(h: &[u8]) -> Header {
+pub fn decode_header(h: &[u8], lanes: bool) -> Header {
     let Some(first) = h.get(..4) else {
         return Header::Incomplete(4);
     };
     let short = i32::from_be_bytes([first[0], first[1], first[2], first[3]]);
     match short {
+        LANE_MARKER if lanes => match h.get(4..LANE_HEADER) {
+            Some(rest) => {
+                let slot = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[4..]);
+                Header::Lane(slot, u64::from_be_bytes(b))
+            }
+            None => Header::Incomplete(LANE_HEADER),
+        },
         -1 => match h.get(4..MAX_HEADER) {
             Some(long) => {
                 let mut b = [0u8; 8];
@@ -104,7 +137,7 @@ pub fn decode_header(h: &[u8]) -> Header {
 /// Reads a header incrementally.
 #[derive(Debug, Default, Clone)]
 pub struct HeaderReader {
-    buf: [u8; MAX_HEADER],
+    buf: [u8; LANE_HEADER],
     got: usize,
 }
 
@@ -115,6 +148,8 @@ pub enum Length {
     Valid(u64),
     /// The header announced a negative length.
     Invalid,
+    /// A lane frame: slot and length.
+    Lane(u32, u64),
 }
 
 impl HeaderReader {
@@ -135,12 +170,17 @@ impl HeaderReader {
     /// # Errors
     /// [`Error::Eof`] when the source ends before the first byte; `Protocol` when it ends
     /// inside the header; the source's own errors.
-    pub fn step<S: Source + ?Sized>(&mut self, src: &mut S) -> Result<Progress<Length>> {
+    pub fn step<S: Source + ?Sized>(
+        &mut self,
+        src: &mut S,
+        lanes: bool,
+    ) -> Result<Progress<Length>> {
         loop {
-            let need = match decode_header(&self.buf[..self.got]) {
+            let need = match decode_header(&self.buf[..self.got], lanes) {
                 Header::Incomplete(n) => n,
                 Header::Len(n) => return Ok(Progress::Ready(Length::Valid(n))),
                 Header::Invalid(_) => return Ok(Progress::Ready(Length::Invalid)),
+                Header::Lane(slot, n) => return Ok(Progress::Ready(Length::Lane(slot, n))),
             };
             match src.read(&mut self.buf[self.got..need])? {
                 Io::Again => return Ok(Progress::Pending),
@@ -336,9 +376,18 @@ mod tests {
 
     /// Decodes one frame; `Ok(None)` for an invalid length. Tracks the largest capacity used.
     fn decode_one(src: &mut Chunked, max_cap: &mut usize) -> Result<Option<Vec<u8>>> {
+        decode_one_with(src, max_cap, false)
+    }
+
+    /// As [`decode_one`]; with `lanes`, a lane frame's header is read and then `Ok(None)`.
+    fn decode_one_with(
+        src: &mut Chunked,
+        max_cap: &mut usize,
+        lanes: bool,
+    ) -> Result<Option<Vec<u8>>> {
         let mut hr = HeaderReader::new();
         let len = loop {
-            if let Progress::Ready(l) = hr.step(src)? {
+            if let Progress::Ready(l) = hr.step(src, lanes)? {
                 break l;
             }
         };
@@ -369,17 +418,38 @@ mod tests {
 
     #[test]
     fn decode_header_cases() {
-        assert_eq!(decode_header(&[]), Header::Incomplete(4));
-        assert_eq!(decode_header(&[0, 0, 0]), Header::Incomplete(4));
-        assert_eq!(decode_header(&[0, 0, 0, 5]), Header::Len(5));
-        assert_eq!(decode_header(&[0xff; 4]), Header::Incomplete(12));
+        assert_eq!(decode_header(&[], false), Header::Incomplete(4));
+        assert_eq!(decode_header(&[0, 0, 0], false), Header::Incomplete(4));
+        assert_eq!(decode_header(&[0, 0, 0, 5], false), Header::Len(5));
+        assert_eq!(decode_header(&[0xff; 4], false), Header::Incomplete(12));
         assert_eq!(
-            decode_header(&[0xff, 0xff, 0xff, 0xfe]),
+            decode_header(&[0xff, 0xff, 0xff, 0xfe], false),
             Header::Invalid(-2)
         );
         let mut big = vec![0xff; 4];
         big.extend_from_slice(&(1u64 << 62).to_be_bytes());
-        assert_eq!(decode_header(&big), Header::Len(1 << 62));
+        assert_eq!(decode_header(&big, false), Header::Len(1 << 62));
+    }
+
+    #[test]
+    fn lane_headers_only_where_lanes_are_expected() {
+        let h = encode_lane_header(1, 1 << 20);
+        assert_eq!(
+            decode_header(&h[..4], true),
+            Header::Incomplete(LANE_HEADER)
+        );
+        assert_eq!(
+            decode_header(&h[..15], true),
+            Header::Incomplete(LANE_HEADER)
+        );
+        assert_eq!(decode_header(&h, true), Header::Lane(1, 1 << 20));
+        assert_eq!(decode_header(&h, false), Header::Invalid(LANE_MARKER));
+        // Other headers decode the same either way.
+        assert_eq!(decode_header(&[0, 0, 0, 5], true), Header::Len(5));
+        assert_eq!(
+            decode_header(&[0xff, 0xff, 0xff, 0xfd], true),
+            Header::Invalid(-3)
+        );
     }
 
     #[test]
@@ -443,6 +513,20 @@ mod tests {
             let mut src = Chunked::new(data, chunks);
             let mut cap = 0;
             while let Ok(Some(_)) = decode_one(&mut src, &mut cap) {}
+            prop_assert!(cap <= FIRST_CHUNK.max(2 * n), "capacity {} for {} bytes", cap, n);
+        }
+
+        /// The same where lane frames are expected: a lane header is read whole or reported
+        /// cut, never more.
+        #[test]
+        fn garbage_with_lanes_is_an_error_not_a_crash(
+            data in prop::collection::vec(any::<u8>(), 0..2000),
+            chunks in prop::collection::vec(1usize..64, 0..6),
+        ) {
+            let n = data.len();
+            let mut src = Chunked::new(data, chunks);
+            let mut cap = 0;
+            while let Ok(Some(_)) = decode_one_with(&mut src, &mut cap, true) {}
             prop_assert!(cap <= FIRST_CHUNK.max(2 * n), "capacity {} for {} bytes", cap, n);
         }
 

@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod connection;
 pub mod framing;
+pub mod lane;
 pub mod pybuf;
 pub mod ring;
 pub mod tinypickle;

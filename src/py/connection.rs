@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -19,14 +19,15 @@ use pyo3::types::{
 };
 
 use crate::channel::connection::{self as conn, FdSource, Head, RecvHead, INLINE_MAX};
-use crate::channel::framing::{FrameWriter, Progress, SliceFill};
-use crate::channel::pybuf::{ExportedBytes, ViewError};
+use crate::channel::framing::{encode_lane_header, FrameWriter, Progress, SliceFill};
+use crate::channel::lane::{self, Lane};
+use crate::channel::pybuf::{self, ExportedBytes, ViewError};
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::py::blocking::wait_until;
-use crate::sys::fd;
 use crate::sys::stream::{self, NoWait};
 use crate::sys::wait as sys_wait;
+use crate::sys::{fd, sock};
 
 /// How `Connection::drive` starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,15 @@ pub(crate) struct Connection {
     expect_wait: AtomicBool,
     /// Learnt: consecutive receives whose spin ended without data.
     spin_fails: AtomicU8,
+    /// Both ends came from `Pipe()` (here or in a process this end was pickled from): large
+    /// payloads may travel through shared-memory lanes (see `channel::lane`).
+    lanes: bool,
+    /// Set when the peer kept this end's lane slots too long: send through the socket only.
+    lane_off: AtomicBool,
+    /// This end's lane, made on its first large payload.
+    out_lane: Mutex<Option<Arc<Lane>>>,
+    /// The peer's lane, mapped on its first lane frame.
+    in_lane: Mutex<Option<Arc<Lane>>>,
 }
 
 impl Drop for Connection {
@@ -236,7 +246,17 @@ impl Connection {
             writable,
             expect_wait: AtomicBool::new(false),
             spin_fails: AtomicU8::new(0),
+            lanes: false,
+            lane_off: AtomicBool::new(false),
+            out_lane: Mutex::new(None),
+            in_lane: Mutex::new(None),
         }
+    }
+
+    /// The same end, allowed to use lanes (both ends come from `Pipe()`).
+    fn with_lanes(mut self) -> Self {
+        self.lanes = self.how() == NoWait::Socket;
+        self
     }
 
     fn raw(&self) -> Result<RawFd, Error> {
@@ -273,6 +293,11 @@ impl Connection {
     }
 
     fn close_fd(&self) -> PyResult<()> {
+        for lane in [&self.out_lane, &self.in_lane] {
+            if let Ok(mut l) = lane.lock() {
+                *l = None;
+            }
+        }
         let f = self.fd.swap(-1, Ordering::AcqRel);
         if f >= 0 {
             stream::close(f)?;
@@ -292,6 +317,13 @@ impl Connection {
     }
 
     fn send_frame(&self, py: Python<'_>, fd_num: RawFd, payload: &[u8]) -> PyResult<()> {
+        if self.lanes
+            && (lane::LANE_MIN..=lane::SLOT_CAP).contains(&payload.len())
+            && !self.lane_off.load(Ordering::Relaxed)
+            && self.send_via_lane(py, fd_num, payload)?
+        {
+            return Ok(());
+        }
         let bfd = borrow(fd_num)?;
         let mut w = FrameWriter::new(payload.len());
         let mut how = self.how();
@@ -308,6 +340,103 @@ impl Connection {
             Ok(conn::write_blocking(bfd, how, &mut w, payload)?.then_some(()))
         })?;
         Ok(())
+    }
+
+    /// This end's lane, made on first use. `None` if one cannot be made (no memory, no more
+    /// descriptors): the payload goes through the socket.
+    fn out_lane(&self) -> Option<Arc<Lane>> {
+        let mut slot = self.out_lane.lock().ok()?;
+        if slot.is_none() {
+            *slot = Some(Arc::new(Lane::create().ok()?));
+        }
+        slot.clone()
+    }
+
+    /// Sends `payload` through this end's lane: `Ok(false)` when it should go through the
+    /// socket instead (no lane, no free slot in time, or no room for the frame right now).
+    fn send_via_lane(&self, py: Python<'_>, fd_num: RawFd, payload: &[u8]) -> PyResult<bool> {
+        let Some(lane) = self.out_lane() else {
+            self.lane_off.store(true, Ordering::Relaxed);
+            return Ok(false);
+        };
+        let bfd = borrow(fd_num)?;
+        let sent = py.detach(|| -> Result<Option<bool>, Error> {
+            let Some(slot) = lane.acquire(lane::PATIENCE)? else {
+                return Ok(None);
+            };
+            lane.fill(slot, payload);
+            let header = encode_lane_header(slot, payload.len());
+            let Some(lane_fd) = lane.fd() else {
+                lane.release(slot);
+                return Ok(Some(false));
+            };
+            match sock::send_nowait_with_fd(bfd, &header, lane_fd) {
+                Ok(true) => Ok(Some(true)),
+                Ok(false) => {
+                    lane.release(slot);
+                    Ok(Some(false))
+                }
+                Err(e) => {
+                    lane.release(slot);
+                    Err(e)
+                }
+            }
+        })?;
+        match sent {
+            Some(done) => Ok(done),
+            None => {
+                // The peer holds both slots: it is slow, stuck or gone. The socket from now on.
+                self.lane_off.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
+    /// The source to read this end's socket through.
+    fn source<'fd>(&self, bfd: BorrowedFd<'fd>) -> FdSource<'fd> {
+        if self.lanes {
+            FdSource::catching(bfd, self.how())
+        } else {
+            FdSource::new(bfd, self.how())
+        }
+    }
+
+    /// The peer's lane that a lane frame's descriptor names (mapped once, then recognised).
+    fn in_lane(&self, passed: Option<OwnedFd>) -> PyResult<Arc<Lane>> {
+        let Some(fd) = passed else {
+            return Err(self.bad_message_length());
+        };
+        let id = lane::file_id(fd.as_fd())?;
+        let mut cached = self
+            .in_lane
+            .lock()
+            .map_err(|_| PyOSError::new_err("connection lane is poisoned"))?;
+        if let Some(l) = cached.as_ref().filter(|l| l.id() == id) {
+            return Ok(Arc::clone(l));
+        }
+        let Ok(l) = Lane::attach(fd) else {
+            return Err(self.bad_message_length());
+        };
+        let l = Arc::new(l);
+        *cached = Some(Arc::clone(&l));
+        Ok(l)
+    }
+
+    /// Receives the payload of a lane frame into a new `bytes`, freeing the slot.
+    fn recv_lane_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        src: &mut FdSource<'_>,
+        slot: u32,
+        len: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let lane = self.in_lane(src.take_passed())?;
+        if lane.check(slot, len).is_err() {
+            return Err(self.bad_message_length());
+        }
+        let got = pybuf::new_filled(py, len, true, |dest| lane.read_into(slot, dest));
+        lane.release(slot);
+        Ok(got?.cast_into::<PyBytes>()?)
     }
 
     /// Runs `step` to completion: once attached (non-blocking I/O only) when data is likely
@@ -407,14 +536,16 @@ impl Connection {
         maxlength: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let bfd = borrow(fd_num)?;
-        let mut src = FdSource::new(bfd, self.how());
+        let mut src = self.source(bfd);
         let mut head = RecvHead::new();
+        let lanes = self.lanes;
         let h = self.drive(py, &mut src, Mode::Learn, |s| {
-            head.step(s, maxlength, INLINE_MAX)
+            head.step(s, maxlength, INLINE_MAX, lanes)
         })?;
         match h {
             Head::Inline(v) => Ok(PyBytes::new(py, &v)),
             Head::TooLong | Head::Invalid => Err(self.bad_message_length()),
+            Head::Lane(slot, n) => self.recv_lane_bytes(py, &mut src, slot, n),
             Head::Len(n) => {
                 // Large payloads land in this thread's scratch buffer, whose capacity was
                 // earned by earlier messages (so no page faults or regrowth on repeats) and
@@ -437,9 +568,16 @@ impl Connection {
 
 #[pymethods]
 impl Connection {
+    /// `_lanes`: this end and its peer come from `Pipe()` (see the `_lanes` attribute); the
+    /// rebuilding of a pickled connection passes it on.
     #[new]
-    #[pyo3(signature = (handle, readable=true, writable=true))]
-    fn new(handle: &Bound<'_, PyAny>, readable: bool, writable: bool) -> PyResult<Self> {
+    #[pyo3(signature = (handle, readable=true, writable=true, *, _lanes=false))]
+    fn new(
+        handle: &Bound<'_, PyAny>,
+        readable: bool,
+        writable: bool,
+        _lanes: bool,
+    ) -> PyResult<Self> {
         let handle = index(handle)?;
         if handle < 0 {
             return Err(PyValueError::new_err("invalid handle"));
@@ -462,7 +600,18 @@ impl Connection {
             writable,
             expect_wait: AtomicBool::new(false),
             spin_fails: AtomicU8::new(0),
+            lanes: _lanes && how == NoWait::Socket,
+            lane_off: AtomicBool::new(false),
+            out_lane: Mutex::new(None),
+            in_lane: Mutex::new(None),
         })
+    }
+
+    /// Whether this end may use shared-memory lanes with its peer (a ferroproc extension:
+    /// both ends come from `Pipe()`).
+    #[getter]
+    fn _lanes(&self) -> bool {
+        self.lanes
     }
 
     /// True once `close()` has run.
@@ -594,15 +743,30 @@ impl Connection {
             return Err(PyValueError::new_err("offset too large"));
         }
         let bfd = borrow(fd_num)?;
-        let mut src = FdSource::new(bfd, self.how());
+        let mut src = self.source(bfd);
         let mut head = RecvHead::new();
-        let len = match self.drive(py, &mut src, Mode::Learn, |s| head.step(s, None, 0))? {
+        let lanes = self.lanes;
+        let len = match self.drive(py, &mut src, Mode::Learn, |s| head.step(s, None, 0, lanes))? {
             Head::Inline(v) => {
                 // Only an empty payload is inlined with `inline_max == 0`.
                 dst.as_mut_slice()[offset..offset + v.len()].copy_from_slice(&v);
                 return Ok(v.len());
             }
             Head::TooLong | Head::Invalid => return Err(self.bad_message_length()),
+            Head::Lane(slot, n) => {
+                if cap - offset < n {
+                    let whole = self.recv_lane_bytes(py, &mut src, slot, n)?;
+                    return Err(buffer_too_short(py, whole.as_bytes()));
+                }
+                let lane = self.in_lane(src.take_passed())?;
+                let target = &mut dst.as_mut_slice()[offset..offset + n];
+                let got = py.detach(|| lane.read(slot, target));
+                lane.release(slot);
+                if got.is_err() {
+                    return Err(self.bad_message_length());
+                }
+                return Ok(n);
+            }
             Head::Len(n) => n,
         };
         if cap - offset < len {
@@ -721,8 +885,8 @@ fn pipe(py: Python<'_>, duplex: bool) -> PyResult<(Py<Connection>, Py<Connection
         stream::set_send_buffer(a.as_fd(), PIPE_SEND_BUFFER);
         stream::set_send_buffer(b.as_fd(), PIPE_SEND_BUFFER);
         (
-            Connection::from_owned(a, true, true),
-            Connection::from_owned(b, true, true),
+            Connection::from_owned(a, true, true).with_lanes(),
+            Connection::from_owned(b, true, true).with_lanes(),
         )
     } else {
         let (r, w) = fd::pipe()?;

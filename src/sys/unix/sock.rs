@@ -103,3 +103,70 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Vec<OwnedFd
     }
     Ok(fds)
 }
+
+/// Sends all of `data` with `fd` attached, without blocking: `Ok(false)` (nothing sent) when
+/// the socket has no room for it now, or a signal interrupted the call. Meant for a short
+/// frame, which a stream socket takes whole or not at all.
+///
+/// # Errors
+/// EINVAL for empty `data`; `Protocol` if the kernel took only part of it; the `sendmsg`
+/// errno (EPIPE when the peer has gone: never SIGPIPE).
+pub fn send_nowait_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> Result<bool> {
+    if data.is_empty() {
+        return Err(Errno::EINVAL.into());
+    }
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    match sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    ) {
+        Ok(n) if n == data.len() => Ok(true),
+        Ok(_) => Err(Error::Protocol("a short frame was split".into())),
+        Err(Errno::EAGAIN | Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads into `buf` without blocking, keeping the first descriptor that comes with the bytes
+/// (close-on-exec; any others are closed). `Io::Again` when nothing is there or a signal
+/// interrupted the call.
+///
+/// # Errors
+/// The `recvmsg` errno.
+pub fn recv_nowait_keeping_fd(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(super::stream::Io, Option<OwnedFd>)> {
+    use super::stream::Io;
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = match recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(m) => m,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok((Io::Again, None)),
+        Err(e) => return Err(e.into()),
+    };
+    let n = msg.bytes;
+    let mut kept = None;
+    for c in msg.cmsgs().map_err(Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel installed this descriptor in our table for this message;
+                // nothing else owns it yet.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if kept.is_none() {
+                    kept = Some(owned);
+                }
+            }
+        }
+    }
+    Ok((Io::Done(n), kept))
+}
