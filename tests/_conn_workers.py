@@ -78,3 +78,33 @@ def read_later(conn, delay):
     ok = all(conn.recv_bytes() == m for m in lane_messages())
     conn.send(ok)
     conn.close()
+
+
+def read_from_shared_fd(conn):
+    """Receives a pickled `DupFd`, claims the descriptor, reads it to the end and reports what
+    it read; then tries to claim it a second time and reports the error's type."""
+    handle = conn.recv()
+    fd = handle.detach()
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    os.close(fd)
+    try:
+        os.close(handle.detach())
+        again = None
+    except Exception as e:  # the type is the report
+        again = type(e).__name__
+    conn.send((b"".join(chunks), again))
+    conn.close()
+
+
+def claim_as_other_user(conn, handle):
+    """Drops to uid 65534 and tries to claim `handle`; reports the error's type (or None)."""
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        os.close(handle.detach())
+        conn.send(None)
+    except Exception as e:  # the type is the report
+        conn.send(type(e).__name__)
+    conn.close()

@@ -74,8 +74,7 @@ def test_stdlib_queue_refuses_pickling_outside_a_start():
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_connection_sent_to_a_running_child(method):
-    # Outside process start, descriptors travel through the stdlib's resource sharer, which
-    # authenticates with the stdlib's authkey: ferroproc children must agree on it.
+    # Outside process start, descriptors travel through ferroproc's resource sharer.
     import ferroproc
 
     ctx = ferroproc.get_context(method)

@@ -155,37 +155,16 @@ def DupFd(fd):
     return _SharedFd(fd)
 
 
-def _share_authkey():
-    # The stdlib's resource sharer authenticates both ends with the stdlib's own
-    # `current_process().authkey`. The key that this process's relatives agree on is the one
-    # of the library that started it (inherited); the other library's key is aligned to it.
-    std = context.process._stdlib_module("process")
-    if std is None:
-        import multiprocessing.process as std
-    ours = context.process.current_process()
-    theirs = std.current_process()
-    if context.process.parent_process() is None and std.parent_process() is not None:
-        # Started by the stdlib: its key is the inherited one.
-        if ours.authkey != theirs.authkey:
-            ours.authkey = theirs.authkey
-    elif theirs.authkey != ours.authkey:
-        theirs.authkey = ours.authkey
-
-
 class _SharedFd:
-    """A descriptor served to whichever process unpickles this, outside process start.
-
-    The stdlib's resource sharer (a thread serving fds over a unix socket) does the work.
-    """
+    """A descriptor served to whichever process unpickles this, outside process start (see
+    `ferroproc.resource_sharer`)."""
 
     def __init__(self, fd):
-        _share_authkey()
-        from multiprocessing import resource_sharer
+        from . import resource_sharer
 
         self._inner = resource_sharer.DupFd(fd)
 
     def detach(self):
-        _share_authkey()
         return self._inner.detach()
 
 

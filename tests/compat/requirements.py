@@ -40,7 +40,7 @@ CLASS_NEEDS: dict[str, tuple[str, ...]] = {
     "_TestListener": (*CORE, "connection"),
     "_TestListenerClient": (*CORE, "connection"),
     "_TestPoll": (*CORE, "connection"),
-    "_TestPicklingConnections": (*CORE, "connection", "reduction"),
+    "_TestPicklingConnections": (*CORE, "connection", "reduction", "resource_sharer"),
     "TestInvalidHandle": (*CORE, "connection"),
     "OtherTest": (*CORE, "connection"),
     "TestWait": (*CORE, "connection"),
