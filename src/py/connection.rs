@@ -294,7 +294,7 @@ impl Connection {
 
     fn close_fd(&self) -> PyResult<()> {
         for lane in [&self.out_lane, &self.in_lane] {
-            if let Ok(mut l) = lane.lock() {
+            if let Ok(mut l) = lane.try_lock() {
                 *l = None;
             }
         }
@@ -344,10 +344,18 @@ impl Connection {
 
     /// This end's lane, made on first use. `None` if one cannot be made (no memory, no more
     /// descriptors): the payload goes through the socket.
+    ///
+    /// Only `try_lock` is used (here and for `in_lane`): another thread of this process may be
+    /// making the lane, or may have been when this process was forked, leaving the lock held
+    /// for good; the payload then simply goes through the socket.
     fn out_lane(&self) -> Option<Arc<Lane>> {
-        let mut slot = self.out_lane.lock().ok()?;
+        let mut slot = self.out_lane.try_lock().ok()?;
         if slot.is_none() {
-            *slot = Some(Arc::new(Lane::create().ok()?));
+            let Ok(lane) = Lane::create() else {
+                self.lane_off.store(true, Ordering::Relaxed);
+                return None;
+            };
+            *slot = Some(Arc::new(lane));
         }
         slot.clone()
     }
@@ -356,7 +364,6 @@ impl Connection {
     /// socket instead (no lane, no free slot in time, or no room for the frame right now).
     fn send_via_lane(&self, py: Python<'_>, fd_num: RawFd, payload: &[u8]) -> PyResult<bool> {
         let Some(lane) = self.out_lane() else {
-            self.lane_off.store(true, Ordering::Relaxed);
             return Ok(false);
         };
         let bfd = borrow(fd_num)?;
@@ -407,18 +414,22 @@ impl Connection {
             return Err(self.bad_message_length());
         };
         let id = lane::file_id(fd.as_fd())?;
-        let mut cached = self
-            .in_lane
-            .lock()
-            .map_err(|_| PyOSError::new_err("connection lane is poisoned"))?;
-        if let Some(l) = cached.as_ref().filter(|l| l.id() == id) {
+        // A busy (or, after a fork, orphaned) lock: map this frame's lane without keeping it.
+        let mut cached = self.in_lane.try_lock().ok();
+        if let Some(l) = cached
+            .as_ref()
+            .and_then(|c| c.as_ref())
+            .filter(|l| l.id() == id)
+        {
             return Ok(Arc::clone(l));
         }
         let Ok(l) = Lane::attach(fd) else {
             return Err(self.bad_message_length());
         };
         let l = Arc::new(l);
-        *cached = Some(Arc::clone(&l));
+        if let Some(c) = cached.as_mut() {
+            **c = Some(Arc::clone(&l));
+        }
         Ok(l)
     }
 
