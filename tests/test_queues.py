@@ -433,6 +433,13 @@ def test_put_many_get_many(ctx):
     q.put_many([])
     assert q.get_many(4) == [0, 1, 2, 3]
     assert q.get_many(100) == [4, 5, 6, 7, 8, 9]
+    # Natively encoded and pickled messages interleaved, from a generator: order kept.
+    mixed = [{"a": 1}, 1, "s", [3], (1, 2.5), None, b"b" * 300, {"z"}, -(2**70)]
+    q.put_many(m for m in mixed)
+    got = []
+    while len(got) < len(mixed):
+        got += q.get_many(100, timeout=SHORT_TIMEOUT)
+    assert got == mixed
     with pytest.raises(queue.Empty):
         q.get_many(5, block=False)
     with pytest.raises(TypeError):

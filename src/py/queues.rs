@@ -34,6 +34,13 @@ use crate::sys::{eventfd, fd, futex};
 
 mod pickling;
 
+/// A message of a `put_many` batch: natively encoded into the batch's buffer (this range of
+/// it), or pickled on its own.
+enum Batched<'py> {
+    Native(usize, usize),
+    Other(Pickled<'py>),
+}
+
 use pickling::{fresh_dumps, globals, slices, Msg, Pickled, Pickler, NATIVE_READ_MAX};
 
 pyo3::import_exception!(queue, Empty);
@@ -196,14 +203,31 @@ impl Core {
         block: bool,
         deadline: Deadline,
     ) -> PyResult<(usize, usize)> {
+        // Messages of the native subset are encoded one after another into one buffer (no
+        // allocation per message: with batches of small ints, the producer's mallocs and frees
+        // were a tenth of its time); the others are pickled on their own.
+        let mut arena = Vec::new();
         let mut datas = Vec::new();
         let pickled = objs.try_iter().and_then(|mut it| {
+            datas.reserve(it.size_hint().0);
             it.try_for_each(|obj| {
-                datas.push(self.dumps(py, &obj?)?);
+                let obj = obj?;
+                let start = arena.len();
+                datas.push(if tinypickle::encode(&obj, &mut arena) {
+                    Batched::Native(start, arena.len())
+                } else {
+                    Batched::Other(self.dumps(py, &obj)?)
+                });
                 Ok(())
             })
         });
-        let discard = |datas: &[Pickled<'_>]| datas.iter().for_each(|d| d.discard(&self.ring));
+        let discard = |datas: &[Batched<'_>]| {
+            for d in datas {
+                if let Batched::Other(p) = d {
+                    p.discard(&self.ring);
+                }
+            }
+        };
         if let Err(e) = pickled {
             discard(&datas);
             return Err(e);
@@ -222,7 +246,11 @@ impl Core {
         let mut done = 0;
         let mut res = Ok(());
         for d in &datas {
-            match self.write_locked(py, &d.slices(), block, deadline) {
+            let written = match d {
+                Batched::Native(a, b) => self.write_locked(py, &[&arena[*a..*b]], block, deadline),
+                Batched::Other(p) => self.write_locked(py, &p.slices(), block, deadline),
+            };
+            match written {
                 Ok(true) => done += 1,
                 Ok(false) => break,
                 Err(e) => {
