@@ -152,20 +152,9 @@ def DupFd(fd):
             popen_obj = std_context.get_spawning_popen()
     if popen_obj is not None:
         return popen_obj.DupFd(popen_obj.duplicate_for_child(fd))
-    return _SharedFd(fd)
+    from . import resource_sharer
 
-
-class _SharedFd:
-    """A descriptor served to whichever process unpickles this, outside process start (see
-    `ferroproc.resource_sharer`)."""
-
-    def __init__(self, fd):
-        from . import resource_sharer
-
-        self._inner = resource_sharer.DupFd(fd)
-
-    def detach(self):
-        return self._inner.detach()
+    return resource_sharer.DupFd(fd)
 
 
 def _reduce_method(m):

@@ -503,30 +503,18 @@ mod tests {
         }
 
         /// Arbitrary bytes never panic, and the buffer never outgrows twice the bytes that
-        /// exist (or the first chunk).
+        /// exist (or the first chunk); also where lane frames are expected (a lane header is
+        /// read whole or reported cut, never more).
         #[test]
         fn garbage_is_an_error_not_a_crash(
             data in prop::collection::vec(any::<u8>(), 0..2000),
             chunks in prop::collection::vec(1usize..64, 0..6),
+            lanes in any::<bool>(),
         ) {
             let n = data.len();
             let mut src = Chunked::new(data, chunks);
             let mut cap = 0;
-            while let Ok(Some(_)) = decode_one(&mut src, &mut cap) {}
-            prop_assert!(cap <= FIRST_CHUNK.max(2 * n), "capacity {} for {} bytes", cap, n);
-        }
-
-        /// The same where lane frames are expected: a lane header is read whole or reported
-        /// cut, never more.
-        #[test]
-        fn garbage_with_lanes_is_an_error_not_a_crash(
-            data in prop::collection::vec(any::<u8>(), 0..2000),
-            chunks in prop::collection::vec(1usize..64, 0..6),
-        ) {
-            let n = data.len();
-            let mut src = Chunked::new(data, chunks);
-            let mut cap = 0;
-            while let Ok(Some(_)) = decode_one_with(&mut src, &mut cap, true) {}
+            while let Ok(Some(_)) = decode_one_with(&mut src, &mut cap, lanes) {}
             prop_assert!(cap <= FIRST_CHUNK.max(2 * n), "capacity {} for {} bytes", cap, n);
         }
 

@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyTuple};
 
 use crate::error;
-use crate::sys::shm::PrivateRegion;
+use crate::sys::shm::Mapping;
 use crate::sys::{memfile, shm};
 
 /// A C-contiguous buffer export, viewed as bytes. Holding it keeps the export (and so the
@@ -210,10 +210,10 @@ const POOL_REGIONS: usize = 4;
 const POOL_BYTES: usize = 256 << 20;
 
 /// Regions of dropped [`RecvBuffer`]s, oldest first, their pages lazily freed.
-static POOL: Mutex<Vec<PrivateRegion>> = Mutex::new(Vec::new());
+static POOL: Mutex<Vec<Mapping>> = Mutex::new(Vec::new());
 
 /// A kept region of `len` to `2 * len` bytes, if there is one (and the pool is not busy).
-fn pooled(len: usize) -> Option<PrivateRegion> {
+fn pooled(len: usize) -> Option<Mapping> {
     let mut pool = POOL.try_lock().ok()?;
     let i = pool
         .iter()
@@ -223,15 +223,13 @@ fn pooled(len: usize) -> Option<PrivateRegion> {
 
 /// Keeps `region` for a later buffer (dropping the oldest beyond the pool's bounds), its pages
 /// left to the kernel to take back if memory runs short; unmaps it if the pool is busy.
-fn repool(region: PrivateRegion) {
+fn repool(region: Mapping) {
     let Ok(mut pool) = POOL.try_lock() else {
         return;
     };
     region.lazy_free();
     pool.push(region);
-    while pool.len() > POOL_REGIONS
-        || pool.iter().map(PrivateRegion::len).sum::<usize>() > POOL_BYTES
-    {
+    while pool.len() > POOL_REGIONS || pool.iter().map(Mapping::len).sum::<usize>() > POOL_BYTES {
         pool.remove(0);
     }
 }
@@ -249,7 +247,7 @@ fn repool(region: PrivateRegion) {
 #[pyclass(module = "ferroproc._ferroproc", name = "RecvBuffer", frozen)]
 #[derive(Debug)]
 pub struct RecvBuffer {
-    region: Option<PrivateRegion>,
+    region: Option<Mapping>,
     len: usize,
 }
 
@@ -265,7 +263,7 @@ impl RecvBuffer {
     {
         let region = match pooled(len) {
             Some(r) => r,
-            None => PrivateRegion::new(len)
+            None => Mapping::anonymous(len)
                 .map_err(|_| pyo3::exceptions::PyMemoryError::new_err("cannot map a buffer"))?,
         };
         let Some(ptr) = NonNull::new(region.as_ptr()) else {

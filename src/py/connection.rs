@@ -237,26 +237,26 @@ fn index(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
 }
 
 impl Connection {
-    fn from_owned(fd: OwnedFd, readable: bool, writable: bool) -> Self {
-        let how = stream::nowait_kind(fd.as_fd());
+    /// An end on descriptor `fd_num` (owned from now on), read and written the way `how`
+    /// says. `lanes`: its peer is a `Pipe()` end too (lanes need a socket).
+    fn with_fd(fd_num: RawFd, how: NoWait, readable: bool, writable: bool, lanes: bool) -> Self {
         Self {
-            fd: AtomicI32::new(fd.into_raw_fd()),
+            fd: AtomicI32::new(fd_num),
             how: AtomicU8::new(how as u8),
             readable: AtomicBool::new(readable),
             writable,
             expect_wait: AtomicBool::new(false),
             spin_fails: AtomicU8::new(0),
-            lanes: false,
+            lanes: lanes && how == NoWait::Socket,
             lane_off: AtomicBool::new(false),
             out_lane: Mutex::new(None),
             in_lane: Mutex::new(None),
         }
     }
 
-    /// The same end, allowed to use lanes (both ends come from `Pipe()`).
-    fn with_lanes(mut self) -> Self {
-        self.lanes = self.how() == NoWait::Socket;
-        self
+    fn from_owned(fd: OwnedFd, readable: bool, writable: bool, lanes: bool) -> Self {
+        let how = stream::nowait_kind(fd.as_fd());
+        Self::with_fd(fd.into_raw_fd(), how, readable, writable, lanes)
     }
 
     fn raw(&self) -> Result<RawFd, Error> {
@@ -604,18 +604,7 @@ impl Connection {
             Ok(b) => stream::nowait_kind(b),
             Err(_) => NoWait::Unsupported,
         };
-        Ok(Self {
-            fd: AtomicI32::new(fd_num),
-            how: AtomicU8::new(how as u8),
-            readable: AtomicBool::new(readable),
-            writable,
-            expect_wait: AtomicBool::new(false),
-            spin_fails: AtomicU8::new(0),
-            lanes: _lanes && how == NoWait::Socket,
-            lane_off: AtomicBool::new(false),
-            out_lane: Mutex::new(None),
-            in_lane: Mutex::new(None),
-        })
+        Ok(Self::with_fd(fd_num, how, readable, writable, _lanes))
     }
 
     /// Whether this end may use shared-memory lanes with its peer (a ferroproc extension:
@@ -896,14 +885,14 @@ fn pipe(py: Python<'_>, duplex: bool) -> PyResult<(Py<Connection>, Py<Connection
         stream::set_send_buffer(a.as_fd(), PIPE_SEND_BUFFER);
         stream::set_send_buffer(b.as_fd(), PIPE_SEND_BUFFER);
         (
-            Connection::from_owned(a, true, true).with_lanes(),
-            Connection::from_owned(b, true, true).with_lanes(),
+            Connection::from_owned(a, true, true, true),
+            Connection::from_owned(b, true, true, true),
         )
     } else {
         let (r, w) = fd::pipe()?;
         (
-            Connection::from_owned(r, true, false),
-            Connection::from_owned(w, false, true),
+            Connection::from_owned(r, true, false, false),
+            Connection::from_owned(w, false, true, false),
         )
     };
     Ok((Py::new(py, a)?, Py::new(py, b)?))

@@ -217,10 +217,10 @@ fn forkserver_without_a_spare_refuses_with_the_fork_errno() {
 }
 
 #[test]
-fn a_private_region_keeps_what_is_written_after_lazy_free() {
-    use _ferroproc::sys::shm::PrivateRegion;
+fn an_anonymous_mapping_keeps_what_is_written_after_lazy_free() {
+    use _ferroproc::sys::shm::Mapping;
     let len = 4 << 20;
-    let region = PrivateRegion::new(len).unwrap();
+    let region = Mapping::anonymous(len).unwrap();
     assert_eq!(region.len(), len);
     assert_eq!(region.as_ptr() as usize % 4096, 0);
     let fill = |byte: u8| {
@@ -239,5 +239,5 @@ fn a_private_region_keeps_what_is_written_after_lazy_free() {
     region.lazy_free();
     fill(0xa5);
     assert!(all(0xa5));
-    assert!(PrivateRegion::new(0).is_err());
+    assert!(Mapping::anonymous(0).is_err());
 }

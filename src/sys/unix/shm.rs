@@ -59,7 +59,8 @@ pub fn advise_huge_pages(ptr: *mut u8, len: usize) {
     };
 }
 
-/// A `MAP_SHARED`, read-write mapping of the first `len` bytes of a file. Unmapped on drop.
+/// A read-write mapping owned by this value: `MAP_SHARED` of a file ([`Mapping::new`],
+/// [`Mapping::range`]), or private anonymous memory ([`Mapping::anonymous`]). Unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<c_void>,
@@ -69,27 +70,35 @@ pub struct Mapping {
 // SAFETY: a Mapping is an address range owned by this value alone; it has no thread affinity,
 // and moving it to another thread moves the duty to unmap with it.
 unsafe impl Send for Mapping {}
-// SAFETY: `&Mapping` only hands out the base address; what is stored in the range is
-// accessed through atomics by the layers above (shm::segment enforces that).
+// SAFETY: `&Mapping` only hands out the base address and length; what is stored in the range
+// is accessed through atomics by the layers above (shm::segment enforces that) or, for private
+// memory, by whoever the owner grants exclusive access (see `channel::pybuf::RecvBuffer`).
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` shared and read-write.
+    /// Maps the first `len` bytes of `fd` shared and read-write.
     ///
     /// # Errors
     /// EINVAL for `len == 0`; the `mmap` errno (ENOMEM, EACCES).
     pub fn new(fd: impl AsFd, len: usize) -> Result<Self> {
+        Self::range(fd, 0, len, false)
+    }
+
+    /// Maps `len` bytes of fresh private memory of this process (ordinary memory: copied on
+    /// write in a fork child; pages are allocated when first touched).
+    ///
+    /// # Errors
+    /// EINVAL for `len == 0`; the `mmap` errno (ENOMEM).
+    pub fn anonymous(len: usize) -> Result<Self> {
         let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
-        // SAFETY: we ask the kernel for a fresh range (no fixed address), so no existing Rust
-        // object is aliased or overwritten; the result is owned by the returned Mapping.
+        // SAFETY: a fresh anonymous range at an address of the kernel's choosing: nothing else
+        // is aliased or overwritten; the result is owned by the returned Mapping.
         let ptr = unsafe {
-            mmap(
+            nix::sys::mman::mmap_anonymous(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                fd,
-                0,
+                MapFlags::MAP_PRIVATE,
             )
         }?;
         Ok(Self { ptr, len })
@@ -111,8 +120,8 @@ impl Mapping {
         if populate {
             flags |= MapFlags::MAP_POPULATE;
         }
-        // SAFETY: as in `new`: a fresh range at an address of the kernel's choosing, owned by
-        // the returned Mapping.
+        // SAFETY: we ask the kernel for a fresh range (no fixed address), so no existing Rust
+        // object is aliased or overwritten; the result is owned by the returned Mapping.
         let ptr = unsafe {
             mmap(
                 None,
@@ -143,76 +152,15 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         false
     }
-}
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe exactly the range mmap returned in `new`, mapped once and
-        // unmapped only here; borrows handed out by `shm::Segment` cannot outlive `self`.
-        let r = unsafe { munmap(self.ptr, self.len.get()) };
-        debug_assert!(r.is_ok(), "munmap of our own mapping cannot fail");
-    }
-}
-
-/// A private, anonymous, read-write mapping of this process (ordinary memory: copied on write
-/// in a fork child). Unmapped on drop.
-#[derive(Debug)]
-pub struct PrivateRegion {
-    ptr: NonNull<c_void>,
-    len: NonZeroUsize,
-}
-
-// SAFETY: as for Mapping: an address range owned by this value alone, with no thread affinity.
-unsafe impl Send for PrivateRegion {}
-// SAFETY: `&PrivateRegion` only hands out the base address and length; whoever writes through
-// that address arranges exclusive access (see `channel::pybuf::RecvBuffer`).
-unsafe impl Sync for PrivateRegion {}
-
-impl PrivateRegion {
-    /// Maps `len` bytes of fresh memory (pages are allocated when first touched).
-    ///
-    /// # Errors
-    /// EINVAL for `len == 0`; the `mmap` errno (ENOMEM).
-    pub fn new(len: usize) -> Result<Self> {
-        let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
-        // SAFETY: a fresh anonymous range at an address of the kernel's choosing: nothing else
-        // is aliased or overwritten; the result is owned by the returned value.
-        let ptr = unsafe {
-            nix::sys::mman::mmap_anonymous(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }?;
-        Ok(Self { ptr, len })
-    }
-
-    /// The base address (page aligned).
-    #[must_use]
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr().cast()
-    }
-
-    /// The mapped length in bytes.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len.get()
-    }
-
-    /// Always false: regions are never empty.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Lets the kernel take the pages back when it needs memory (`MADV_FREE`): until it does,
-    /// the next write to a page costs no fault; after, the page reads as zeros. For a region
-    /// whose contents are no longer needed. Best effort.
+    /// For a mapping made by [`Mapping::anonymous`] whose contents are no longer needed: lets
+    /// the kernel take the pages back when it needs memory (`MADV_FREE`). Until it does, the
+    /// next write to a page costs no fault; after, the page reads as zeros. Best effort (a
+    /// file mapping is refused, and left as it is).
     pub fn lazy_free(&self) {
-        // SAFETY: the range is exactly this region, private and anonymous (what MADV_FREE
-        // accepts). Its bytes may become zeros at any time after this call: callers keep no
-        // view of them, and any later user writes the bytes it reads (see RecvBuffer).
+        // SAFETY: the range is exactly this mapping. Its bytes may become zeros at any time
+        // after this call: callers keep no view of them, and any later user writes the bytes it
+        // reads (see RecvBuffer).
         let _ = unsafe {
             nix::sys::mman::madvise(
                 self.ptr,
@@ -223,10 +171,11 @@ impl PrivateRegion {
     }
 }
 
-impl Drop for PrivateRegion {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe exactly the range mmap returned in `new`, unmapped only
-        // here; views handed out by RecvBuffer end before it drops the region.
+        // SAFETY: `ptr`/`len` describe exactly the range mmap returned when this value was made,
+        // mapped once and unmapped only here; borrows handed out by `shm::Segment` (and views
+        // of a RecvBuffer) cannot outlive `self`.
         let r = unsafe { munmap(self.ptr, self.len.get()) };
         debug_assert!(r.is_ok(), "munmap of our own mapping cannot fail");
     }
