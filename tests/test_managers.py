@@ -673,6 +673,23 @@ def test_dead_server_gives_a_clear_error(impl):
     del d
 
 
+def test_server_killed_before_its_first_client(ctx):
+    # `Manager()` may return before its server is up (ferroproc binds a fork child's socket
+    # in the owner): killed then, the next call must be refused at once, not left waiting in
+    # a listen backlog that a copy of the socket in the owner would keep alive.
+    m = ctx.Manager()
+    try:
+        os.kill(m._process.pid, signal.SIGKILL)
+        m._process.join(SHORT_TIMEOUT)
+        assert m._process.exitcode == -signal.SIGKILL
+        start = time.monotonic()
+        with pytest.raises(OSError):
+            m.dict()
+        assert time.monotonic() - start < SHORT_TIMEOUT / 2
+    finally:
+        m.shutdown()
+
+
 def test_client_killed_mid_call(ctx):
     with ctx.Manager() as m:
         q, started, d = m.Queue(), m.Event(), m.dict()

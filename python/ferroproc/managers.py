@@ -161,6 +161,11 @@ def public_methods(obj):
 # ---------------------------------------------------------------------------------------------
 
 
+#: Listening sockets a fork child inherited from `BaseManager.start()`, by address: its
+#: `Server` takes the one for its address instead of binding it again.
+_prebound: dict = {}
+
+
 def _abstract_address():
     """A fresh Linux abstract-namespace Unix socket name for a server with no given address.
 
@@ -195,7 +200,9 @@ class Server:
         if address is None and util.abstract_sockets_supported:
             address = _abstract_address()
         # Clients authenticate on their own thread, so a slow one cannot stall accept().
-        self.listener = listener_type(address=address, backlog=16)
+        self.listener = _prebound.pop(address, None) if address is not None else None
+        if self.listener is None:
+            self.listener = listener_type(address=address, backlog=16)
         self.address = self.listener.address
         # id -> (object, exposed method names, method_to_typeid or None)
         self.id_to_obj = {"0": (None, ())}
@@ -698,11 +705,13 @@ class BaseManager:
             raise TypeError("initializer must be a callable")
         # The server reports its address on this pipe, then keeps its end to learn when to stop.
         ours, theirs = connection.Pipe(duplex=True)
+        listener = self._prebind(initializer)
+        address = self._address if listener is None else listener.address
         self._process = self._ctx.Process(
             target=type(self)._run_server,
             args=(
                 self._registry,
-                self._address,
+                address,
                 self._authkey,
                 self._serializer,
                 theirs,
@@ -710,6 +719,7 @@ class BaseManager:
                 initargs,
                 ours,
             ),
+            kwargs={} if listener is None else {"listener": listener},
         )
         ident = ":".join(str(i) for i in self._process._identity)
         self._process.name = f"{type(self).__name__}-{ident}"
@@ -717,15 +727,22 @@ class BaseManager:
             self._process.start()
         finally:
             theirs.close()
-        try:
-            self._address = ours.recv()
-        except BaseException:
-            ours.close()
-            self._process.join(self._shutdown_timeout)
-            if self._process.is_alive():
-                self._process.kill()
+            if listener is not None:
+                # The child has its own copy; ours must not keep the address alive (clients
+                # of a server that died get refused instead of waiting in the backlog).
+                listener.close()
+        if listener is not None:
+            self._address = address
+        else:
+            try:
+                self._address = ours.recv()
+            except BaseException:
+                ours.close()
                 self._process.join(self._shutdown_timeout)
-            raise
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join(self._shutdown_timeout)
+                raise
         self._state.value = State.STARTED
         self.shutdown = util.Finalize(
             self,
@@ -742,6 +759,23 @@ class BaseManager:
             exitpriority=0,
         )
 
+    def _prebind(self, initializer):
+        """The server's listening socket, bound here, when the server is a fork child that
+        would only report a fresh address: `start()` then returns without waiting for the
+        child to come up (clients queue in the backlog until it accepts). Not with an
+        initializer (whose failure `start()` reports), a given address (a filesystem socket's
+        removal belongs to the server), another start method, or a server class whose
+        `__init__` is not ours (it might bind the address itself)."""
+        if (
+            self._address is not None
+            or initializer is not None
+            or not util.abstract_sockets_supported
+            or getattr(self._ctx, "_name", None) != "fork"
+            or self._Server.__init__ not in _PREBINDING_SERVERS
+        ):
+            return None
+        return self._Listener(address=_abstract_address(), backlog=16)
+
     @classmethod
     def _run_server(  # noqa: PLR0917 - the stdlib's positional signature
         cls,
@@ -753,8 +787,11 @@ class BaseManager:
         initializer=None,
         initargs=(),
         owner_end=None,
+        *,
+        listener=None,
     ):
-        """The server process's body: make the server, report its address, serve."""
+        """The server process's body: make the server, report its address, serve. With
+        `listener` (bound by `start()`), the owner knows the address already."""
         # Ctrl-C in a terminal reaches the whole process group; the owner decides when we stop.
         # `_signal`, not `signal.signal`: that wrapper turns the previous handler into an enum
         # member, running enough of `enum` in a fresh fork child (copy-on-write faults) to
@@ -764,8 +801,11 @@ class BaseManager:
             owner_end.close()  # the owner's copy (a fork child inherits it)
         if initializer is not None:
             initializer(*initargs)
+        if listener is not None:
+            _prebound[address] = listener
         server = cls._Server(registry, address, authkey, serializer)
-        writer.send(server.address)
+        if listener is None:
+            writer.send(server.address)
         if getattr(writer, "readable", False):
             # `serve_forever` watches the owner on this thread; a `shutdown` request (which
             # sets the stop event) wakes that wait too.
@@ -1569,6 +1609,10 @@ class SharedMemoryServer(Server):
     def list_segments(self, c):
         """The names of the tracked segments."""
         return list(self.shared_memory_context.segment_names)
+
+
+#: Server classes whose `__init__` takes a listener `BaseManager.start()` bound for it.
+_PREBINDING_SERVERS = (Server.__init__, SharedMemoryServer.__init__)
 
 
 class SharedMemoryManager(BaseManager):
