@@ -330,6 +330,74 @@ if __name__ == "__main__":
 """
 
 
+SIGTERM_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import _pool_workers as pw
+import {impl} as mp
+if __name__ == "__main__":
+    ctx = mp.get_context({method!r})
+    init = (pw.exit_on_sigterm, (7,)) if {variant!r} == "initializer" else (None, ())
+    if {variant!r} == "inherited":
+        pw.exit_on_sigterm(9)
+    p = ctx.Pool(1, *init)
+    assert p.apply(pw.square, (3,)) == 9
+    print(p.apply(pw.sigterm_caught))
+    worker = p._pool[0]
+    p.terminate()
+    p.join()
+    print(worker.exitcode)
+    mp.active_children()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{{worker.pid}}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+        mp.active_children()
+    print("gone" if not os.path.exists(f"/proc/{{worker.pid}}") else "left")
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "variant", "code"),
+    [
+        ("fork", "default", -signal.SIGTERM),
+        ("forkserver", "default", -signal.SIGTERM),
+        ("spawn", "default", -signal.SIGTERM),
+        ("fork", "initializer", 7),
+        ("forkserver", "initializer", 7),
+        ("spawn", "initializer", 7),
+        ("fork", "inherited", 9),
+    ],
+)
+def test_terminate_ends_workers_by_sigterm(impl, tmp_path, method, variant, code):
+    # ferroproc's fork and forkserver workers catch SIGTERM to report their death before the
+    # kernel tears them down (`terminate()` then need not wait for that), then die by it: the
+    # exit code is the stdlib's, a handler the initializer installs or a fork worker inherits
+    # stays in charge, and nothing is left behind. Run in a throwaway interpreter (handlers).
+    path = tmp_path / "sigterm.py"
+    script = SIGTERM_SCRIPT.format(
+        tests=TESTS_DIR, impl=impl.__name__, method=method, variant=variant
+    )
+    path.write_text(textwrap.dedent(script))
+    r = subprocess.run(
+        [sys.executable, str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+    )
+    assert r.returncode == 0, r.stderr
+    caught, exitcode, gone = r.stdout.split()
+    assert gone == "gone"
+    if not _is_ferroproc(impl):
+        # The stdlib's terminate() races its task handler, which sends idle workers their
+        # exit sentinel: its workers end with 0 or by the signal, at random.
+        assert int(exitcode) in {0, -signal.SIGTERM, code}
+        return
+    reports = method != "spawn" and variant == "default"
+    assert caught == str(reports or variant != "default")
+    assert int(exitcode) == code
+
+
 def test_killed_worker_script(impl, tmp_path):
     path = tmp_path / "kill.py"
     path.write_text(textwrap.dedent(KILL_SCRIPT.format(tests=TESTS_DIR, impl=impl.__name__)))
