@@ -6,11 +6,11 @@ process object from a pipe, re-imports the parent's main module as `__mp_main__`
 process.
 """
 
-import _pickle
 import os
 import sys
 
 from . import process, util
+from ._ferroproc import load_plain_pickle
 from .context import _default_context
 
 __all__ = [
@@ -95,14 +95,31 @@ def spawn_main(pipe_handle, parent_pid=None, tracker_fd=None):
 
 def _main(fd, parent_sentinel):
     with os.fdopen(fd, "rb", closefd=True) as from_parent:
-        process.current_process()._inheriting = True
-        try:
-            preparation_data = _pickle.load(from_parent)
-            prepare(preparation_data)
-            self = _pickle.load(from_parent)
-        finally:
-            del process.current_process()._inheriting
+        data = from_parent.read()
+    process.current_process()._inheriting = True
+    try:
+        preparation_data, pos = _load(data, 0)
+        prepare(preparation_data)
+        self, _ = _load(data, pos)
+    finally:
+        del process.current_process()._inheriting
     return self._bootstrap(parent_sentinel)
+
+
+def _load(data, pos):
+    """The object pickled at `pos` in `data` and the position after it. A plain pickle (the
+    usual preparation data and process object) is loaded natively: importing `_pickle` would
+    import `functools` and `collections` too, a sizeable part of a child's start when the
+    program does not use them. Anything else goes to `_pickle`."""
+    loaded = load_plain_pickle(data, pos)
+    if loaded is not None:
+        return loaded
+    import _pickle
+    import io
+
+    stream = io.BytesIO(data)
+    stream.seek(pos)
+    return _pickle.load(stream), stream.tell()
 
 
 def _check_not_importing_main():

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod connection;
 pub mod framing;
 pub mod lane;
+pub mod pickle_ops;
 pub mod pybuf;
 pub mod ring;
 pub mod tinypickle;

@@ -12,32 +12,32 @@
 //! which gives the real answer or the real error. The decoder never panics and never
 //! allocates more than the message's own length suggests.
 
-const PROTO: u8 = 0x80;
-const FRAME: u8 = 0x95;
-const STOP: u8 = b'.';
-const NONE: u8 = b'N';
-const NEWTRUE: u8 = 0x88;
-const NEWFALSE: u8 = 0x89;
-const BININT1: u8 = b'K';
-const BININT2: u8 = b'M';
-const BININT: u8 = b'J';
-const LONG1: u8 = 0x8a;
-const BINFLOAT: u8 = b'G';
-const SHORT_BINUNICODE: u8 = 0x8c;
-const BINUNICODE: u8 = b'X';
-const BINUNICODE8: u8 = 0x8d;
-const SHORT_BINBYTES: u8 = b'C';
-const BINBYTES: u8 = b'B';
-const BINBYTES8: u8 = 0x8e;
-const EMPTY_TUPLE: u8 = b')';
-const TUPLE1: u8 = 0x85;
-const TUPLE2: u8 = 0x86;
-const TUPLE3: u8 = 0x87;
-const MARK: u8 = b'(';
-const TUPLE: u8 = b't';
-const MEMOIZE: u8 = 0x94;
-const BINPUT: u8 = b'q';
-const LONG_BINPUT: u8 = b'r';
+pub(crate) const PROTO: u8 = 0x80;
+pub(crate) const FRAME: u8 = 0x95;
+pub(crate) const STOP: u8 = b'.';
+pub(crate) const NONE: u8 = b'N';
+pub(crate) const NEWTRUE: u8 = 0x88;
+pub(crate) const NEWFALSE: u8 = 0x89;
+pub(crate) const BININT1: u8 = b'K';
+pub(crate) const BININT2: u8 = b'M';
+pub(crate) const BININT: u8 = b'J';
+pub(crate) const LONG1: u8 = 0x8a;
+pub(crate) const BINFLOAT: u8 = b'G';
+pub(crate) const SHORT_BINUNICODE: u8 = 0x8c;
+pub(crate) const BINUNICODE: u8 = b'X';
+pub(crate) const BINUNICODE8: u8 = 0x8d;
+pub(crate) const SHORT_BINBYTES: u8 = b'C';
+pub(crate) const BINBYTES: u8 = b'B';
+pub(crate) const BINBYTES8: u8 = 0x8e;
+pub(crate) const EMPTY_TUPLE: u8 = b')';
+pub(crate) const TUPLE1: u8 = 0x85;
+pub(crate) const TUPLE2: u8 = 0x86;
+pub(crate) const TUPLE3: u8 = 0x87;
+pub(crate) const MARK: u8 = b'(';
+pub(crate) const TUPLE: u8 = b't';
+pub(crate) const MEMOIZE: u8 = 0x94;
+pub(crate) const BINPUT: u8 = b'q';
+pub(crate) const LONG_BINPUT: u8 = b'r';
 
 /// Deepest tuple nesting either side accepts.
 pub const MAX_DEPTH: usize = 16;
@@ -188,34 +188,50 @@ fn encode_sized(data: &[u8], short: u8, mid: u8, long: u8, out: &mut Vec<u8>) {
 }
 
 /// A cursor over the message.
-struct Input<'a> {
-    buf: &'a [u8],
-    pos: usize,
+pub(crate) struct Input<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Input<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let end = self.pos.checked_add(n)?;
         let s = self.buf.get(self.pos..end)?;
         self.pos = end;
         Some(s)
     }
 
-    fn byte(&mut self) -> Option<u8> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|s| s[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N).and_then(|s| s.try_into().ok())
     }
 
-    fn len_u32(&mut self) -> Option<usize> {
+    pub(crate) fn len_u32(&mut self) -> Option<usize> {
         usize::try_from(u32::from_le_bytes(self.array()?)).ok()
     }
 
-    fn len_u64(&mut self) -> Option<usize> {
+    pub(crate) fn len_u64(&mut self) -> Option<usize> {
         usize::try_from(u64::from_le_bytes(self.array()?)).ok()
     }
+}
+
+/// The operand of a `LONG1` as an `i64`; `None` past 64 bits or the end of the input.
+pub(crate) fn long1(inp: &mut Input<'_>) -> Option<i64> {
+    let n = usize::from(inp.byte()?);
+    if n > 8 {
+        return None;
+    }
+    let bytes = inp.take(n)?;
+    let mut word = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
+        [0xff; 8]
+    } else {
+        [0; 8]
+    };
+    word[..n].copy_from_slice(bytes);
+    Some(i64::from_le_bytes(word))
 }
 
 /// Decodes a whole message in the subset; `None` when it is anything else (see the module
@@ -265,20 +281,7 @@ pub fn decode(buf: &[u8]) -> Option<Atom<'_>> {
             BININT1 => Atom::Int(i64::from(inp.byte()?)),
             BININT2 => Atom::Int(i64::from(u16::from_le_bytes(inp.array()?))),
             BININT => Atom::Int(i64::from(i32::from_le_bytes(inp.array()?))),
-            LONG1 => {
-                let n = usize::from(inp.byte()?);
-                if n > 8 {
-                    return None;
-                }
-                let bytes = inp.take(n)?;
-                let mut word = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
-                    [0xff; 8]
-                } else {
-                    [0; 8]
-                };
-                word[..n].copy_from_slice(bytes);
-                Atom::Int(i64::from_le_bytes(word))
-            }
+            LONG1 => Atom::Int(long1(&mut inp)?),
             BINFLOAT => Atom::Float(f64::from_be_bytes(inp.array()?)),
             SHORT_BINUNICODE => {
                 let n = usize::from(inp.byte()?);
@@ -422,6 +425,9 @@ mod tests {
             encode(&atom, &mut out);
             let back = decode(&out).expect("decodes its own output");
             prop_assert!(same(&atom, &back), "{atom:?} -> {back:?}");
+            // The spawn payload loader takes every pickle of this subset too.
+            let scanned = crate::channel::pickle_ops::scan(&out, 0);
+            prop_assert_eq!(scanned.map(|(_, end)| end), Some(out.len()));
         }
 
         #[test]

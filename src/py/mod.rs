@@ -8,6 +8,7 @@ pub(crate) mod errors;
 pub(crate) mod logging;
 mod managers;
 mod oob;
+mod plainpickle;
 mod pool;
 mod process;
 mod queues;
@@ -19,6 +20,7 @@ use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
+    plainpickle::register(m)?;
     connection::register(m)?;
     managers::register(m)?;
     pool::register(m)?;

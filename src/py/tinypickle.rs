@@ -114,7 +114,7 @@ pub(crate) fn decode<'py>(py: Python<'py>, data: &[u8]) -> Option<PyResult<Bound
     tp::decode(data).map(|atom| to_object(py, &atom))
 }
 
-fn to_object<'py>(py: Python<'py>, atom: &Atom<'_>) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn to_object<'py>(py: Python<'py>, atom: &Atom<'_>) -> PyResult<Bound<'py, PyAny>> {
     Ok(match atom {
         Atom::None => py.None().into_bound(py),
         Atom::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
