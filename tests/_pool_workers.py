@@ -88,20 +88,3 @@ class Level(enum.IntEnum):
     """An int subclass, to come back from a pool as itself."""
 
     LOW = 1
-
-
-def exit_on_sigterm(code):
-    """An initializer (or, in a parent, a handler its fork workers inherit): SIGTERM makes the
-    process exit with `code`."""
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
-
-
-def sigterm_caught(_=None):
-    """Whether this process has a handler for SIGTERM, as the kernel sees it."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
-    return False

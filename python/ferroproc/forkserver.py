@@ -218,7 +218,7 @@ def _serve_child(payload, fds):
     import _pickle
     import io
 
-    status_w, parent_sentinel, *inherited = fds
+    _status_w, parent_sentinel, *inherited = fds
     _forkserver._inherited_fds = inherited
     stream = io.BytesIO(payload)
     process.current_process()._inheriting = True
@@ -227,5 +227,4 @@ def _serve_child(payload, fds):
         self = _pickle.load(stream)
     finally:
         del process.current_process()._inheriting
-    process._report_sigterm(self, status_w)
     return self._bootstrap(parent_sentinel=parent_sentinel)

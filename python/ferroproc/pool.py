@@ -351,9 +351,6 @@ class _Core:
         proc = self.new_process(self.ctx, target=target, args=args)
         proc.name = proc.name.replace("Process", "PoolWorker")
         proc.daemon = True
-        if not self.threads:
-            # `terminate()` joins the workers it signals: see `process._report_sigterm`.
-            proc._report_sigterm = True
         proc.start()
         slot.proc = proc
         if not self.threads:

@@ -111,7 +111,6 @@ class Popen:
         if self.pid == 0:
             try:
                 os.close(report_r)
-                process._report_sigterm(process_obj, report_w)
                 code = process_obj._bootstrap(parent_sentinel=parent_sentinel)
             finally:
                 try:

@@ -33,22 +33,6 @@ def parent_process():
 # are reaped at the next process start, `active_children()` or exit.
 _unreaped: set = set()
 
-def _report_sigterm(process_obj, fd):
-    """In a new fork or forkserver child whose parent reads its exit report on `fd`: if the
-    process object asks for it (`_report_sigterm`, set on pool workers) and SIGTERM has its
-    default action, a SIGTERM writes ``-SIGTERM`` on `fd` before ending the process. A pool's
-    `terminate()` signals its workers and then joins them; with the report, that join does not
-    wait for the kernel to tear each worker down (for a fork of a large parent, a millisecond
-    or more). The worker still dies by the signal; a handler set later (`signal.signal`, say
-    in the pool's initializer) replaces this one."""
-    if getattr(process_obj, "_report_sigterm", False):
-        from ._ferroproc import report_on_sigterm
-
-        try:
-            report_on_sigterm(fd)
-        except OSError:
-            pass
-
 
 def _reap_unreaped():
     from ._ferroproc import waitpid

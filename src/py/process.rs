@@ -82,16 +82,6 @@ fn write_exit_report(fd_num: i32, code: i32) {
     }
 }
 
-/// In a child with a status pipe `fd_num`: a `SIGTERM` (with its default action) writes
-/// `-SIGTERM` there before ending the process, so `join()` after `terminate()` returns without
-/// waiting for the kernel to tear the process down. False (nothing changed) when `SIGTERM`
-/// already has a handler.
-#[pyfunction]
-fn report_on_sigterm(fd_num: i32) -> PyResult<bool> {
-    fd::borrow_raw(fd_num)?;
-    Ok(crate::sys::term::report_on_term(fd_num)?)
-}
-
 /// `waitpid(pid)` decoded to the stdlib's exitcode convention; `None` while still running
 /// (only when `block` is false). Raises `ChildProcessError` if `pid` is not our child.
 #[pyfunction]
@@ -224,7 +214,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;
     m.add_function(wrap_pyfunction!(read_exit_report, m)?)?;
     m.add_function(wrap_pyfunction!(write_exit_report, m)?)?;
-    m.add_function(wrap_pyfunction!(report_on_sigterm, m)?)?;
     m.add_function(wrap_pyfunction!(waitpid, m)?)?;
     m.add_function(wrap_pyfunction!(forkserver_request, m)?)?;
     m.add_function(wrap_pyfunction!(crate::py::logging::reset_logging, m)?)?;

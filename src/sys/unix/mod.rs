@@ -9,5 +9,4 @@ pub mod shm;
 pub mod sock;
 pub mod spawn;
 pub mod stream;
-pub mod term;
 pub mod wait;
