@@ -84,6 +84,25 @@ def test_the_next_child_is_the_waiting_spare():
     assert out == ["ok"]
 
 
+def test_the_spare_has_the_unpickler_loaded_before_its_request():
+    # A child unpickles its process; the server imports `_pickle` so that no child imports it
+    # (with `functools` and `collections`, ~4 ms here) after the fork. The spare is a fork of
+    # the server taken before any request: its mappings show what every child starts with.
+    out = run(
+        """
+        import sys
+        if __name__ == "__main__":
+            ctx, server, spare = started()
+            if "_pickle" in sys.builtin_module_names:
+                print("builtin")
+            else:
+                with open(f"/proc/{spare[0]}/maps") as f:
+                    print(any("/_pickle." in line for line in f))
+        """
+    )
+    assert out in (["True"], ["builtin"])
+
+
 def test_a_started_child_no_longer_looks_like_a_spare():
     out = run(
         """

@@ -8,6 +8,9 @@ and its descriptors (`SCM_RIGHTS`); the server forks, replies with the pid, and 
 child's exit code on the child's status pipe when it reaps it.
 """
 
+# Imported here, by the server, so that its children (which unpickle their process) find it
+# loaded instead of each importing it, with `functools` and `collections`, after the fork.
+import _pickle
 import _signal
 import _thread
 import gc
@@ -215,7 +218,6 @@ def _run_spare(server, server_pid, old_sigint):
 
 
 def _serve_child(payload, fds):
-    import _pickle
     import io
 
     _status_w, parent_sentinel, *inherited = fds
