@@ -465,3 +465,10 @@ def run_interpreter(argv, *, timeout=SCRIPT_TIMEOUT, cwd=None, env=None):
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), leftovers
+
+
+def report_rss(path, payload=None):
+    """Writes this process's resident set size in kB to `path` (`payload` is only carried)."""
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    Path(path).write_text(str(rss))

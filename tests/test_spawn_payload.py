@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import _workers as w
 import pytest
 from _workers import SCRIPT_TIMEOUT
 from ferroproc._ferroproc import load_plain_pickle
@@ -213,3 +214,15 @@ def test_spawn_child_loads_its_payload(impl, tmp_path, args, plain):
         assert imported_pickle == (not plain)
     else:
         assert imported_pickle
+
+
+def test_a_large_payload_is_not_kept_while_the_child_runs(impl, tmp_path):
+    # The child holds its 64 MiB argument once (in the process object), not also the bytes it
+    # was unpickled from.
+    path = tmp_path / "rss"
+    p = impl.get_context("spawn").Process(target=w.report_rss, args=(str(path), b"x" * (64 << 20)))
+    p.start()
+    p.join(w.SHORT_TIMEOUT)
+    assert p.exitcode == 0
+    rss_mib = int(path.read_text()) / 1024
+    assert 64 < rss_mib < 64 + 48, rss_mib

@@ -103,6 +103,8 @@ def _main(fd, parent_sentinel):
         self, _ = _load(data, pos)
     finally:
         del process.current_process()._inheriting
+    # The payload (large arguments included) must not stay alive while the process runs.
+    del data, preparation_data
     return self._bootstrap(parent_sentinel)
 
 
