@@ -132,13 +132,19 @@ pub fn scan(buf: &[u8], pos: usize) -> Option<(Vec<Op<'_>>, usize)> {
                 implicit = true;
                 Op::Memoize
             }
-            BINPUT => {
+            op @ (BINPUT | LONG_BINPUT) => {
                 indexed = true;
-                Op::Put(usize::from(inp.byte()?))
-            }
-            LONG_BINPUT => {
-                indexed = true;
-                Op::Put(inp.len_u32()?)
+                let at = if op == BINPUT {
+                    usize::from(inp.byte()?)
+                } else {
+                    inp.len_u32()?
+                };
+                // The C pickler numbers memo slots from 0, one per stored object: a larger
+                // index would only make the loader allocate a sparse memo.
+                if at > ops.len() {
+                    return None;
+                }
+                Op::Put(at)
             }
             BINGET => Op::Get(usize::from(inp.byte()?)),
             LONG_BINGET => Op::Get(inp.len_u32()?),
@@ -199,5 +205,8 @@ mod tests {
         );
         // Implicit and indexed memo writes mixed.
         assert_eq!(scan(b"\x80\x04N\x94Nq\x01\x86.", 0), None);
+        // A memo index no pickler would write (the loader would allocate 4 G slots).
+        assert_eq!(scan(b"\x80\x02Nr\xff\xff\xff\xff.", 0), None);
+        assert!(scan(b"\x80\x02Nq\x00.", 0).is_some());
     }
 }
