@@ -200,7 +200,7 @@ class Server:
         if address is None and util.abstract_sockets_supported:
             address = _abstract_address()
         # Clients authenticate on their own thread, so a slow one cannot stall accept().
-        self.listener = _prebound.pop(address, None) if address is not None else None
+        self.listener = _prebound.pop(address, None)
         if self.listener is None:
             self.listener = listener_type(address=address, backlog=16)
         self.address = self.listener.address

@@ -49,13 +49,23 @@ struct Machine<'py> {
 
 impl<'py> Machine<'py> {
     fn pop(&mut self) -> PyResult<Bound<'py, PyAny>> {
-        let floor = self.marks.last().copied().unwrap_or(0);
-        if self.stack.len() <= floor {
-            return Err(unpickling_error(self.py, "unpickling stack underflow"));
-        }
-        self.stack
-            .pop()
+        let mut top = self.top_n(1)?;
+        top.pop()
             .ok_or_else(|| unpickling_error(self.py, "unpickling stack underflow"))
+    }
+
+    /// Pops an argument tuple and what it is for (a callable, a class); `not_tuple` is the
+    /// error when the arguments are not a tuple.
+    fn pop_with_args(
+        &mut self,
+        not_tuple: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let args = self.pop()?;
+        let target = self.pop()?;
+        let args = args
+            .cast_into::<PyTuple>()
+            .map_err(|_| unpickling_error(self.py, not_tuple))?;
+        Ok((target, args))
     }
 
     fn top(&self) -> PyResult<&Bound<'py, PyAny>> {
@@ -161,19 +171,11 @@ impl<'py> Machine<'py> {
                 self.stack.push(found);
             }
             Op::Reduce => {
-                let args = self.pop()?;
-                let func = self.pop()?;
-                let args = args
-                    .cast_into::<PyTuple>()
-                    .map_err(|_| unpickling_error(py, "REDUCE arguments must be a tuple"))?;
+                let (func, args) = self.pop_with_args("REDUCE arguments must be a tuple")?;
                 self.stack.push(func.call1(args)?);
             }
             Op::NewObj => {
-                let args = self.pop()?;
-                let cls = self.pop()?;
-                let args = args
-                    .cast_into::<PyTuple>()
-                    .map_err(|_| unpickling_error(py, "NEWOBJ expected an arg tuple."))?;
+                let (cls, args) = self.pop_with_args("NEWOBJ expected an arg tuple.")?;
                 if !cls.is_instance_of::<pyo3::types::PyType>() {
                     return Err(unpickling_error(
                         py,
