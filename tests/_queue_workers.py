@@ -107,6 +107,36 @@ class Blob:
     __hash__ = None
 
 
+class Held:
+    """Keeps the buffer it is rebuilt from, as numpy arrays do: pickles its data as a protocol
+    5 ``PickleBuffer`` (out-of-band where the pickler takes it so), as a ``bytearray`` under
+    older protocols."""
+
+    def __init__(self, data):
+        self.data = memoryview(data).cast("B")
+
+    def __reduce_ex__(self, protocol):
+        if protocol >= 5:
+            return Held, (pickle.PickleBuffer(self.data),)
+        return Held, (bytearray(self.data),)
+
+
+def check_held_after_go(obj, go, expected_sum):
+    """Waits for ``go``, then checks that the `Held` ``obj`` (inherited through fork) still
+    has the bytes it had at the fork."""
+    go.get(timeout=SHORT_TIMEOUT)
+    sys.exit(0 if sum(obj.data) == expected_sum else 3)
+
+
+def write_held(obj):
+    """Overwrites the (inherited) `Held` object's bytes, then exits."""
+    obj.data[:] = b"\x01" * len(obj.data)
+
+
+def just_exit(obj):
+    """Exits at once, ``obj`` (inherited) still referenced by the process's arguments."""
+
+
 def check_after_go(obj, go, expected_sum):
     """Waits for ``go``, then checks that ``obj`` (inherited through fork) is still intact."""
     go.get(timeout=SHORT_TIMEOUT)

@@ -284,6 +284,11 @@ class BaseProcess:
                 threading._shutdown()
             util.info(f"process exiting with exitcode {exitcode}")
             util._flush_std_streams()
+            # Large arrays received from a queue and still referenced (by a global, say) hold
+            # their blobs of the queue's memory: give them back for the processes that go on.
+            from ._ferroproc import _release_received_buffers
+
+            _release_received_buffers()
         return exitcode
 
     @staticmethod

@@ -9,13 +9,14 @@
 use std::ffi::c_int;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyTuple};
 
+use crate::channel::ring::BlobLease;
 use crate::error;
 use crate::sys::shm::Mapping;
 use crate::sys::{memfile, shm};
@@ -238,17 +239,38 @@ fn repool(region: Mapping) {
 /// extension: the stdlib gives a `bytearray`). It supports the buffer protocol, `len()`, and
 /// pickles as a `bytearray`; numpy arrays and the like made from it use its memory directly.
 ///
-/// A fresh `bytearray` of 64 MiB is a fresh mapping, and writing it costs a page fault per
-/// 4 KiB page (on this project's test machine, about 35 ms of the 41 it takes to fill one,
-/// against 6 ms for pages already mapped). A `RecvBuffer`'s memory is a private mapping that
+/// Its memory is, where it can be, the queue's blob itself, mapped ([`RecvBuffer::leased`],
+/// see `channel/ring/lease.rs`): the writer's copy in is then the only one. When the blob
+/// cannot be mapped, the bytes are copied into private memory, kept from buffers dropped
+/// before: a fresh `bytearray` of 64 MiB is a fresh mapping, and writing it costs a page
+/// fault per 4 KiB page (on this project's test machine, about 35 ms of the 41 it takes to
+/// fill one, against 6 ms for pages already mapped). Such a `RecvBuffer`'s memory is a private mapping that
 /// goes back to a small per-process pool when the buffer is dropped, marked `MADV_FREE` (the
 /// kernel takes the pages back only if it needs memory), so a process that receives large
 /// arrays one after another fills the same pages each time.
 #[pyclass(module = "ferroproc._ferroproc", name = "RecvBuffer", frozen)]
 #[derive(Debug)]
 pub struct RecvBuffer {
-    region: Option<Mapping>,
+    region: Option<Region>,
     len: usize,
+}
+
+/// Where a [`RecvBuffer`]'s bytes are.
+#[derive(Debug)]
+enum Region {
+    /// Private memory of this process, from the pool.
+    Own(Mapping),
+    /// The queue blob the message came in.
+    Blob(Arc<BlobLease>),
+}
+
+impl Region {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            Self::Own(m) => m.as_ptr(),
+            Self::Blob(lease) => lease.data(),
+        }
+    }
 }
 
 impl RecvBuffer {
@@ -274,7 +296,7 @@ impl RecvBuffer {
         let mut dest = Unfilled { ptr, len };
         match py.detach(|| fill(&mut dest)) {
             Ok(()) => Ok(Self {
-                region: Some(region),
+                region: Some(Region::Own(region)),
                 len,
             }),
             Err(e) => {
@@ -285,10 +307,23 @@ impl RecvBuffer {
     }
 }
 
+impl RecvBuffer {
+    /// A buffer whose memory is the leased blob itself.
+    pub(crate) fn leased(lease: Arc<BlobLease>) -> Self {
+        let len = lease.len();
+        Self {
+            region: Some(Region::Blob(lease)),
+            len,
+        }
+    }
+}
+
 impl Drop for RecvBuffer {
     fn drop(&mut self) {
-        if let Some(region) = self.region.take() {
-            repool(region);
+        match self.region.take() {
+            Some(Region::Own(region)) => repool(region),
+            Some(Region::Blob(lease)) => lease.end(),
+            None => {}
         }
     }
 }
@@ -311,9 +346,11 @@ impl RecvBuffer {
         let len = ffi::Py_ssize_t::try_from(this.len)
             .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
         // SAFETY: `view` is the caller's Py_buffer to fill (the buffer protocol's contract).
-        // The region holds `len` bytes at its base and stays mapped while the view lives: the
+        // The region holds `len` bytes from `as_ptr` and stays mapped while the view lives: the
         // view takes a reference to `slf` (FillInfo sets `view.obj`), and the region is only
-        // unmapped or reused when this object is dropped. The memory is plain bytes, writable.
+        // unmapped or reused when this object is dropped (a blob region is this process's
+        // alone until then: its lease keeps the blob from being reused, and makes the mapping
+        // private before a fork). The memory is plain bytes, writable.
         let r = unsafe {
             ffi::PyBuffer_FillInfo(view, slf.as_ptr(), region.as_ptr().cast(), len, 0, flags)
         };

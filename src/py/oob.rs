@@ -9,24 +9,27 @@
 //! a blob of the queue's memfd (see `channel/ring/blob.rs`); the message itself is a small
 //! [`bundle`] naming the blobs.
 //!
-//! The reader copies each blob, again with the GIL released, straight into the new, unzeroed
-//! object that `pickle.loads(..., buffers=...)` hands to the reconstructor, and frees the blob
-//! at once (to the queue's spares, for the next large message): `bytes` for a read-only buffer
-//! (what unpickling the same buffer in-band gives), a `bytearray` for a writable one, or for a
-//! writable one of [`RECV_BUFFER_MIN`] bytes or more a [`RecvBuffer`], whose memory is reused
-//! from buffers this process dropped (see there). One copy on each side, against the stdlib's
-//! half-dozen, and the received object is ordinary private memory (fork, copy-on-write and
-//! lifetime as for any other object).
+//! The reader takes a writable buffer of [`RECV_BUFFER_MIN`] bytes or more (a large numpy
+//! array's data) as it is: the blob, mapped, becomes a [`RecvBuffer`] that
+//! `pickle.loads(..., buffers=...)` hands to the reconstructor (numpy wraps it), and the blob
+//! is freed when that is dropped; `channel/ring/lease.rs` says how it stays private memory
+//! across a fork. The writer's copy in is the only copy. Any other buffer is copied, again
+//! with the GIL released, straight into the new, unzeroed object handed to the reconstructor,
+//! and its blob is freed at once (to the queue's spares, for the next large message): `bytes`
+//! for a read-only buffer (what unpickling the same buffer in-band gives), a `bytearray` for
+//! a writable one (a [`RecvBuffer`] of this process's memory if a large one's blob cannot be
+//! mapped). One copy on each side there, against the stdlib's half-dozen.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::channel::bundle::{self, Piece};
 use crate::channel::pybuf::{self, ExportedBytes, RecvBuffer, RECV_BUFFER_MIN};
-use crate::channel::ring::RingBuffer;
+use crate::channel::ring::{fork_hooks, BlobLease, RingBuffer};
 
 /// Smallest buffer the pickler's callback sends out-of-band (below it, copies through the
 /// ring's warm memory cost less than positional I/O on fresh pages).
@@ -149,16 +152,83 @@ impl Bundle {
     }
 }
 
-/// A new `bytes` (read-only piece), `bytearray`, or for a large writable piece a
-/// [`RecvBuffer`], holding the blob `piece`, read with the GIL released straight into the new
-/// object's unzeroed memory.
-fn take_blob<'py>(py: Python<'py>, ring: &RingBuffer, piece: Piece) -> PyResult<Bound<'py, PyAny>> {
+/// For a large writable piece, a [`RecvBuffer`] holding the blob itself (see
+/// [`lease_blob`]); otherwise a new `bytes` (read-only piece), `bytearray`, or [`RecvBuffer`]
+/// of this process's memory, read with the GIL released straight into the new object's
+/// unzeroed memory. The second value is whether the blob was taken, also when making the
+/// object then failed (it was freed with it); otherwise the caller frees it.
+fn take_blob<'py>(
+    py: Python<'py>,
+    ring: &Arc<RingBuffer>,
+    piece: Piece,
+) -> (PyResult<Bound<'py, PyAny>>, bool) {
+    if !piece.readonly && piece.len >= RECV_BUFFER_MIN {
+        if let Some(lease) = lease_blob(py, ring, piece) {
+            let buf = Bound::new(py, RecvBuffer::leased(lease)).map(Bound::into_any);
+            return (buf, true);
+        }
+    }
     let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
     if !piece.readonly && piece.len >= RECV_BUFFER_MIN {
-        let buf = RecvBuffer::new_filled(py, piece.len, fill)?;
-        return Ok(Bound::new(py, buf)?.into_any());
+        let buf = RecvBuffer::new_filled(py, piece.len, fill)
+            .and_then(|b| Bound::new(py, b))
+            .map(Bound::into_any);
+        return (buf, false);
     }
-    pybuf::new_filled(py, piece.len, piece.readonly, fill)
+    (
+        pybuf::new_filled(py, piece.len, piece.readonly, fill),
+        false,
+    )
+}
+
+/// Leases the blob of `piece` to this process (see `channel/ring/lease.rs`), once the fork
+/// hooks that keep a leased blob safe across a fork are registered; `None` if they cannot be,
+/// or the blob cannot be mapped.
+fn lease_blob(py: Python<'_>, ring: &Arc<RingBuffer>, piece: Piece) -> Option<Arc<BlobLease>> {
+    static HOOKS: PyOnceLock<bool> = PyOnceLock::new();
+    let ready = *HOOKS.get_or_init(py, || register_fork_hooks(py).is_ok());
+    ready
+        .then(|| BlobLease::take(ring, piece.at, piece.len))
+        .flatten()
+}
+
+fn register_fork_hooks(py: Python<'_>) -> PyResult<()> {
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("before", wrap_pyfunction!(lease_before_fork, py)?)?;
+    kwargs.set_item(
+        "after_in_parent",
+        wrap_pyfunction!(lease_after_fork_in_parent, py)?,
+    )?;
+    kwargs.set_item(
+        "after_in_child",
+        wrap_pyfunction!(lease_after_fork_in_child, py)?,
+    )?;
+    py.import("os")?
+        .call_method("register_at_fork", (), Some(&kwargs))?;
+    Ok(())
+}
+
+#[pyfunction]
+fn lease_before_fork() {
+    fork_hooks::before_fork();
+}
+
+#[pyfunction]
+fn lease_after_fork_in_parent() {
+    fork_hooks::after_fork_in_parent();
+}
+
+#[pyfunction]
+fn lease_after_fork_in_child() {
+    fork_hooks::after_fork_in_child();
+}
+
+/// Gives back the queue blobs this process holds for received buffers: called when a
+/// ferroproc process has run its target and is about to exit, so that buffers it still
+/// references (a global, say) do not keep queue memory for the processes that go on.
+#[pyfunction]
+pub(crate) fn _release_received_buffers() {
+    fork_hooks::end_all();
 }
 
 /// Frees the blobs of a bundle that will not be loaded (its message was dropped).
@@ -174,7 +244,7 @@ pub(crate) fn discard(ring: &RingBuffer, msg: &[u8]) {
 /// `loads(pickle, buffers=...)`.
 pub(crate) fn load<'py>(
     py: Python<'py>,
-    ring: &RingBuffer,
+    ring: &Arc<RingBuffer>,
     loads: &Bound<'py, PyAny>,
     msg: &[u8],
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -183,10 +253,15 @@ pub(crate) fn load<'py>(
     let mut taken = Ok(());
     for &piece in &layout.pieces {
         // Every blob is freed, also after a failure: the message is consumed either way.
+        let mut leased = false;
         if taken.is_ok() {
-            taken = take_blob(py, ring, piece).and_then(|b| bufs.append(b));
+            let (buf, kept) = take_blob(py, ring, piece);
+            leased = kept;
+            taken = buf.and_then(|b| bufs.append(b));
         }
-        ring.blob_free(piece.at, piece.len);
+        if !leased {
+            ring.blob_free(piece.at, piece.len);
+        }
     }
     taken?;
     let kwargs = PyDict::new(py);

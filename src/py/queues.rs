@@ -16,7 +16,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -60,7 +60,7 @@ fn log_recovered(how: Acquired, which: &str) {
 
 /// The process-local side of one ring: the mapping, the eventfd, and local state.
 struct Core {
-    ring: RingBuffer,
+    ring: Arc<RingBuffer>,
     efd: OwnedFd,
     closed: AtomicBool,
     pickler: Mutex<Option<Pickler>>,
@@ -79,7 +79,7 @@ impl Core {
             ),
         };
         Ok(Self {
-            ring,
+            ring: Arc::new(ring),
             efd,
             closed: AtomicBool::new(false),
             pickler: Mutex::new(None),
@@ -955,5 +955,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<crate::channel::pybuf::RecvBuffer>()?;
     m.add_class::<PyRingQueue>()?;
     m.add_class::<PySimpleRing>()?;
+    m.add_function(wrap_pyfunction!(super::oob::_release_received_buffers, m)?)?;
     Ok(())
 }

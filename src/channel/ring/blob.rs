@@ -31,6 +31,9 @@
 //! written once is copied positionally: mapping it would cost more than the copy saves (an
 //! `mmap` and `munmap` per message), and its pages do not exist yet.
 //!
+//! A large writable blob may stay taken after it is read: its reader maps it as the received
+//! object's memory and frees it when that object is dropped (see `lease.rs`).
+//!
 //! A blob whose message is never published (its writer died or gave up) or never freed (its
 //! reader died) keeps its memory until the queue's memfd is closed by every process, like the
 //! rest of the queue: nothing outlives the queue.
@@ -330,6 +333,13 @@ impl RingBuffer {
     /// Frees the blob of `len` bytes at `at`: keeps it as a spare, or punches its memory out
     /// (best effort).
     pub fn blob_free(&self, at: u64, len: usize) {
+        self.blob_taken(len);
+        self.blob_release(at, len);
+    }
+
+    /// Counts the blob of `len` bytes as no longer in flight: its reader has it (and frees it
+    /// later with [`RingBuffer::blob_release`]), so writers no longer wait for it.
+    pub fn blob_taken(&self, len: usize) {
         let b = &self.shared().b;
         let _ = b
             .in_flight
@@ -339,7 +349,62 @@ impl RingBuffer {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(span(len)))
             });
+    }
+
+    /// Frees a blob already counted as taken: keeps it as a spare, or punches it out.
+    pub fn blob_release(&self, at: u64, len: usize) {
         self.release(at, span(len));
+    }
+
+    /// A shared mapping of the whole blob of `len` bytes at `at` (its bytes start
+    /// [`DATA_SHIFT`] into it) for a reader to hand out as is: this process's kept mapping of
+    /// it, taken out of the list (so no writer copies through it while the reader holds it),
+    /// or a new one with every page mapped. `None` when the file does not reach the blob's end
+    /// (a corrupted message) or mapping fails.
+    pub(crate) fn blob_lease_map(&self, at: u64, len: usize) -> Option<Arc<Mapping>> {
+        let need = usize::try_from(span(len)).ok()?;
+        if let Ok(mut lists) = self.maps.0.try_lock() {
+            if let Some(i) = lists
+                .maps
+                .iter()
+                .position(|(a, m)| *a == at && m.len() >= need)
+            {
+                return Some(lists.maps.remove(i).1);
+            }
+        }
+        let end = Self::blob_offset(at).checked_add(len as u64)?;
+        if end > shm::size(self.fd.as_fd()).ok()? as u64 {
+            return None;
+        }
+        Mapping::range(&self.fd, BLOB_BASE + at, need, true)
+            .ok()
+            .map(Arc::new)
+    }
+
+    /// Gives back a mapping of the blob at `at` that [`RingBuffer::blob_lease_map`] handed
+    /// out and that is still shared: kept for copying the blob when it comes back as a spare.
+    pub(crate) fn blob_keep_map(&self, at: u64, map: Arc<Mapping>) {
+        if map.len() as u64 > SPARE_MAX {
+            return;
+        }
+        let Ok(mut lists) = self.maps.0.try_lock() else {
+            return;
+        };
+        let maps = &mut lists.maps;
+        maps.retain(|(a, _)| *a != at);
+        if maps.len() >= MAPS {
+            maps.remove(0);
+        }
+        maps.push((at, map));
+    }
+
+    /// A shared mapping of the first page of the blob at `at`, whose first word the readers
+    /// holding the blob use as their count (see `lease.rs`); the blob's bytes start past it.
+    ///
+    /// # Errors
+    /// The `mmap` errno.
+    pub(crate) fn blob_head_map(&self, at: u64) -> Result<Mapping> {
+        Mapping::range(&self.fd, BLOB_BASE + at, PAGE as usize, false)
     }
 
     /// Offers the blob `[at, at + span)` as a spare: it takes an empty slot if the spares'

@@ -135,6 +135,35 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
+    /// Turns this shared mapping of `fd` (made by [`Mapping::range`] at `offset`) into a
+    /// private one of the same file range, in place: the bytes read the same, but from now on
+    /// a write goes to a copy-on-write page of this process (and, after a fork, of the process
+    /// that makes it), never to the file. The address and length stay the same.
+    ///
+    /// # Errors
+    /// The `mmap` errno; the mapping is then left as it was, shared.
+    pub fn make_private(&self, fd: impl AsFd, offset: u64) -> Result<()> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let addr = NonZeroUsize::new(self.ptr.as_ptr() as usize).ok_or(Errno::EINVAL)?;
+        // SAFETY: MAP_FIXED replaces exactly this mapping's own range, which this value owns,
+        // with a mapping of the same file range and protection: every byte reads as it did
+        // (the shared pages are the file's, and the private mapping starts as a view of them),
+        // so pointers into the range handed out before stay valid and see the same contents.
+        // On failure (ENOMEM for the private mapping's commit charge, or too many mappings)
+        // Linux 6.12 and later put the old mapping back before returning.
+        unsafe {
+            mmap(
+                Some(addr),
+                self.len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
+                fd,
+                offset,
+            )
+        }?;
+        Ok(())
+    }
+
     /// The base address (page aligned).
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {
