@@ -2,9 +2,11 @@
 //!
 //! The queue's reusable pickler runs with protocol 5 and a [`Collector`] as its
 //! `buffer_callback`: a C-contiguous buffer of at least [`OOB_MIN`] bytes (a numpy array, a
-//! `PickleBuffer`) is left out of the pickle. A top-level `bytes` object of that size, or too
-//! large for one ring frame, is sent the same way, as a one-buffer message: through the ring it
-//! would be copied into the ring, out into a scratch buffer and again into the new object.
+//! `PickleBuffer`) is left out of the pickle. A top-level `bytes` or `bytearray` object of that
+//! size, or too large for one ring frame, is sent the same way, as a one-buffer message:
+//! through the ring it would be copied into the ring, out into a scratch buffer and again into
+//! the new object. A pickle of that size with no such buffer is itself sent as a one-buffer
+//! message ([`Bundle::write_pickle`]), and loaded from a view of its blob.
 //! Each such buffer is written once, with the GIL released, from the object's own memory into
 //! a blob of the queue's memfd (see `channel/ring/blob.rs`); the message itself is a small
 //! [`bundle`] naming the blobs.
@@ -38,6 +40,18 @@ pub(crate) const OOB_MIN: usize = 1 << 20;
 /// The pickle of "the next out-of-band buffer, as is" (PROTO 5, NEXT_BUFFER, STOP): what a
 /// top-level `bytes` sent out-of-band is pickled as.
 pub(crate) const NEXT_BUFFER_PICKLE: &[u8] = b"\x80\x05\x97.";
+
+/// The pickle of "a `bytearray` of the next out-of-band buffer" (PROTO 5, the global
+/// `builtins.bytearray`, NEXT_BUFFER, TUPLE1, REDUCE, STOP): what a top-level `bytearray`
+/// sent out-of-band is pickled as. [`load`] fills the new `bytearray` straight from the blob
+/// instead of running it.
+pub(crate) const BYTEARRAY_PICKLE: &[u8] =
+    b"\x80\x05\x8c\x08builtins\x8c\x09bytearray\x93\x97\x85R.";
+
+/// The pickle of "unpickle the next out-of-band buffer" (PROTO 5, the global `_pickle.loads`,
+/// NEXT_BUFFER, TUPLE1, REDUCE, STOP): the message of a large pickle sent as a blob
+/// ([`Bundle::write_pickle`]). [`load`] loads the blob where it lies instead of running it.
+pub(crate) const PICKLE_IN_BLOB: &[u8] = b"\x80\x05\x8c\x07_pickle\x8c\x05loads\x93\x97\x85R.";
 
 /// A pickler's `buffer_callback`: keeps large contiguous buffers for out-of-band sending.
 #[pyclass(module = "ferroproc._ferroproc", name = "_OobCollector", frozen)]
@@ -116,24 +130,53 @@ impl Bundle {
         let view = ExportedBytes::new(raw, false).map_err(|_| {
             pyo3::exceptions::PyBufferError::new_err("out-of-band buffer is not contiguous")
         })?;
-        let data = view.as_slice();
+        self.write_piece(py, ring, &[view.as_slice()], readonly)
+    }
+
+    /// Writes `parts`, concatenated, to a new blob of `ring` as one more buffer.
+    fn write_piece(
+        &mut self,
+        py: Python<'_>,
+        ring: &RingBuffer,
+        parts: &[&[u8]],
+        readonly: bool,
+    ) -> PyResult<()> {
+        let len = parts.iter().map(|p| p.len()).sum();
         // Without the GIL: allocating may wait for a reader (in this process too) to free a
         // blob.
         let blob = py.detach(|| {
-            let blob = ring.blob_alloc(data.len())?;
-            if let Err(e) = ring.blob_write(blob, &[data]) {
-                ring.blob_free(blob.at, data.len());
+            let blob = ring.blob_alloc(len)?;
+            if let Err(e) = ring.blob_write(blob, parts) {
+                ring.blob_free(blob.at, len);
                 return Err(e);
             }
             Ok::<_, crate::error::Error>(blob)
         })?;
         self.pieces.push(Piece {
-            len: data.len(),
+            len,
             readonly,
             at: blob.at,
             reused: blob.reused,
         });
         Ok(())
+    }
+
+    /// Writes a large pickle (`parts`, concatenated) to a new blob of `ring`, as the one
+    /// buffer of a message whose own pickle is [`PICKLE_IN_BLOB`]: through the ring it would
+    /// be joined, written to the overflow log's fresh pages and read out into a scratch buffer
+    /// before being loaded; from a blob it is loaded where it lies (see [`load`]).
+    pub(crate) fn write_pickle(
+        py: Python<'_>,
+        ring: &RingBuffer,
+        parts: &[&[u8]],
+    ) -> PyResult<Self> {
+        let mut bundle = Self {
+            header: Vec::new(),
+            pieces: Vec::with_capacity(1),
+        };
+        bundle.write_piece(py, ring, parts, false)?;
+        bundle.header = bundle::header(PICKLE_IN_BLOB.len(), &bundle.pieces);
+        Ok(bundle)
     }
 
     /// The message: the header, then the pickle's pieces.
@@ -249,6 +292,18 @@ pub(crate) fn load<'py>(
     msg: &[u8],
 ) -> PyResult<Bound<'py, PyAny>> {
     let layout = bundle::parse(msg)?;
+    if let [piece] = layout.pieces[..] {
+        let pickle = &msg[layout.pickle_at..];
+        if !piece.readonly && pickle == BYTEARRAY_PICKLE {
+            let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
+            let got = pybuf::new_filled(py, piece.len, false, fill);
+            ring.blob_free(piece.at, piece.len);
+            return got;
+        }
+        if !piece.readonly && pickle == PICKLE_IN_BLOB {
+            return load_in_blob(py, ring, loads, piece);
+        }
+    }
     let bufs = PyList::empty(py);
     let mut taken = Ok(());
     for &piece in &layout.pieces {
@@ -267,4 +322,43 @@ pub(crate) fn load<'py>(
     let kwargs = PyDict::new(py);
     kwargs.set_item("buffers", bufs)?;
     loads.call((PyBytes::new(py, &msg[layout.pickle_at..]),), Some(&kwargs))
+}
+
+/// Loads a pickle that lies in the blob of `piece`: from a view of the blob itself when it
+/// can be leased (the unpickler copies what it keeps, so the view, and with it the blob, is
+/// released when `loads` returns), or else from a copy; then frees the blob.
+fn load_in_blob<'py>(
+    py: Python<'py>,
+    ring: &Arc<RingBuffer>,
+    loads: &Bound<'py, PyAny>,
+    piece: Piece,
+) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(lease) = lease_blob(py, ring, piece) {
+        let view = Bound::new(py, RecvBuffer::leased(lease))?;
+        return loads.call1((view,));
+    }
+    loads.call1((read_pickle_blob(py, ring, piece)?,))
+}
+
+/// The blob of a bundle that carries a pickle in a blob ([`Bundle::write_pickle`]); `None`
+/// for any other message.
+pub(crate) fn pickle_blob(msg: &[u8]) -> Option<Piece> {
+    let layout = bundle::parse(msg).ok()?;
+    match layout.pieces[..] {
+        [piece] if !piece.readonly && &msg[layout.pickle_at..] == PICKLE_IN_BLOB => Some(piece),
+        _ => None,
+    }
+}
+
+/// The pickle in the blob `piece` (see [`pickle_blob`]), read into a new `bytes`; the blob is
+/// then freed.
+pub(crate) fn read_pickle_blob<'py>(
+    py: Python<'py>,
+    ring: &RingBuffer,
+    piece: Piece,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
+    let data = pybuf::new_filled(py, piece.len, true, fill);
+    ring.blob_free(piece.at, piece.len);
+    Ok(data?.cast_into::<PyBytes>()?)
 }

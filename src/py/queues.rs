@@ -23,6 +23,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use super::blocking::wait_until;
+use super::oob;
 use super::tinypickle;
 use crate::channel::bundle;
 use crate::channel::ring::{
@@ -396,16 +397,22 @@ impl Core {
         block: bool,
         deadline: Deadline,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        Ok(match self.get_msg(py, block, deadline, false)? {
-            Some(Msg::Pickle(b)) if !bundle::is_bundle(b.as_bytes()) => Some(b),
-            // A bundle, which a plain pickle reader cannot load: pickle it again in-band.
-            Some(m) => {
-                let obj = self.load(py, m)?;
-                let parts = fresh_dumps(py, globals(py)?, &obj)?;
-                Some(PyBytes::new(py, &slices(&parts).concat()))
+        let Some(m) = self.get_msg(py, block, deadline, false)? else {
+            return Ok(None);
+        };
+        if let Msg::Pickle(b) = &m {
+            if !bundle::is_bundle(b.as_bytes()) {
+                return Ok(Some(b.clone()));
             }
-            None => None,
-        })
+            // A large pickle sent in a blob: that pickle.
+            if let Some(piece) = oob::pickle_blob(b.as_bytes()) {
+                return oob::read_pickle_blob(py, &self.ring, piece).map(Some);
+            }
+        }
+        // Another bundle, which a plain pickle reader cannot load: pickle it again in-band.
+        let obj = self.load(py, m)?;
+        let parts = fresh_dumps(py, globals(py)?, &obj)?;
+        Ok(Some(PyBytes::new(py, &slices(&parts).concat())))
     }
 
     fn get_msg<'py>(

@@ -132,6 +132,12 @@ def queue_1mib_payloads(mod: ModuleType, n: int) -> float:
     return _stream(mod, n, b"\x5a" * (1 << 20), b"")
 
 
+@case("queue_tuple_16mib", n=20, unit="message")
+def queue_tuple_16mib(mod: ModuleType, n: int) -> float:
+    """Parent puts n (name, index, 16 MiB bytes) tuples, a forked child gets them."""
+    return _stream(mod, n, ("chunk", 7, b"\x5a" * (16 << 20)), ())
+
+
 @case("queue_numpy_64mib", n=8, unit="64 MiB array")
 def queue_numpy_64mib(mod: ModuleType, n: int) -> float:
     """Parent puts n 64 MiB numpy arrays, a forked child gets them (skipped without numpy)."""

@@ -4,7 +4,7 @@
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList};
+use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList};
 
 use super::Core;
 use crate::channel::bundle;
@@ -251,11 +251,20 @@ impl Core {
         if tinypickle::encode(obj, &mut native) {
             return Ok(Pickled::Native(native));
         }
-        if let Ok(b) = obj.cast_exact::<PyBytes>() {
-            let len = b.as_bytes().len();
-            if (len >= oob::OOB_MIN || len > self.ring.max_whole()) && self.ring.blobs_usable() {
-                let pickle = oob::NEXT_BUFFER_PICKLE;
-                let buf = [b.clone().into_any().unbind()];
+        // A top-level `bytes` or `bytearray` goes as one out-of-band buffer: in the pickle it
+        // would be copied into the pickler's output, into the ring, out into a scratch buffer
+        // and again into the new object.
+        let whole = if obj.is_exact_instance_of::<PyBytes>() {
+            Some(oob::NEXT_BUFFER_PICKLE)
+        } else if obj.is_exact_instance_of::<PyByteArray>() {
+            Some(oob::BYTEARRAY_PICKLE)
+        } else {
+            None
+        };
+        if let Some(pickle) = whole.filter(|_| self.ring.blobs_usable()) {
+            let len = obj.len()?;
+            if len >= oob::OOB_MIN || len > self.ring.max_whole() {
+                let buf = [obj.clone().unbind()];
                 let bundle = oob::Bundle::write(py, &self.ring, pickle.len(), &buf)?;
                 return Ok(Pickled::Oob(vec![PyBytes::new(py, pickle)], bundle));
             }
@@ -267,6 +276,11 @@ impl Core {
             return Ok(Pickled::Oob(parts, bundle));
         }
         let total: usize = parts.iter().map(|b| b.as_bytes().len()).sum();
+        if total >= oob::OOB_MIN && self.ring.blobs_usable() {
+            let bundle = oob::Bundle::write_pickle(py, &self.ring, &slices(&parts))?;
+            let pickle = PyBytes::new(py, oob::PICKLE_IN_BLOB);
+            return Ok(Pickled::Oob(vec![pickle], bundle));
+        }
         if parts.len() > 1 && total > self.ring.max_whole() {
             // Too big for one frame: it may be streamed, which needs one contiguous buffer.
             let joined = PyBytes::new(py, &[]).call_method1("join", (parts,))?;
