@@ -120,6 +120,16 @@ class Held:
             return Held, (pickle.PickleBuffer(self.data),)
         return Held, (bytearray(self.data),)
 
+    def __eq__(self, other):
+        return type(other) is Held and self.data == other.data
+
+    __hash__ = None
+
+
+def held_of(i, size):
+    """A `Held` of ``size`` bytes, each ``i % 256``."""
+    return Held(bytearray([i % 256]) * size)
+
 
 def check_held_after_go(obj, go, expected_sum):
     """Waits for ``go``, then checks that the `Held` ``obj`` (inherited through fork) still

@@ -113,6 +113,7 @@ def large_values():
         b"L" * (3 << 20),  # bytes too large for one ring frame
         (one_mib, w.Blob(bytearray(b"z" * (1 << 20))), 7),
         [w.Blob(bytearray(b"%d" % i * (1100 << 10))) for i in range(3)],
+        w.Held(bytearray(b"h" * (5 << 20))),  # received where it came, on ferroproc
         bytearray(b"B" * (5 << 20)),  # a top-level bytearray goes out-of-band too
         (bytearray(b"b" * (2 << 20)), "s" * (3 << 20), 1),  # a large pickle
         list(range(300_000)),

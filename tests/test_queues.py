@@ -518,6 +518,28 @@ def test_process_pool_executor(impl, method):
         assert ex.submit(w.square, 7).result(timeout=SHORT_TIMEOUT) == 49
 
 
+@pytest.mark.parametrize("method", START_METHODS)
+def test_process_pool_executor_with_large_results(impl, method):
+    # The executor reads results with `result_queue._reader.recv()`.
+    ctx = impl.get_context(method)
+    size = 6 << 20
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as ex:
+        got = list(ex.map(w.held_of, range(4), [size] * 4, timeout=SCRIPT_TIMEOUT))
+    assert got == [w.held_of(i, size) for i in range(4)]
+
+
+def test_reader_recv_gives_the_object_itself(impl):
+    q = impl.Queue()  # (the stdlib's feeder thread writes while this thread reads)
+    q.put(w.held_of(3, 6 << 20))
+    got = q._reader.recv()
+    assert got == w.held_of(3, 6 << 20)
+    if impl.__name__ == "ferroproc":
+        # Received where it came, not loaded, pickled again and loaded once more.
+        assert type(got.data.obj).__name__ == "RecvBuffer"
+    q.close()
+    q.join_thread()
+
+
 EXIT_SCRIPT = """
 import {impl} as mp
 if __name__ == "__main__":

@@ -120,9 +120,7 @@ class _Reader:
         return self._queue._get_bytes()
 
     def recv(self):
-        from .reduction import ForkingPickler
-
-        return ForkingPickler.loads(self._queue._get_bytes())
+        return self._queue._recv()
 
     def close(self):
         self._queue.close()

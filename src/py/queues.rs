@@ -814,6 +814,13 @@ impl PyRingQueue {
         self.core.reader_fileno()
     }
 
+    /// Takes the next object, waiting for it (what `_reader.recv()` gives).
+    fn _recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.core
+            .get(py, true, Deadline::never())?
+            .ok_or_else(|| Empty::new_err(()))
+    }
+
     /// Takes the next message's pickled bytes.
     #[pyo3(signature = (block = true, timeout = None))]
     fn _get_bytes<'py>(
@@ -933,6 +940,14 @@ impl PySimpleRing {
     fn _reader_fileno(&self) -> PyResult<i32> {
         self.check_open()?;
         Ok(self.core.reader_fileno())
+    }
+
+    /// Takes the next object, waiting for it (what `_reader.recv()` gives).
+    fn _recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.check_open()?;
+        self.core
+            .get(py, true, Deadline::never())?
+            .ok_or_else(|| Empty::new_err(()))
     }
 
     #[pyo3(signature = (block = true, timeout = None))]

@@ -141,7 +141,8 @@ impl Mapping {
     /// that makes it), never to the file. The address and length stay the same.
     ///
     /// # Errors
-    /// The `mmap` errno; the mapping is then left as it was, shared.
+    /// The `mmap` errno; Linux 6.12 and later then leave the mapping as it was, shared (older
+    /// kernels may have unmapped it).
     pub fn make_private(&self, fd: impl AsFd, offset: u64) -> Result<()> {
         let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
         let addr = NonZeroUsize::new(self.ptr.as_ptr() as usize).ok_or(Errno::EINVAL)?;
