@@ -41,6 +41,24 @@ def return_unpicklable():
     return lambda: 42
 
 
+#: Bytes of the buffers `held_or_unpicklable` returns.
+HELD_SIZE = 6 << 20
+
+
+def held_or_unpicklable(i):
+    """A large `Held` buffer for an even ``i``, something that cannot be pickled for an odd
+    one."""
+    import _queue_workers
+
+    return _queue_workers.held_of(i, HELD_SIZE) if i % 2 == 0 else (lambda: i)
+
+
+def numpy_full(i, n):
+    import numpy as np
+
+    return np.full(n, i, dtype=np.float64)
+
+
 class UnpicklableError(Exception):
     def __reduce__(self):
         raise TypeError("this exception refuses to be pickled")

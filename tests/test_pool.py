@@ -20,6 +20,7 @@ import threading
 import time
 
 import _pool_workers as pw
+import _queue_workers as qw
 import pytest
 from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, TESTS_DIR
 
@@ -110,6 +111,40 @@ def test_unpicklable_task_result_and_exception_fail_that_task_only(ctx):
         # The pool is intact.
         assert p.map(pw.square, range(10)) == [x * x for x in range(10)]
     p.join()
+
+
+def test_large_results_come_back_intact_beside_unpicklable_ones(ctx):
+    mod = _pool_module(_impl_of(ctx))
+    with ctx.Pool(2) as p:
+        it = p.imap(pw.held_or_unpicklable, range(6), 1)
+        for i in range(6):
+            if i % 2 == 0:
+                assert it.next(T) == qw.held_of(i, pw.HELD_SIZE)
+            else:
+                with pytest.raises(mod.MaybeEncodingError):
+                    it.next(T)
+    p.join()
+
+
+def test_large_numpy_results(ctx):
+    np = pytest.importorskip("numpy")
+    with ctx.Pool(2) as p:
+        got = p.starmap(pw.numpy_full, [(i, 1 << 20) for i in range(4)])
+    p.join()
+    for i, a in enumerate(got):
+        assert a.shape == (1 << 20,) and a.dtype == np.float64 and (a == i).all()
+        assert a.flags.writeable
+        a[0] = -1  # the caller's own
+
+
+def test_a_large_result_is_made_on_the_queue_memory(ctx):
+    if not _is_ferroproc(ctx):
+        pytest.skip("ferroproc's out-of-band results")
+    with ctx.Pool(1) as p:
+        got = p.apply(qw.held_of, (5, 6 << 20))
+    p.join()
+    assert got == qw.held_of(5, 6 << 20)
+    assert type(got.data.obj).__name__ == "RecvBuffer"
 
 
 def test_timeouts_raise_multiprocessing_timeout_error(ctx):

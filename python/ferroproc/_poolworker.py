@@ -9,7 +9,9 @@ Wire format (private; parent and worker always come from the same install):
   ``blob`` is the pickled list of chunks ``(kind, func, args, kwds)``; ``None`` asks the
   worker to exit.
 * result message, worker -> parent, on the pool's one result queue:
-  ``(batch_id, seconds, blob)`` with ``blob`` the pickled list of per-chunk outcomes, or
+  ``(batch_id, seconds, blob)`` with ``blob`` the pickled list of per-chunk outcomes (or
+  ``(pickle, buffers)``: a protocol 5 pickle and its out-of-band buffers, which the queue
+  carries out-of-band in turn, when a result holds a large one such as a numpy array), or
   ``(batch_id, seconds, None, error)`` when the batch as a whole failed (its tasks could not
   be unpickled, or its outcomes could not be pickled even one by one).
 
@@ -19,6 +21,7 @@ A chunk's outcome is ``(ok, value)`` for `APPLY`, `MAP` and `STAR`, and a list o
 
 from __future__ import annotations
 
+import _pickle
 import _signal
 import os
 import signal
@@ -111,12 +114,49 @@ def _encodable(outcome, dumps):
     return outcome
 
 
+#: Smallest buffer of a result sent out-of-band (as the queue does, see src/py/oob.rs).
+_OOB_MIN = 1 << 20
+
+
+def dumps_with_buffers(obj):
+    """Pickles ``obj`` with protocol 5, keeping C-contiguous buffers of 1 MiB or more (a numpy
+    array's data) out of the pickle: ``bytes``, or ``(bytes, buffers)`` when there are any.
+    The queue sends those buffers out-of-band, so a large array is copied once, into the
+    queue, and the parent's array is made on the queue's memory."""
+    import io
+
+    from .reduction import ForkingPickler
+
+    buffers = []
+
+    def keep(pb):
+        try:
+            size = pb.raw().nbytes
+        except BufferError:  # not contiguous: in-band
+            return True
+        if size < _OOB_MIN:
+            return True
+        buffers.append(pb)
+        return False
+
+    out = io.BytesIO()
+    pickler = ForkingPickler(out, 5)
+    # `ForkingPickler.__init__` takes positional arguments only: run the base initializer
+    # again with the callback, keeping the dispatch table it set.
+    table = pickler.dispatch_table
+    _pickle.Pickler.__init__(pickler, out, 5, buffer_callback=keep)
+    pickler.dispatch_table = table
+    pickler.dump(obj)
+    data = out.getvalue()
+    return (data, buffers) if buffers else data
+
+
 def pickle_outcomes(outcomes, kinds, dumps):
     """Pickles a batch's outcomes (the native loop has found they do not pack, see
     ``src/py/pool.rs``); a value that cannot be pickled becomes a `MaybeEncodingError` for
     its task alone."""
     try:
-        return dumps(outcomes)
+        return dumps_with_buffers(outcomes)
     except Exception:
         pass
     fixed = []
@@ -125,7 +165,7 @@ def pickle_outcomes(outcomes, kinds, dumps):
             fixed.append([_encodable(o, dumps) for o in outcome])
         else:
             fixed.append(_encodable(outcome, dumps))
-    return dumps(fixed)
+    return dumps_with_buffers(fixed)
 
 
 def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally

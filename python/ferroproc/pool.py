@@ -475,7 +475,9 @@ class _Core:
             outcomes = payload
         else:
             try:
-                if pool_is_packed(payload):
+                if type(payload) is tuple:  # a pickle and its out-of-band buffers
+                    outcomes = self.loads(payload[0], buffers=payload[1])
+                elif pool_is_packed(payload):
                     outcomes = pool_unpack_outcomes(payload)
                 else:
                     outcomes = self.loads(payload)
