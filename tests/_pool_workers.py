@@ -53,6 +53,13 @@ def held_or_unpicklable(i):
     return _queue_workers.held_of(i, HELD_SIZE) if i % 2 == 0 else (lambda: i)
 
 
+def describe_held(obj):
+    """``(first byte, last byte, length, type of the object holding the bytes)`` of a `Held`
+    argument."""
+    data = obj.data
+    return data[0], data[-1], len(data), type(data.obj).__name__
+
+
 def numpy_full(i, n):
     import numpy as np
 

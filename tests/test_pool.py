@@ -137,6 +137,18 @@ def test_large_numpy_results(ctx):
         a[0] = -1  # the caller's own
 
 
+def test_large_arguments_reach_the_workers_intact(ctx):
+    size = 6 << 20
+    args = [qw.held_of(i, size) for i in range(4)]
+    with ctx.Pool(2) as p:
+        got = p.map(pw.describe_held, args, chunksize=1)
+    p.join()
+    for i, (first, last, length, holder) in enumerate(got):
+        assert (first, last, length) == (i, i, size)
+        if _is_ferroproc(ctx):
+            assert holder == "RecvBuffer"  # received in its blob, not copied out
+
+
 def test_a_large_result_is_made_on_the_queue_memory(ctx):
     if not _is_ferroproc(ctx):
         pytest.skip("ferroproc's out-of-band results")

@@ -6,8 +6,8 @@ this: nothing of the parent's scheduler and not the stdlib's ``multiprocessing.c
 Wire format (private; parent and worker always come from the same install):
 
 * task message, parent -> worker, on the worker's own queue: ``(batch_id, blob)`` where
-  ``blob`` is the pickled list of chunks ``(kind, func, args, kwds)``; ``None`` asks the
-  worker to exit.
+  ``blob`` is the pickled list of chunks ``(kind, func, args, kwds)`` (or ``(pickle,
+  buffers)``, see `dumps_with_buffers`); ``None`` asks the worker to exit.
 * result message, worker -> parent, on the pool's one result queue:
   ``(batch_id, seconds, blob)`` with ``blob`` the pickled list of per-chunk outcomes (or
   ``(pickle, buffers)``: a protocol 5 pickle and its out-of-band buffers, which the queue
@@ -21,8 +21,8 @@ A chunk's outcome is ``(ok, value)`` for `APPLY`, `MAP` and `STAR`, and a list o
 
 from __future__ import annotations
 
-import _pickle
 import _signal
+import io
 import os
 import signal
 import sys
@@ -117,16 +117,18 @@ def _encodable(outcome, dumps):
 #: Smallest buffer of a result sent out-of-band (as the queue does, see src/py/oob.rs).
 _OOB_MIN = 1 << 20
 
+_BytesIO = io.BytesIO
+_BufferPickler = None  # imported on first use (see the module docstring)
+
 
 def dumps_with_buffers(obj):
     """Pickles ``obj`` with protocol 5, keeping C-contiguous buffers of 1 MiB or more (a numpy
     array's data) out of the pickle: ``bytes``, or ``(bytes, buffers)`` when there are any.
     The queue sends those buffers out-of-band, so a large array is copied once, into the
-    queue, and the parent's array is made on the queue's memory."""
-    import io
-
-    from .reduction import ForkingPickler
-
+    queue, and the receiver's array is made on the queue's memory."""
+    global _BufferPickler
+    if _BufferPickler is None:
+        from .reduction import _BufferPickler
     buffers = []
 
     def keep(pb):
@@ -139,16 +141,19 @@ def dumps_with_buffers(obj):
         buffers.append(pb)
         return False
 
-    out = io.BytesIO()
-    pickler = ForkingPickler(out, 5)
-    # `ForkingPickler.__init__` takes positional arguments only: run the base initializer
-    # again with the callback, keeping the dispatch table it set.
-    table = pickler.dispatch_table
-    _pickle.Pickler.__init__(pickler, out, 5, buffer_callback=keep)
-    pickler.dispatch_table = table
-    pickler.dump(obj)
+    out = _BytesIO()
+    _BufferPickler(out, keep).dump(obj)
     data = out.getvalue()
     return (data, buffers) if buffers else data
+
+
+def loads_with_buffers(payload):
+    """Loads what `dumps_with_buffers` made (its buffers as the queue delivered them)."""
+    from .reduction import ForkingPickler
+
+    if type(payload) is tuple:
+        return ForkingPickler.loads(payload[0], buffers=payload[1])
+    return ForkingPickler.loads(payload)
 
 
 def pickle_outcomes(outcomes, kinds, dumps):
@@ -191,7 +196,7 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
         return bytes(_dumps(obj))
 
     hooks = (
-        ForkingPickler.loads,
+        loads_with_buffers,
         run_chunk,
         lambda outcomes, kinds: pickle_outcomes(outcomes, kinds, dumps),
         lambda exc: _error_blob(exc, dumps),

@@ -59,6 +59,8 @@ from ._poolworker import (
     ExceptionWithTraceback,
     MaybeEncodingError,
     RemoteTraceback,
+    dumps_with_buffers,
+    loads_with_buffers,
     rebuild_exc,
     thread_worker,
     worker,
@@ -333,7 +335,9 @@ class _Core:
         else:
             from .reduction import ForkingPickler
 
-            self.dumps = _bytes_dumps(ForkingPickler.dumps)
+            # Tasks and results go as protocol 5 pickles with their large buffers beside
+            # them, for the queues to send out-of-band (see `dumps_with_buffers`).
+            self.dumps = dumps_with_buffers
             self.loads = ForkingPickler.loads
             qctx = _queue_context(ctx)
             self.resultq = qctx.Queue()
@@ -475,12 +479,10 @@ class _Core:
             outcomes = payload
         else:
             try:
-                if type(payload) is tuple:  # a pickle and its out-of-band buffers
-                    outcomes = self.loads(payload[0], buffers=payload[1])
-                elif pool_is_packed(payload):
+                if type(payload) is not tuple and pool_is_packed(payload):
                     outcomes = pool_unpack_outcomes(payload)
                 else:
-                    outcomes = self.loads(payload)
+                    outcomes = loads_with_buffers(payload)
             except Exception as e:
                 err = MaybeEncodingError(e, "<result of a pool task>")
                 outcomes = [(False, err)] * len(recs)
@@ -707,13 +709,6 @@ class _Core:
         for slot in self.slots:
             _close_queue(slot.taskq)
         _close_queue(self.resultq)
-
-
-def _bytes_dumps(dumps):
-    def to_bytes(obj):
-        return bytes(dumps(obj))
-
-    return to_bytes
 
 
 def _drain_queue(q):

@@ -47,6 +47,15 @@ class ForkingPickler(_pickle.Pickler):
     loads = staticmethod(_pickle.loads)
 
 
+class _BufferPickler(ForkingPickler):
+    """`ForkingPickler` at protocol 5 with a ``buffer_callback`` (for the pool's tasks and
+    results, see `ferroproc._poolworker.dumps_with_buffers`)."""
+
+    def __init__(self, file, buffer_callback):
+        _pickle.Pickler.__init__(self, file, 5, buffer_callback=buffer_callback)
+        self.dispatch_table = _dispatch_table(ForkingPickler)
+
+
 # cls -> (copyreg snapshot, stdlib extras snapshot, merged table)
 _cache: dict = {}
 
