@@ -143,8 +143,21 @@ def write_held(obj):
     obj.data[:] = b"\x01" * len(obj.data)
 
 
-def just_exit(obj):
-    """Exits at once, ``obj`` (inherited) still referenced by the process's arguments."""
+def sleep_then_exit(seconds):
+    """Sleeps, then exits (a child to kill)."""
+    time.sleep(seconds)
+
+
+#: What `get_into_global` got.
+KEPT = None
+
+
+def get_into_global(q, done):
+    """Gets a `Held` object from ``q`` into a module global, reports its size on ``done`` and
+    returns, the object still referenced."""
+    global KEPT  # the point: a reference that outlives the target
+    KEPT = q.get(timeout=SHORT_TIMEOUT)
+    done.put(len(KEPT.data))
 
 
 def check_after_go(obj, go, expected_sum):

@@ -349,8 +349,8 @@ impl RecvBuffer {
         // The region holds `len` bytes from `as_ptr` and stays mapped while the view lives: the
         // view takes a reference to `slf` (FillInfo sets `view.obj`), and the region is only
         // unmapped or reused when this object is dropped (a blob region is this process's
-        // alone until then: its lease keeps the blob from being reused, and makes the mapping
-        // private before a fork). The memory is plain bytes, writable.
+        // alone until then: its lease keeps the blob from being reused, and turns it into this
+        // process's own memory, in place, before a fork). The memory is plain bytes, writable.
         let r = unsafe {
             ffi::PyBuffer_FillInfo(view, slf.as_ptr(), region.as_ptr().cast(), len, 0, flags)
         };

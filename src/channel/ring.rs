@@ -944,9 +944,7 @@ pub use blob::{Blob, BLOB_BASE};
 pub(crate) use lease::BlobLease;
 pub(crate) mod fork_hooks {
     //! What `os.register_at_fork` runs for blob leases (see `lease.rs`).
-    pub(crate) use super::lease::{
-        after_fork_in_child, after_fork_in_parent, before_fork, end_all,
-    };
+    pub(crate) use super::lease::{after_fork, before_fork, end_all};
 }
 
 #[cfg(test)]

@@ -225,7 +225,7 @@ fn take_blob<'py>(
 }
 
 /// Leases the blob of `piece` to this process (see `channel/ring/lease.rs`), once the fork
-/// hooks that keep a leased blob safe across a fork are registered; `None` if they cannot be,
+/// hook that detaches leased blobs before a fork is registered; `None` if they cannot be,
 /// or the blob cannot be mapped.
 fn lease_blob(py: Python<'_>, ring: &Arc<RingBuffer>, piece: Piece) -> Option<Arc<BlobLease>> {
     static HOOKS: PyOnceLock<bool> = PyOnceLock::new();
@@ -238,14 +238,9 @@ fn lease_blob(py: Python<'_>, ring: &Arc<RingBuffer>, piece: Piece) -> Option<Ar
 fn register_fork_hooks(py: Python<'_>) -> PyResult<()> {
     let kwargs = PyDict::new(py);
     kwargs.set_item("before", wrap_pyfunction!(lease_before_fork, py)?)?;
-    kwargs.set_item(
-        "after_in_parent",
-        wrap_pyfunction!(lease_after_fork_in_parent, py)?,
-    )?;
-    kwargs.set_item(
-        "after_in_child",
-        wrap_pyfunction!(lease_after_fork_in_child, py)?,
-    )?;
+    let after = wrap_pyfunction!(lease_after_fork, py)?;
+    kwargs.set_item("after_in_parent", &after)?;
+    kwargs.set_item("after_in_child", after)?;
     py.import("os")?
         .call_method("register_at_fork", (), Some(&kwargs))?;
     Ok(())
@@ -257,13 +252,8 @@ fn lease_before_fork() {
 }
 
 #[pyfunction]
-fn lease_after_fork_in_parent() {
-    fork_hooks::after_fork_in_parent();
-}
-
-#[pyfunction]
-fn lease_after_fork_in_child() {
-    fork_hooks::after_fork_in_child();
+fn lease_after_fork() {
+    fork_hooks::after_fork();
 }
 
 /// Gives back the queue blobs this process holds for received buffers: called when a

@@ -356,18 +356,19 @@ impl RingBuffer {
         self.release(at, span(len));
     }
 
-    /// A shared mapping of the whole blob of `len` bytes at `at` (its bytes start
+    /// A shared mapping of exactly the blob of `len` bytes at `at` (its bytes start
     /// [`DATA_SHIFT`] into it) for a reader to hand out as is: this process's kept mapping of
     /// it, taken out of the list (so no writer copies through it while the reader holds it),
     /// or a new one with every page mapped. `None` when the file does not reach the blob's end
-    /// (a corrupted message) or mapping fails.
+    /// (a corrupted message) or mapping fails. (A kept mapping longer than the blob, made when
+    /// a larger message had it, would reach into the next blob: it is not taken.)
     pub(crate) fn blob_lease_map(&self, at: u64, len: usize) -> Option<Arc<Mapping>> {
         let need = usize::try_from(span(len)).ok()?;
         if let Ok(mut lists) = self.maps.0.try_lock() {
             if let Some(i) = lists
                 .maps
                 .iter()
-                .position(|(a, m)| *a == at && m.len() >= need)
+                .position(|(a, m)| *a == at && m.len() == need)
             {
                 return Some(lists.maps.remove(i).1);
             }
@@ -396,15 +397,6 @@ impl RingBuffer {
             maps.remove(0);
         }
         maps.push((at, map));
-    }
-
-    /// A shared mapping of the first page of the blob at `at`, whose first word the readers
-    /// holding the blob use as their count (see `lease.rs`); the blob's bytes start past it.
-    ///
-    /// # Errors
-    /// The `mmap` errno.
-    pub(crate) fn blob_head_map(&self, at: u64) -> Result<Mapping> {
-        Mapping::range(&self.fd, BLOB_BASE + at, PAGE as usize, false)
     }
 
     /// Offers the blob `[at, at + span)` as a spare: it takes an empty slot if the spares'
