@@ -28,6 +28,12 @@ def send_payload(conn, size, count):
     conn.close()
 
 
+def send_pickled_payload(conn, size):
+    """Sends one `bytes` of `size` bytes with `send` (pickled), then closes."""
+    conn.send(bytes(range(256)) * (size // 256))
+    conn.close()
+
+
 def recv_into_and_report(conn, size):
     """Receives one message into a preallocated buffer and replies with its length and sum."""
     buf = bytearray(size + 16)

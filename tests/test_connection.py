@@ -484,6 +484,48 @@ def test_child_one_way_pipe(ctx):
     p.close()
 
 
+def test_large_objects_in_a_row(pair):
+    # ferroproc unpickles a large message from a view of its receive buffer, which the next
+    # message reuses: what the first gave must not change.
+    a, b = pair
+    objs = [
+        (i, os.urandom(3 << 20), [Plain(j) for j in range(1000)], "s" * (1 << 20)) for i in range(3)
+    ]
+    t = threading.Thread(target=lambda: [a.send(o) for o in objs])
+    t.start()
+    got = [b.recv() for _ in objs]
+    t.join(SHORT_TIMEOUT)
+    assert got == objs
+    assert [type(g[1]) for g in got] == [bytes] * 3
+
+
+def test_a_large_message_is_unpickled_without_a_copy(impl):
+    # ferroproc: the pickle is loaded from a view of the receive buffer (Rust memory), so the
+    # only Python allocation of its size is the object it holds.
+    if impl.__name__ != "ferroproc":
+        pytest.skip("ferroproc's receive path")
+    import tracemalloc
+
+    ctx = impl.get_context("fork")
+    a, b = ctx.Pipe()
+    size = 8 << 20
+    p = ctx.Process(target=workers.send_pickled_payload, args=(b, size))
+    p.start()
+    b.close()
+    assert a.poll(SHORT_TIMEOUT)
+    tracemalloc.start()
+    try:
+        got = a.recv()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    p.join(SHORT_TIMEOUT)
+    assert p.exitcode == 0
+    assert got == bytes(range(256)) * (size // 256)
+    assert peak < size * 1.5, peak  # a `bytes` copy of the message would double it
+    a.close()
+
+
 def test_child_bulk_and_recv_into(ctx):
     a, b = ctx.Pipe()
     size = 3 << 20

@@ -202,6 +202,43 @@ where
     Ok(obj)
 }
 
+/// Calls `f` with a read-only `memoryview` of `data` (no copy), then releases the view. The
+/// second value says whether the release worked: if `f` left something holding an export of
+/// the view (nothing `pickle.loads` does), it did not, and the caller must then keep `data`
+/// alive and unchanged for the rest of the process.
+///
+/// # Errors
+/// `f`'s error; creating the view fails only for lack of memory.
+pub fn with_view<'py, T>(
+    py: Python<'py>,
+    data: &[u8],
+    f: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
+) -> (PyResult<T>, bool) {
+    let Ok(len) = ffi::Py_ssize_t::try_from(data.len()) else {
+        return (
+            Err(pyo3::exceptions::PyOverflowError::new_err(
+                "buffer too large",
+            )),
+            true,
+        );
+    };
+    // SAFETY: the view reads `len` bytes at `data`'s address, which the caller keeps alive and
+    // unchanged until the view is released below, or, if that fails, for good (see above). It
+    // is created read-only (PyBUF_READ), so nothing writes through it.
+    let ptr = unsafe {
+        ffi::PyMemoryView_FromMemory(data.as_ptr().cast_mut().cast(), len, ffi::PyBUF_READ)
+    };
+    // SAFETY: `ptr` is a new reference (or null with an exception set), owned from here on.
+    let view = unsafe { Bound::from_owned_ptr_or_err(py, ptr) };
+    let view = match view {
+        Ok(v) => v,
+        Err(e) => return (Err(e), true),
+    };
+    let out = f(&view);
+    let released = view.call_method0("release").is_ok();
+    (out, released)
+}
+
 /// Smallest writable out-of-band queue buffer received into a [`RecvBuffer`] (below it, the
 /// allocator's recycled memory serves a `bytearray` as well).
 pub const RECV_BUFFER_MIN: usize = 4 << 20;

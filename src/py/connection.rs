@@ -532,11 +532,18 @@ impl Connection {
         self.send_frame(py, fd_num, out.as_slice())
     }
 
-    /// `recv()` for Rust callers: receives one message and unpickles it.
+    /// `recv()` for Rust callers: receives one message and unpickles it. A large one is
+    /// unpickled from a view of the receive buffer, without copying it into a `bytes` first.
     pub(crate) fn recv_object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let fd_num = self.for_reading()?;
-        let payload = self.recv_frame(py, fd_num, None)?;
-        cached(py, &PICKLE_LOADS, "pickle", "loads")?.call1((payload,))
+        let loads = cached(py, &PICKLE_LOADS, "pickle", "loads")?;
+        self.recv_with(
+            py,
+            fd_num,
+            None,
+            |b| loads.call1((b,)),
+            |v| pybuf::with_view(py, v, |view| loads.call1((view,))),
+        )
     }
 
     /// Reads one frame into a new `bytes`.
@@ -546,6 +553,23 @@ impl Connection {
         fd_num: RawFd,
         maxlength: Option<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        self.recv_with(py, fd_num, maxlength, Ok, |v| {
+            (Ok(PyBytes::new(py, v)), true)
+        })
+    }
+
+    /// Reads one frame and makes `R` of it: `small` of a new `bytes` for a payload that is
+    /// read whole or through a lane, `large` of the payload in this thread's scratch buffer
+    /// otherwise (its second value false when the buffer must never be reused or freed, see
+    /// [`pybuf::with_view`]).
+    fn recv_with<'py, R>(
+        &self,
+        py: Python<'py>,
+        fd_num: RawFd,
+        maxlength: Option<usize>,
+        small: impl FnOnce(Bound<'py, PyBytes>) -> PyResult<R>,
+        large: impl FnOnce(&[u8]) -> (PyResult<R>, bool),
+    ) -> PyResult<R> {
         let bfd = borrow(fd_num)?;
         let mut src = self.source(bfd);
         let mut head = RecvHead::new();
@@ -554,20 +578,27 @@ impl Connection {
             head.step(s, maxlength, INLINE_MAX, lanes)
         })?;
         match h {
-            Head::Inline(v) => Ok(PyBytes::new(py, &v)),
+            Head::Inline(v) => small(PyBytes::new(py, &v)),
             Head::TooLong | Head::Invalid => Err(self.bad_message_length()),
-            Head::Lane(slot, n) => self.recv_lane_bytes(py, &mut src, slot, n),
+            Head::Lane(slot, n) => small(self.recv_lane_bytes(py, &mut src, slot, n)?),
             Head::Len(n) => {
                 // Large payloads land in this thread's scratch buffer, whose capacity was
                 // earned by earlier messages (so no page faults or regrowth on repeats) and
-                // grows only as bytes arrive; then one copy makes the `bytes`.
+                // grows only as bytes arrive; then one copy makes the `bytes`, or none when
+                // the payload is unpickled where it lies.
                 let mut v = SCRATCH.take();
                 v.clear();
                 let got = self.drive(py, &mut src, Mode::Detached, |s| {
                     conn::step_vec(s, &mut v, n)
                 });
-                let out = got.map(|()| PyBytes::new(py, &v));
-                if v.capacity() <= SCRATCH_KEEP {
+                let (out, reusable) = match got {
+                    Ok(()) => large(&v),
+                    Err(e) => (Err(e), true),
+                };
+                if !reusable {
+                    // Something still reads these bytes: they stay as they are, for good.
+                    std::mem::forget(v);
+                } else if v.capacity() <= SCRATCH_KEEP {
                     v.clear();
                     SCRATCH.set(v);
                 }
