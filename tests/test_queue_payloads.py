@@ -246,8 +246,8 @@ def test_received_buffer_survives_fork_and_parent_reusing_the_queue(ctx):
     p = start(ctx, w.check_buffer_after_go, buf, go, sum(data))
     del buf
     gc.collect()
-    # The parent's next large messages would take the blob the buffer was received in, had
-    # the child not counted as holding it too.
+    # The parent's next large messages take the blob the buffer was received in (freed at the
+    # fork): the child's copy must not change with them.
     for _ in range(3):
         q.put(pickle.PickleBuffer(bytearray(b"\xff" * (8 << 20))))
         buf = q.get(timeout=SHORT_TIMEOUT)
@@ -289,7 +289,8 @@ def test_a_buffer_kept_by_its_object_survives_fork_and_parent_reusing_the_queue(
     p = start(ctx, w.check_held_after_go, obj, go, sum(data))
     del obj
     gc.collect()
-    # Messages of the same size would take the blob back had the parent's drop freed it.
+    # Messages of the same size take the blob back (freed at the fork): the child's copy must
+    # not change with them.
     for _ in range(3):
         q.put(w.Held(bytearray(b"\xff" * (8 << 20))))
         assert q.get(timeout=SHORT_TIMEOUT).data[:1] == b"\xff"

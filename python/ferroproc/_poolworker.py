@@ -105,10 +105,10 @@ def run_chunk(kind, func, args, kwds, wrap):
         return _failure(e, wrap)
 
 
-def _encodable(outcome, dumps):
+def _encodable(outcome):
     value = outcome[1]
     try:
-        dumps(value)
+        dumps_with_buffers(value)
     except Exception as e:
         return False, MaybeEncodingError(e, value)
     return outcome
@@ -156,7 +156,7 @@ def loads_with_buffers(payload):
     return ForkingPickler.loads(payload)
 
 
-def pickle_outcomes(outcomes, kinds, dumps):
+def pickle_outcomes(outcomes, kinds):
     """Pickles a batch's outcomes (the native loop has found they do not pack, see
     ``src/py/pool.rs``); a value that cannot be pickled becomes a `MaybeEncodingError` for
     its task alone."""
@@ -167,9 +167,9 @@ def pickle_outcomes(outcomes, kinds, dumps):
     fixed = []
     for kind, outcome in zip(kinds, outcomes, strict=True):
         if kind in {EACH, EACH_STAR}:
-            fixed.append([_encodable(o, dumps) for o in outcome])
+            fixed.append([_encodable(o) for o in outcome])
         else:
-            fixed.append(_encodable(outcome, dumps))
+            fixed.append(_encodable(outcome))
     return dumps_with_buffers(fixed)
 
 
@@ -198,7 +198,7 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
     hooks = (
         loads_with_buffers,
         run_chunk,
-        lambda outcomes, kinds: pickle_outcomes(outcomes, kinds, dumps),
+        pickle_outcomes,
         lambda exc: _error_blob(exc, dumps),
         _parent_watch(),
     )

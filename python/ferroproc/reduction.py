@@ -48,8 +48,8 @@ class ForkingPickler(_pickle.Pickler):
 
 
 class _BufferPickler(ForkingPickler):
-    """`ForkingPickler` at protocol 5 with a ``buffer_callback`` (for the pool's tasks and
-    results, see `ferroproc._poolworker.dumps_with_buffers`)."""
+    """`ForkingPickler` at protocol 5 with a ``buffer_callback``: the queues' pickler (see
+    src/py/queues/pickling.rs) and the pool's (`ferroproc._poolworker.dumps_with_buffers`)."""
 
     def __init__(self, file, buffer_callback):
         _pickle.Pickler.__init__(self, file, 5, buffer_callback=buffer_callback)

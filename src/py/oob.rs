@@ -205,14 +205,15 @@ fn take_blob<'py>(
     ring: &Arc<RingBuffer>,
     piece: Piece,
 ) -> (PyResult<Bound<'py, PyAny>>, bool) {
-    if !piece.readonly && piece.len >= RECV_BUFFER_MIN {
+    let large = !piece.readonly && piece.len >= RECV_BUFFER_MIN;
+    if large {
         if let Some(lease) = lease_blob(py, ring, piece) {
             let buf = Bound::new(py, RecvBuffer::leased(lease)).map(Bound::into_any);
             return (buf, true);
         }
     }
     let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
-    if !piece.readonly && piece.len >= RECV_BUFFER_MIN {
+    if large {
         let buf = RecvBuffer::new_filled(py, piece.len, fill)
             .and_then(|b| Bound::new(py, b))
             .map(Bound::into_any);
@@ -282,17 +283,14 @@ pub(crate) fn load<'py>(
     msg: &[u8],
 ) -> PyResult<Bound<'py, PyAny>> {
     let layout = bundle::parse(msg)?;
-    if let [piece] = layout.pieces[..] {
-        let pickle = &msg[layout.pickle_at..];
-        if !piece.readonly && pickle == BYTEARRAY_PICKLE {
-            let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
-            let got = pybuf::new_filled(py, piece.len, false, fill);
-            ring.blob_free(piece.at, piece.len);
-            return got;
-        }
-        if !piece.readonly && pickle == PICKLE_IN_BLOB {
-            return load_in_blob(py, ring, loads, piece);
-        }
+    if let Some(piece) = whole_buffer(&layout, msg, BYTEARRAY_PICKLE) {
+        let fill = |dest: &mut pybuf::Unfilled| ring.blob_read_into(piece.blob(), dest);
+        let got = pybuf::new_filled(py, piece.len, false, fill);
+        ring.blob_free(piece.at, piece.len);
+        return got;
+    }
+    if let Some(piece) = whole_buffer(&layout, msg, PICKLE_IN_BLOB) {
+        return load_in_blob(py, ring, loads, piece);
     }
     let bufs = PyList::empty(py);
     let mut taken = Ok(());
@@ -333,9 +331,14 @@ fn load_in_blob<'py>(
 /// The blob of a bundle that carries a pickle in a blob ([`Bundle::write_pickle`]); `None`
 /// for any other message.
 pub(crate) fn pickle_blob(msg: &[u8]) -> Option<Piece> {
-    let layout = bundle::parse(msg).ok()?;
+    whole_buffer(&bundle::parse(msg).ok()?, msg, PICKLE_IN_BLOB)
+}
+
+/// The one writable buffer of a bundle whose pickle is exactly `stub` (one of the pickles
+/// that say what to make of a message that is a single buffer), if it is such a bundle.
+fn whole_buffer(layout: &bundle::Layout, msg: &[u8], stub: &[u8]) -> Option<Piece> {
     match layout.pieces[..] {
-        [piece] if !piece.readonly && &msg[layout.pickle_at..] == PICKLE_IN_BLOB => Some(piece),
+        [piece] if !piece.readonly && &msg[layout.pickle_at..] == stub => Some(piece),
         _ => None,
     }
 }

@@ -138,7 +138,8 @@ struct Hooks<'py> {
     loads: Bound<'py, PyAny>,
     /// `run_chunk(kind, func, args, kwds, wrap)`: one chunk's outcome.
     run_chunk: Bound<'py, PyAny>,
-    /// `pickle_outcomes(outcomes, kinds)`: the batch's outcomes as bytes.
+    /// `pickle_outcomes(outcomes, kinds)`: the batch's outcomes pickled (`bytes`, or the
+    /// pickle and its out-of-band buffers).
     pickle_outcomes: Bound<'py, PyAny>,
     /// `error_blob(exc)`: a batch-wide failure, pickled.
     error_blob: Bound<'py, PyAny>,

@@ -441,6 +441,12 @@ impl Core {
             .ok_or_else(|| Empty::new_err(()))
     }
 
+    /// The next object, waited for without a deadline.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.get(py, true, Deadline::never())?
+            .ok_or_else(|| Empty::new_err(()))
+    }
+
     /// The ring's memfd and the eventfd, to hand to a child.
     fn handles<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, [self.ring.fd().as_raw_fd(), self.efd.as_raw_fd()])
@@ -816,9 +822,7 @@ impl PyRingQueue {
 
     /// Takes the next object, waiting for it (what `_reader.recv()` gives).
     fn _recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.core
-            .get(py, true, Deadline::never())?
-            .ok_or_else(|| Empty::new_err(()))
+        self.core.recv(py)
     }
 
     /// Takes the next message's pickled bytes.
@@ -892,9 +896,7 @@ impl PySimpleRing {
     #[pyo3(text_signature = "($self)")]
     fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.check_open()?;
-        self.core
-            .get(py, true, Deadline::never())?
-            .ok_or_else(|| Empty::new_err(()))
+        self.core.recv(py)
     }
 
     #[pyo3(text_signature = "($self)")]
@@ -944,10 +946,7 @@ impl PySimpleRing {
 
     /// Takes the next object, waiting for it (what `_reader.recv()` gives).
     fn _recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.check_open()?;
-        self.core
-            .get(py, true, Deadline::never())?
-            .ok_or_else(|| Empty::new_err(()))
+        self.get(py)
     }
 
     #[pyo3(signature = (block = true, timeout = None))]

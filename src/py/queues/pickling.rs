@@ -16,7 +16,7 @@ pub(super) struct Globals {
     namespace: Py<PyAny>,
     pickler: Py<PyAny>,
     loads: Py<PyAny>,
-    base_init: Py<PyAny>,
+    buffer_pickler: Py<PyAny>,
     copyreg_table: Py<PyDict>,
     our_extras: Py<PyDict>,
     sys_modules: Py<PyDict>,
@@ -34,11 +34,7 @@ pub(super) fn globals(py: Python<'_>) -> PyResult<&Globals> {
             bytesio: py.import("io")?.getattr("BytesIO")?.unbind(),
             namespace: py.import("types")?.getattr("SimpleNamespace")?.unbind(),
             loads: py.import("_pickle")?.getattr("loads")?.unbind(),
-            base_init: py
-                .import("_pickle")?
-                .getattr("Pickler")?
-                .getattr("__init__")?
-                .unbind(),
+            buffer_pickler: reduction.getattr("_BufferPickler")?.unbind(),
             copyreg_table: py
                 .import("copyreg")?
                 .getattr("dispatch_table")?
@@ -109,18 +105,15 @@ impl Pickler {
             Some(&[("write", chunks.getattr("append")?)].into_py_dict(py)?),
         )?;
         let collector = Py::new(py, oob::Collector::new())?;
-        // `ForkingPickler.__init__` takes positional arguments only, as the stdlib's does:
-        // build it, then run the base initializer again with the `buffer_callback` (which
-        // resets nothing but the pickler's own state), keeping the merged dispatch table.
-        let p = g.pickler.bind(py).call1((&sink, 5))?;
-        if oob {
-            let table = p.getattr("dispatch_table")?;
-            g.base_init.bind(py).call(
-                (&p, &sink, 5),
-                Some(&[("buffer_callback", collector.bind(py))].into_py_dict(py)?),
-            )?;
-            p.setattr("dispatch_table", table)?;
-        }
+        // `ForkingPickler.__init__` takes positional arguments only, as the stdlib's does;
+        // `_BufferPickler` is the same pickler at protocol 5 with a `buffer_callback`.
+        let p = if oob {
+            g.buffer_pickler
+                .bind(py)
+                .call1((&sink, collector.bind(py)))?
+        } else {
+            g.pickler.bind(py).call1((&sink, 5))?
+        };
         Ok(Self {
             dump: p.getattr("dump")?.unbind(),
             clear_memo: p.getattr("clear_memo")?.unbind(),
