@@ -241,6 +241,40 @@ def touch_after_parent_exits(impl_name, ready_path, done_path):
     write_json(done_path, {"sentinel_ready": bool(ready), "alive": parent.is_alive()})
 
 
+def read_stdin_twice_down(impl_name, method, out_path, depth=0):
+    """Record what ``sys.stdin.read()`` gives here and whether the parent's stdin object is
+    closed, then do the same in a child started with `method` (one level down)."""
+    mp = impl_module(impl_name)
+    try:
+        seen = repr(sys.stdin.read())
+    except Exception as e:  # a closed or broken stdin is what the test looks for
+        seen = f"{type(e).__name__}: {e}"
+    with open(f"{out_path}.{depth}", "w") as f:
+        f.write(seen)
+    if depth == 0:
+        p = mp.get_context(method).Process(
+            target=read_stdin_twice_down, args=(impl_name, method, out_path, 1)
+        )
+        p.start()
+        p.join(SHORT_TIMEOUT)
+        sys.exit(p.exitcode)
+
+
+def sigterm_handler_exits_3_when_ready(ready_path):
+    """Install a Python SIGTERM handler that exits 3, announce readiness, then sleep."""
+
+    def handler(signum, frame):
+        sys.exit(3)
+
+    signal.signal(signal.SIGTERM, handler)
+    sleep_when_ready(ready_path)
+
+
+def report_sigterm_disposition():
+    """Exit 0 if SIGTERM has the default disposition here, as Python sees it; else 5."""
+    sys.exit(0 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else 5)
+
+
 def exit_if_module_loaded(name):
     """Exit 0 if module ``name`` is already in ``sys.modules`` (without importing it), else 7."""
     sys.exit(0 if name in sys.modules else 7)

@@ -175,6 +175,42 @@ def test_kill_child_that_ignores_sigterm(ctx, tmp_path):
     assert finish(p) == -signal.SIGKILL
 
 
+def test_terminate_runs_the_childs_own_sigterm_handler(ctx, tmp_path):
+    p = start_ready(ctx, tmp_path, target=w.sigterm_handler_exits_3_when_ready)
+    p.terminate()
+    assert finish(p) == 3
+
+
+def test_child_sees_default_sigterm_disposition(ctx):
+    p = ctx.Process(target=w.report_sigterm_disposition)
+    p.start()
+    assert finish(p) == 0
+
+
+@pytest.mark.fork_only
+def test_terminate_leaves_inherited_sigterm_ignore_alone(impl, ctx):
+    # SIG_IGN set by the parent is inherited by a forked child: terminate() cannot end it.
+    result = run_script(
+        impl.__name__,
+        """
+        import signal, _workers
+        if __name__ == "__main__":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            p = mp.get_context(METHOD).Process(target=_workers.sleep_forever)
+            p.start()
+            p.terminate()
+            p.join(0.5)
+            print("alive", p.is_alive(), flush=True)
+            p.kill()
+            p.join(30)
+            print("exitcode", p.exitcode, flush=True)
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["alive True", f"exitcode {-signal.SIGKILL}"]
+
+
 def test_terminate_and_kill_after_exit_are_harmless(ctx):
     p = ctx.Process(target=w.exit_with, args=(5,))
     p.start()
@@ -457,6 +493,79 @@ def test_parent_sentinel_after_parent_exits(impl, ctx, tmp_path):
     assert result.returncode == 0, result.stderr
     assert w.wait_for_path(done), "child never saw its parent exit"
     assert w.read_json(done) == {"sentinel_ready": True, "alive": False}
+
+
+def test_fork_child_of_a_forkserver_user_starts_forkserver_children(impl, request):
+    # The parent's forkserver is running when a child is forked; that child then starts its
+    # own forkserver children. ferroproc's fork child must not talk on the parent's server
+    # connection (difference 3): it starts a server of its own.
+    if impl.__name__ == "multiprocessing":
+        # CPython 3.11: the child inherits the server's pid and its `ensure_running` calls
+        # `os.waitpid` on it, which is not its child: ChildProcessError in `start()`.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="stdlib: ChildProcessError in the fork child")
+        )
+    result = run_script(
+        impl.__name__,
+        """
+        import _workers
+        def start_one_and_report_server():
+            fs = mp.get_context("forkserver")
+            p = fs.Process(target=_workers.noop)
+            p.start()
+            p.join(30)
+            from importlib import import_module
+            server = import_module(mp.__name__ + ".forkserver")._forkserver
+            print("child", p.exitcode, getattr(server, "_forkserver_pid", None), flush=True)
+        if __name__ == "__main__":
+            fs = mp.get_context("forkserver")
+            p = fs.Process(target=_workers.noop)
+            p.start()
+            p.join(30)
+            server = __import__(mp.__name__ + ".forkserver").forkserver._forkserver
+            print("parent", p.exitcode, getattr(server, "_forkserver_pid", None), flush=True)
+            c = mp.get_context("fork").Process(target=start_one_and_report_server)
+            c.start()
+            c.join(60)
+            print("fork child", c.exitcode, flush=True)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [line[:2] for line in lines] == [["parent", "0"], ["child", "0"], ["fork", "child"]]
+    assert lines[2][2] == "0", result.stdout + result.stderr
+    if impl.__name__ == "ferroproc":
+        assert lines[0][2] != lines[1][2], "the fork child used its parent's forkserver"
+
+
+def test_children_and_grandchildren_read_devnull(impl, ctx, tmp_path):
+    # The parent's stdin is a pipe holding data; a child, and a child of that child (for
+    # fork: a fork of a fork), must each see an empty stdin, never the parent's data or a
+    # closed file.
+    out = tmp_path / "stdin"
+    result = run_script(
+        impl.__name__,
+        f"""
+        import os, _workers
+        if __name__ == "__main__":
+            r, w = os.pipe()
+            os.write(w, b"parent's data\\n")
+            os.dup2(r, 0)
+            sys.stdin = open(0, encoding="utf-8", closefd=False)
+            p = mp.get_context(METHOD).Process(
+                target=_workers.read_stdin_twice_down,
+                args=({impl.__name__!r}, METHOD, {str(out)!r}),
+            )
+            p.start()
+            p.join(30)
+            print(p.exitcode, sys.stdin.closed, flush=True)
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False"], result.stderr
+    assert (tmp_path / "stdin.0").read_text() == "''"
+    assert (tmp_path / "stdin.1").read_text() == "''"
 
 
 # ---------------------------------------------------------------------------------------------

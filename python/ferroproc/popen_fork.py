@@ -103,15 +103,17 @@ class Popen:
     def _launch(self, process_obj):
         code = 1
         report_r, report_w = os.pipe()
-        # Prepared here so the child only assigns: its parent sentinel is our pidfd (inherited),
-        # its new stdin a spare wrapper on /dev/null.
+        # Prepared here so the child only assigns (its pages are copy-on-write faults): its
+        # parent sentinel is our pidfd (inherited), its new stdin a spare wrapper on /dev/null,
+        # its process counter, children and parent handle made before the fork.
         parent_sentinel = util._own_pidfd()
         util._prepare_fork_stdin()
+        prepared = process_obj._child_state(parent_sentinel)
         self.pid = os.fork()
         if self.pid == 0:
             try:
                 os.close(report_r)
-                code = process_obj._bootstrap(parent_sentinel=parent_sentinel)
+                code = process_obj._bootstrap(parent_sentinel, prepared)
             finally:
                 try:
                     write_exit_report(report_w, code & 0xFF)

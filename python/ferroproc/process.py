@@ -10,6 +10,8 @@ import os
 import sys
 from _weakrefset import WeakSet
 
+from ._ferroproc import _release_received_buffers
+
 __all__ = ["BaseProcess", "active_children", "current_process", "parent_process"]
 
 
@@ -34,12 +36,14 @@ def parent_process():
 _unreaped: set = set()
 
 
-def _reap_unreaped():
+def _reap_unreaped(wait_for=()):
+    """Reaps the children in `_unreaped` that have ended; those in `wait_for` are waited for
+    (they have reported, so only their teardown is left)."""
     from ._ferroproc import waitpid
 
     for pid in list(_unreaped):
         try:
-            done = waitpid(pid, False) is not None
+            done = waitpid(pid, pid in wait_for) is not None
         except ChildProcessError:
             done = True
         if done:
@@ -228,20 +232,23 @@ class BaseProcess:
             parts.append("daemon")
         return f"<{' '.join(parts)}>"
 
-    def _bootstrap(self, parent_sentinel=None):
-        """Runs in the child: becomes the current process, runs `run()`, returns the exit code."""
-        # Module references instead of `from . import`: the import machinery is Python code,
-        # and every page a fork child touches is a copy-on-write fault.
+    def _bootstrap(self, parent_sentinel=None, prepared=None):
+        """Runs in the child: becomes the current process, runs `run()`, returns the exit code.
+
+        `prepared` is what `_child_state` made in the parent before a fork: every page a fork
+        child writes is a copy-on-write fault (about 4 µs here), so the child only assigns.
+        """
+        # Module references instead of `from . import`: the import machinery is Python code.
         context, util = _context, _util
         global _current_process, _parent_process, _process_counter, _children
         try:
             if self._start_method is not None:
                 context._force_start_method(self._start_method)
-            _process_counter = itertools.count(1)
-            _children = set()
+            if prepared is None:
+                prepared = self._child_state(parent_sentinel)
+            _process_counter, _children, _parent_process = prepared
             util._close_stdin()
             _current_process = self
-            _parent_process = _ParentProcess(self._parent_name, self._parent_pid, parent_sentinel)
             threading = sys.modules.get("threading")
             if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
@@ -252,18 +259,26 @@ class BaseProcess:
                 std_process._process_counter = itertools.count(1)
                 std_process._children = set()
             self._after_fork()
-            util.info("child process calling self.run()")
+            if util._logger:
+                util.info("child process calling self.run()")
             try:
                 self.run()
                 exitcode = 0
             finally:
-                util._exit_function()
-                std_util = _stdlib_module("util")
-                std_children = std_process is not None and std_process._children
-                if std_util is not None and (std_util._finalizer_registry or std_children):
-                    # Stdlib objects used here (a stdlib Queue handed over by a
-                    # concurrent.futures executor, say) flush and join through its hooks.
-                    std_util._exit_function()
+                if util._finalizer_registry or _children or util._logger:
+                    util._exit_function()
+                else:
+                    # What `_exit_function` would do with nothing registered, no child and
+                    # no logger.
+                    util._exiting = True
+                if std_process is not None:
+                    std_util = _stdlib_module("util")
+                    if std_util is not None and (
+                        std_util._finalizer_registry or std_process._children
+                    ):
+                        # Stdlib objects used here (a stdlib Queue handed over by a
+                        # concurrent.futures executor, say) flush and join through its hooks.
+                        std_util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -282,20 +297,26 @@ class BaseProcess:
             threading = sys.modules.get("threading")
             if threading is not None:
                 threading._shutdown()
-            util.info(f"process exiting with exitcode {exitcode}")
+            if util._logger:
+                util.info(f"process exiting with exitcode {exitcode}")
             util._flush_std_streams()
             # Large arrays received from a queue and still referenced (by a global, say) hold
             # their blobs of the queue's memory: give them back for the processes that go on.
-            from ._ferroproc import _release_received_buffers
-
             _release_received_buffers()
         return exitcode
+
+    def _child_state(self, parent_sentinel):
+        """A fresh child's process counter, set of children and parent handle."""
+        parent = _ParentProcess(self._parent_name, self._parent_pid, parent_sentinel)
+        return itertools.count(1), set(), parent
 
     @staticmethod
     def _after_fork():
         util = _util
-        util._finalizer_registry.clear()
-        util._run_after_forkers()
+        if util._finalizer_registry:
+            util._finalizer_registry.clear()
+        if util._afterfork_registry.data:  # its len() is Python code
+            util._run_after_forkers()
         std_util = _stdlib_module("util")
         if std_util is not None:
             # Stdlib objects inherited by fork (locks, queues) reset themselves through the

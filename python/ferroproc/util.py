@@ -360,44 +360,51 @@ def _own_pidfd():
 
 
 # Made in the parent before a fork, so a forked child replaces stdin with /dev/null without
-# allocating (every page a fork child writes is a copy-on-write fault): a descriptor open on
-# /dev/null and a spare text wrapper for descriptor 0.
+# allocating or asking stdin for its descriptor (every page a fork child writes is a
+# copy-on-write fault): a descriptor open on /dev/null, a spare text wrapper for descriptor 0,
+# and the `sys.stdin` seen reading descriptor 0. A child that uses the spare forgets it, so its
+# own children get a fresh one.
 _devnull_fd = None
 _spare_stdin = None
+_fd0_stdin = None
 
 
 def _prepare_fork_stdin():
-    global _devnull_fd, _spare_stdin
-    if _spare_stdin is not None:
+    global _devnull_fd, _spare_stdin, _fd0_stdin
+    stdin = sys.stdin
+    if stdin is None or (stdin is _fd0_stdin and _spare_stdin is not None):
         return
     try:
-        if sys.stdin is None or sys.stdin.fileno() != 0:
+        if stdin.fileno() != 0:
             return
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if _devnull_fd is None:
+            _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if _spare_stdin is None:
+            _spare_stdin = open(0, encoding="utf-8", closefd=False)
     except (AttributeError, OSError, ValueError):
         return
-    _devnull_fd = fd
-    _spare_stdin = open(0, encoding="utf-8", closefd=False)
+    _fd0_stdin = stdin
 
 
 def _close_stdin():
-    if sys.stdin is None:
+    global _spare_stdin, _fd0_stdin
+    stdin = sys.stdin
+    if stdin is None:
         return
+    spare = _spare_stdin
+    on_fd0 = spare is not None and stdin is _fd0_stdin
     try:
-        on_fd0 = _spare_stdin is not None and sys.stdin.fileno() == 0
-    except (AttributeError, OSError, ValueError):
-        on_fd0 = False
-    try:
-        sys.stdin.close()
+        stdin.close()
     except (OSError, ValueError):
         pass
     if on_fd0:
+        _spare_stdin = _fd0_stdin = None
         try:
-            os.dup2(_devnull_fd, 0, inheritable=False)
+            os.dup2(_devnull_fd, 0, False)
         except OSError:
             pass
         else:
-            sys.stdin = _spare_stdin
+            sys.stdin = spare
             return
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
