@@ -39,8 +39,17 @@ class ForkServer:
         self._lock = _thread.allocate_lock()
         self._preload_modules = ["__main__"]
         self._inherited_fds = None
+        self._hooked = False
+
+    def _arm(self):
+        # The after-fork reset is registered on first use: until then there is nothing to
+        # reset, and every hook is Python code each forked child runs (and pays faults for).
+        if not self._hooked:
+            self._hooked = True
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _stop(self):
+        self._arm()
         with self._lock:
             self._stop_unlocked()
 
@@ -78,6 +87,7 @@ class ForkServer:
 
     def ensure_running(self):
         """Starts the server if this process has none running."""
+        self._arm()
         with self._lock:
             self._ensure_running_unlocked()
 
@@ -119,6 +129,7 @@ class ForkServer:
 
         if len(fds) + 1 > MAXFDS_TO_SEND:
             raise ValueError("too many fds")
+        self._arm()
         with self._lock:
             self._ensure_running_unlocked()
             # The child's parent sentinel: a pidfd of this process, sent along.
@@ -147,7 +158,6 @@ ensure_running = _forkserver.ensure_running
 get_inherited_fds = _forkserver.get_inherited_fds
 set_forkserver_preload = _forkserver.set_forkserver_preload
 request = _forkserver.request
-os.register_at_fork(after_in_child=_forkserver._after_fork_in_child)
 
 
 def main(ctl_fd, preload, main_path=None, sys_path=None):

@@ -328,6 +328,7 @@ class _Core:
         self.initializer, self.initargs = initializer, initargs
         self.fds_changed = True
         self.thread = None
+        _arm_fork_hook()
         if threads:
             self.resultq = SimpleQueue()
             self.slots = [_Slot(i, SimpleQueue()) for i in range(processes)]
@@ -979,7 +980,16 @@ def _after_fork_in_child():
     _waiters_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_hooked = False
+
+
+def _arm_fork_hook():
+    # Registered with the first pool: before it no scheduler thread can hold the lock, and
+    # every hook is Python code each forked child runs (and pays faults for).
+    global _hooked
+    if not _hooked:
+        _hooked = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ApplyResult:

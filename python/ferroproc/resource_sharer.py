@@ -39,9 +39,18 @@ class _Sharer:
         self._sock = None
         self._address = None
         self._thread = None
+        self._hooked = False
+
+    def _arm(self):
+        # The after-fork reset is registered on first use: until then there is nothing to
+        # reset, and every hook is Python code each forked child runs (and pays faults for).
+        if not self._hooked:
+            self._hooked = True
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def share(self, fd):
         """Keeps a duplicate of `fd` to be claimed once; returns `(address, token)`."""
+        self._arm()
         dup = os.dup(fd)
         try:
             with self._lock:
@@ -107,6 +116,7 @@ class _Sharer:
 
     def stop(self, timeout=None):
         """Stops serving and closes the descriptors nobody claimed."""
+        self._arm()
         with self._lock:
             sock, thread = self._sock, self._thread
             self._sock = self._address = self._thread = None
@@ -141,7 +151,6 @@ class _Sharer:
 
 
 _sharer = _Sharer()
-os.register_at_fork(after_in_child=_sharer._after_fork_in_child)
 
 
 def stop(timeout=None):

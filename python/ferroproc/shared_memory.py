@@ -59,6 +59,14 @@ class _Tracker:
         self._lock = threading.Lock()
         self._sock = None
         self._held = {}
+        self._hooked = False
+
+    def _arm(self):
+        # The after-fork reset is registered on first use: until then there is nothing to
+        # reset, and every hook is Python code each forked child runs (and pays faults for).
+        if not self._hooked:
+            self._hooked = True
+            os.register_at_fork(after_in_child=self._forget_after_fork)
 
     def _forget_after_fork(self):
         # The forked child must not speak on (or keep alive) its parent's connection: close
@@ -153,6 +161,7 @@ class _Tracker:
     # Holds are counted per process (several objects of one process may open one name);
     # the tracker hears only about the first hold and the last release.
     def hold(self, name):
+        self._arm()
         with self._lock:
             count = self._held.get(name, 0)
             if count == 0:
@@ -160,6 +169,7 @@ class _Tracker:
             self._held[name] = count + 1
 
     def release(self, name):
+        self._arm()
         with self._lock:
             count = self._held.get(name, 0)
             if count > 1:
@@ -169,6 +179,7 @@ class _Tracker:
                 self._send(_line(b"R", name))
 
     def unlinked(self, name):
+        self._arm()
         with self._lock:
             self._held.pop(name, None)
             self._send(_line(b"U", name))
@@ -179,7 +190,6 @@ def _line(verb, name):
 
 
 _tracker = _Tracker()
-os.register_at_fork(after_in_child=_tracker._forget_after_fork)
 
 
 # -- SharedMemory -----------------------------------------------------------------------------
