@@ -268,6 +268,30 @@ def test_many_pools_leave_nothing_behind(ctx):
         p.join()
 
 
+@pytest.mark.parametrize("end", ["close", "terminate"])
+def test_joined_pool_has_reaped_its_workers(ctx, end):
+    # Right after join() returns, no worker is left, not even as a zombie. Forkserver workers
+    # are the server's children: ferroproc's join() returns on their own exit report
+    # (difference 1) and the server reaps them, so for them only "soon" holds.
+    import _workers
+
+    later = _is_ferroproc(ctx) and ctx.get_start_method() == "forkserver"
+    for _ in range(5):
+        p = ctx.Pool(2)
+        pids = [w.pid for w in p._pool]
+        assert p.map(pw.square, range(4)) == [0, 1, 4, 9]
+        getattr(p, end)()
+        p.join()
+        deadline = time.monotonic() + (SHORT_TIMEOUT if later else 0)
+        while True:
+            table = _workers.proc_table()
+            left = [pid for pid in pids if pid in table]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        assert left == [], {pid: table.get(pid) for pid in pids}
+
+
 # ---------------------------------------------------------------------------------------------
 # Dead workers: ferroproc fails what they held; the stdlib hangs
 # ---------------------------------------------------------------------------------------------

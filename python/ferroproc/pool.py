@@ -47,7 +47,7 @@ import types
 import warnings
 from queue import Empty, SimpleQueue
 
-from . import util
+from . import process, util
 from ._ferroproc import PoolLedger, pool_is_packed, pool_unpack_outcomes
 from ._poolworker import (
     APPLY,
@@ -705,6 +705,12 @@ class _Core:
     def release(self, procs):
         if self.threads:
             return
+        # A joined worker may still be exiting (`join()` returns on its exit report): a pool
+        # that has been joined leaves no process behind, as the stdlib's.
+        if process._unreaped:
+            # (`_popen` rather than `pid`: the scheduler may have closed a process object.)
+            pids = {p._popen.pid for p in procs if p._popen is not None}
+            process._reap_unreaped(pids)
         # The process objects stay usable (``pool._pool``); their descriptors go with them.
         del procs
         for slot in self.slots:
