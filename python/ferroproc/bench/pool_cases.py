@@ -104,3 +104,42 @@ def pool_lifecycle(mod: ModuleType, n: int) -> float:
                 raise RuntimeError("wrong result")
         p.join()
     return _perf() - t0
+
+
+#: `pool_lifecycle` as a user's script: its own interpreter, importing only the library (see
+#: `cases._SCRIPT` for why a fork's cost depends on that).
+_LIFECYCLE_SCRIPT = """\
+import sys
+import time
+
+
+def square(x):
+    return x * x
+
+
+if __name__ == "__main__":
+    mod = __import__(sys.argv[1])
+    ctx = mod.get_context("fork")
+    n = int(sys.argv[2])
+    total = 0.0
+    for i in range(n + 2):
+        t0 = time.perf_counter()
+        with ctx.Pool(2) as p:
+            if p.map(square, [1]) != [1]:
+                sys.exit("wrong result")
+        p.join()
+        if i >= 2:  # the first two warm up this interpreter
+            total += time.perf_counter() - t0
+    print(total)
+"""
+
+
+@case("pool_lifecycle_from_script", n=20, unit="pool", warmup=0)
+def pool_lifecycle_from_script(mod: ModuleType, n: int) -> float:
+    """As pool_lifecycle, timed inside a script run as ``python script.py`` that imports only
+    the library."""
+    from ferroproc.bench.cases import run_user_script
+
+    if not hasattr(mod.get_context("fork"), "Pool"):
+        raise SkipCase(f"{mod.__name__} has no Pool")
+    return run_user_script(_LIFECYCLE_SCRIPT, mod, n)
