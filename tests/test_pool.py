@@ -292,6 +292,27 @@ def test_joined_pool_has_reaped_its_workers(ctx, end):
         assert left == [], {pid: table.get(pid) for pid in pids}
 
 
+def test_joined_pool_has_reaped_its_replaced_workers(ctx):
+    # maxtasksperchild=1: every task ends its worker, which the pool replaces; after join()
+    # none of them is left.
+    import _workers
+
+    later = _is_ferroproc(ctx) and ctx.get_start_method() == "forkserver"
+    p = ctx.Pool(2, maxtasksperchild=1)
+    pids = set(p.map(pw.pid_after, [0.0] * 6, chunksize=1))
+    p.close()
+    p.join()
+    deadline = time.monotonic() + (SHORT_TIMEOUT if later else 0)
+    while True:
+        table = _workers.proc_table()
+        left = sorted(pid for pid in pids if pid in table)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    assert len(pids) >= 3
+    assert left == [], {pid: table.get(pid) for pid in left}
+
+
 # ---------------------------------------------------------------------------------------------
 # Dead workers: ferroproc fails what they held; the stdlib hangs
 # ---------------------------------------------------------------------------------------------

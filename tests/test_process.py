@@ -495,6 +495,58 @@ def test_parent_sentinel_after_parent_exits(impl, ctx, tmp_path):
     assert w.read_json(done) == {"sentinel_ready": True, "alive": False}
 
 
+@pytest.mark.fork_only
+def test_closed_stdin_leaves_a_reused_descriptor_zero_alone(impl, ctx):
+    # The parent closes stdin after a first child; descriptor 0 is then reused by a pipe,
+    # which a later child must still read from.
+    result = run_script(
+        impl.__name__,
+        """
+        import os, _workers
+        def read_fd0():
+            print("child read", os.read(0, 64), flush=True)
+        if __name__ == "__main__":
+            ctx = mp.get_context(METHOD)
+            p = ctx.Process(target=_workers.noop)
+            p.start(); p.join(30)
+            sys.stdin.close()
+            os.close(0)
+            r, w = os.pipe()
+            assert r == 0, r
+            os.write(w, b"still mine")
+            p = ctx.Process(target=read_fd0)
+            p.start(); p.join(30)
+            print("exitcode", p.exitcode, flush=True)
+        """,
+        method_of(ctx),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["child read b'still mine'", "exitcode 0"], (
+        result.stdout + result.stderr
+    )
+
+
+def test_stdlib_finalizers_registered_in_a_child_run(impl, tmp_path):
+    # The child imports the stdlib's multiprocessing itself and registers a finalizer with an
+    # exit priority: it runs when the child's target returns, as in a stdlib child.
+    done = tmp_path / "finalized"
+    result = run_script(
+        impl.__name__,
+        f"""
+        def register():
+            import multiprocessing.util as su
+            su.Finalize(None, open, args=({str(done)!r}, "w"), exitpriority=1)
+        if __name__ == "__main__":
+            p = mp.get_context("fork").Process(target=register)
+            p.start(); p.join(30)
+            print("exitcode", p.exitcode, flush=True)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exitcode 0", result.stdout + result.stderr
+    assert done.exists()
+
+
 def test_fork_child_of_a_forkserver_user_starts_forkserver_children(impl, request):
     # The parent's forkserver is running when a child is forked; that child then starts its
     # own forkserver children. ferroproc's fork child must not talk on the parent's server

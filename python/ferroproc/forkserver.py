@@ -45,8 +45,10 @@ class ForkServer:
         # The after-fork reset is registered on first use: until then there is nothing to
         # reset, and every hook is Python code each forked child runs (and pays faults for).
         if not self._hooked:
-            self._hooked = True
+            # Registered before the flag is set: a thread that sees the flag may take the
+            # lock at once. (Two registrations are harmless.)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
+            self._hooked = True
 
     def _stop(self):
         self._arm()

@@ -328,6 +328,8 @@ class _Core:
         self.initializer, self.initargs = initializer, initargs
         self.fds_changed = True
         self.thread = None
+        # Replaced workers that had not finished exiting when joined (see `release`).
+        self.exiting = set()
         _arm_fork_hook()
         if threads:
             self.resultq = SimpleQueue()
@@ -506,6 +508,10 @@ class _Core:
         proc.join(1)
         exitcode = proc.exitcode
         pid = proc.pid
+        if not self.threads and process._unreaped:
+            self.exiting &= process._unreaped
+            if pid in process._unreaped:
+                self.exiting.add(pid)
         with self.lock:
             queued = 0 if self.threads else slot.taskq.qsize()
             held = self.ledger.lost(slot.index, queued)
@@ -710,7 +716,7 @@ class _Core:
         if process._unreaped:
             # (`_popen` rather than `pid`: the scheduler may have closed a process object.)
             pids = {p._popen.pid for p in procs if p._popen is not None}
-            process._reap_unreaped(pids)
+            process._reap_unreaped(pids | self.exiting)
         # The process objects stay usable (``pool._pool``); their descriptors go with them.
         del procs
         for slot in self.slots:
@@ -994,8 +1000,10 @@ def _arm_fork_hook():
     # every hook is Python code each forked child runs (and pays faults for).
     global _hooked
     if not _hooked:
-        _hooked = True
+        # Registered before the flag is set: a thread that sees the flag may take the lock
+        # at once. (Two registrations are harmless.)
         os.register_at_fork(after_in_child=_after_fork_in_child)
+        _hooked = True
 
 
 class ApplyResult:

@@ -271,10 +271,11 @@ class BaseProcess:
                     # What `_exit_function` would do with nothing registered, no child and
                     # no logger.
                     util._exiting = True
-                if std_process is not None:
-                    std_util = _stdlib_module("util")
-                    if std_util is not None and (
-                        std_util._finalizer_registry or std_process._children
+                std_util = _stdlib_module("util")  # maybe first imported by `run()`
+                if std_util is not None:
+                    std_process = _stdlib_module("process")
+                    if std_util._finalizer_registry or (
+                        std_process is not None and std_process._children
                     ):
                         # Stdlib objects used here (a stdlib Queue handed over by a
                         # concurrent.futures executor, say) flush and join through its hooks.

@@ -372,9 +372,14 @@ _fd0_stdin = None
 def _prepare_fork_stdin():
     global _devnull_fd, _spare_stdin, _fd0_stdin
     stdin = sys.stdin
-    if stdin is None or (stdin is _fd0_stdin and _spare_stdin is not None):
-        return
     try:
+        if stdin is None or stdin.closed:
+            # A closed stdin no longer owns descriptor 0 (it may be reused by a pipe): the
+            # child keeps descriptor 0 as it is and opens /dev/null elsewhere.
+            _fd0_stdin = None
+            return
+        if stdin is _fd0_stdin and _spare_stdin is not None:
+            return
         if stdin.fileno() != 0:
             return
         if _devnull_fd is None:
