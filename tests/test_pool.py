@@ -292,6 +292,43 @@ def test_joined_pool_has_reaped_its_workers(ctx, end):
         assert left == [], {pid: table.get(pid) for pid in pids}
 
 
+def test_pool_whose_process_factory_fails_releases_what_it_started(impl):
+    # A context whose Process objects are not processes at all (no pid, no _popen), the
+    # third of which fails to start: Pool() raises that error and stops the ones started.
+    made = []
+
+    class Stand_in:
+        def __init__(self, **kwargs):
+            self.name, self.daemon, self.exitcode, self.state = "stand-in", False, None, None
+            made.append(self)
+
+        def start(self):
+            if len(made) > 2:
+                raise OSError("third start refused")
+            self.state = "started"
+
+        def terminate(self):
+            self.state = "stopped"
+
+        def kill(self):
+            self.state = "stopped"
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return self.state == "started"
+
+    class Context:
+        Process = Stand_in
+        SimpleQueue = impl.get_context("fork").SimpleQueue  # the stdlib's pool wants one
+
+    with pytest.raises(OSError, match="third start refused"):
+        _pool_module(impl).Pool(4, context=Context())
+    assert len(made) == 3
+    assert not any(p.is_alive() for p in made)
+
+
 def test_joined_pool_has_reaped_its_replaced_workers(ctx):
     # maxtasksperchild=1: every task ends its worker, which the pool replaces; after join()
     # none of them is left.

@@ -713,9 +713,11 @@ class _Core:
             return
         # A joined worker may still be exiting (`join()` returns on its exit report): a pool
         # that has been joined leaves no process behind, as the stdlib's.
+        # (`_popen` rather than `pid`: the scheduler may have closed a process object, and a
+        # context's `Process` may make objects that have neither.)
+        popens = [getattr(p, "_popen", None) for p in procs]
+        pids = {getattr(popen, "pid", None) for popen in popens} - {None}
         if process._unreaped:
-            # (`_popen` rather than `pid`: the scheduler may have closed a process object.)
-            pids = {p._popen.pid for p in procs if p._popen is not None}
             process._reap_unreaped(pids | self.exiting)
         # The process objects stay usable (``pool._pool``); their descriptors go with them.
         del procs
