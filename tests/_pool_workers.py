@@ -109,6 +109,13 @@ def identity(x):
     return x
 
 
+def identity_or_raise(x):
+    """``x`` itself, except that an exception instance is raised."""
+    if isinstance(x, BaseException):
+        raise x
+    return x
+
+
 class Level(enum.IntEnum):
     """An int subclass, to come back from a pool as itself."""
 

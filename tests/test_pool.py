@@ -580,6 +580,41 @@ def test_map_results_keep_their_values_and_types(ctx, values):
     p.join()
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1, 2, 3, ValueError("late"), 5],  # after results that pack
+        [1.5, 2.5, "x", ValueError("late")],  # after the chunk stopped packing
+        [ValueError("first"), 1, 2],
+    ],
+    ids=["after-packed", "after-spill", "first"],
+)
+def test_map_exception_fails_its_chunk_with_the_remote_traceback(ctx, values):
+    """An exception anywhere in a chunk fails the map with that exception and the worker's
+    traceback as its cause (ferroproc runs `map` chunks natively, packing results as they
+    come), and the pool keeps serving."""
+    mod = _pool_module(_impl_of(ctx))
+    with ctx.Pool(2) as p:
+        with pytest.raises(ValueError) as info:
+            p.map(pw.identity_or_raise, values, chunksize=len(values))
+        assert str(info.value) == str(next(v for v in values if isinstance(v, ValueError)))
+        assert type(info.value.__cause__) is mod.RemoteTraceback
+        assert "raise x" in info.value.__cause__.tb
+        assert p.map(pw.identity_or_raise, [1, 2.0, "3"], chunksize=3) == [1, 2.0, "3"]
+    p.join()
+
+
+def test_map_task_raising_system_exit_fails_instead_of_hanging(fctx):
+    """`SystemExit` is not an `Exception`: it ends the worker, as in the stdlib (whose pool
+    then waits forever for the task); ferroproc fails the task and replaces the worker."""
+    mod = _pool_module(_impl_of(fctx))
+    with fctx.Pool(1) as p:
+        with pytest.raises(mod.WorkerLostError):
+            p.map(pw.identity_or_raise, [1, 2, SystemExit(3)], chunksize=3)
+        assert p.map(pw.square, range(5), chunksize=5) == [0, 1, 4, 9, 16]
+    p.join()
+
+
 def test_packed_outcomes_refuse_damaged_input(impl):
     if impl.__name__ != "ferroproc":
         pytest.skip("ferroproc's native outcome packing")
