@@ -104,20 +104,23 @@ class ForkServer:
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            main_path = sys_path = None
+            setup = None
             if self._preload_modules:
                 data = spawn.get_preparation_data("ignore")
-                main_path = data.get("init_main_from_path")
-                sys_path = data["sys_path"]
+                setup = (data.get("init_main_from_path"), data["sys_path"], data["sys_argv"])
+            # The setup goes over the socket, ahead of the first request: a long `sys.argv`
+            # does not fit one command-line argument (the kernel's limit is 128 KiB).
+            setup = _pickle.dumps(setup, protocol=4)
             prog = (
                 "from ferroproc.forkserver import main; "
-                f"main({theirs.fileno()}, {self._preload_modules!r}, {main_path!r}, {sys_path!r})"
+                f"main({theirs.fileno()}, {self._preload_modules!r}, setup={len(setup)})"
             )
             from subprocess import _args_from_interpreter_flags
 
             exe = spawn.get_executable()
             args = [exe, *_args_from_interpreter_flags(), "-c", prog]
             self._forkserver_pid = util.spawnv_passfds(exe, args, [theirs.fileno()])
+            ours.sendall(setup)
         except BaseException:
             ours.close()
             raise
@@ -162,19 +165,22 @@ set_forkserver_preload = _forkserver.set_forkserver_preload
 request = _forkserver.request
 
 
-def main(ctl_fd, preload, main_path=None, sys_path=None):
-    """The server process: preload, then serve fork requests until the parent is gone."""
+def main(ctl_fd, preload, main_path=None, sys_path=None, sys_argv=None, *, setup=0):
+    """The server process: preload, then serve fork requests until the parent is gone.
+
+    With `setup`, the first `setup` bytes on `ctl_fd` are the pickled ``(main_path, sys_path,
+    sys_argv)`` of the parent (or None), which take the place of the arguments."""
     from ._ferroproc import ForkServer as NativeServer
 
+    if setup:
+        received = _read_exactly(ctl_fd, setup)
+        if received is not None:
+            main_path, sys_path, sys_argv = received
     if sys_path is not None:
         sys.path[:] = sys_path
     if preload:
         if "__main__" in preload and main_path is not None:
-            process.current_process()._inheriting = True
-            try:
-                spawn.import_main_path(main_path)
-            finally:
-                del process.current_process()._inheriting
+            _preload_main(main_path, sys_argv)
         for modname in preload:
             try:
                 __import__(modname)
@@ -207,6 +213,34 @@ def main(ctl_fd, preload, main_path=None, sys_path=None):
     sys.exit(0)
 
 
+def _read_exactly(fd, size):
+    """The object pickled in the next `size` bytes of `fd` (never reading past them)."""
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise EOFError("the forkserver's parent closed the socket before its setup")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return _pickle.loads(b"".join(chunks))
+
+
+def _preload_main(main_path, sys_argv):
+    """Runs the parent's main script once, here, as `__mp_main__`, with the parent's
+    `sys.argv` (module-level code reads it as it does in a spawned child). If the script
+    raises, the server carries on without it: each child then runs the script itself, as a
+    spawned child (and the stdlib's forkserver child) does, and reports the error there."""
+    if sys_argv is not None:
+        sys.argv = list(sys_argv)
+    process.current_process()._inheriting = True
+    try:
+        spawn.import_main_path(main_path)
+    except BaseException:
+        pass
+    finally:
+        del process.current_process()._inheriting
+
+
 def _run_spare(server, server_pid, old_sigint):
     """The pre-forked child: waits for its request, then runs it. Never returns."""
     from ._ferroproc import write_exit_report
@@ -221,6 +255,11 @@ def _run_spare(server, server_pid, old_sigint):
             payload, fds = taken
             _signal.signal(_signal.SIGINT, old_sigint)
             code = _serve_child(payload, fds)
+    except Exception:
+        # Before the process object runs (its own errors are reported by its bootstrap):
+        # the main script or the process object failed to load. Shown as the stdlib shows it.
+        sys.excepthook(*sys.exc_info())
+        util._flush_std_streams()
     finally:
         try:
             if fds:

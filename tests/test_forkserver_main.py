@@ -1,0 +1,101 @@
+"""The forkserver start method and the user's main script.
+
+A forkserver child must see the parent's main module as a spawned child does: module-level
+code runs with the parent's ``sys.argv``, and a script whose module level fails in a child
+fails that child (exit code 1, the traceback on stderr), not the parent's later starts.
+CPython 3.11 runs the script in every child; ferroproc's server runs it once, ahead of the
+children (README, "Semantic differences"). Each test runs a script file in a sacrificial
+interpreter, parametrized over both libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import _workers as w
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _run_script(tmp_path, impl_name, body, *args):
+    script = tmp_path / "main_script.py"
+    script.write_text(w.script_source(impl_name, textwrap.dedent(body), "forkserver"))
+    r, leftovers = w.run_interpreter([str(script), *args], cwd=tmp_path)
+    assert not leftovers, leftovers
+    return r
+
+
+def test_module_level_code_sees_the_parents_argv(tmp_path, impl_name):
+    body = """
+        import json
+
+        FIRST = sys.argv[1]  # an IndexError unless the script runs with the parent's argv
+        ARGS = sys.argv[1:]
+
+        def report(q):
+            q.put((FIRST, ARGS, __name__))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            q = ctx.Queue()
+            for _ in range(2):
+                p = ctx.Process(target=report, args=(q,))
+                p.start()
+                got = q.get(timeout=30)
+                p.join(30)
+                print(json.dumps([p.exitcode, *got]))
+    """
+    r = _run_script(tmp_path, impl_name, body, "alpha", "--beta")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines == [[0, "alpha", ["alpha", "--beta"], "__mp_main__"]] * 2, r.stdout
+
+
+def test_a_script_failing_in_the_child_fails_only_that_child(tmp_path, impl_name):
+    body = """
+        if __name__ != "__main__":
+            raise RuntimeError("module level refuses to run in a child")
+
+        def noop():
+            pass
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            for _ in range(2):
+                p = ctx.Process(target=noop)
+                p.start()
+                p.join(30)
+                print(p.exitcode)
+    """
+    r = _run_script(tmp_path, impl_name, body)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"], (r.stdout, r.stderr)
+    assert r.stderr.count("RuntimeError: module level refuses to run in a child") == 2, r.stderr
+
+
+def test_a_long_argv_reaches_the_children(tmp_path, impl_name):
+    """More than the 128 KiB one command-line argument may hold (ferroproc hands the server
+    its setup over the control socket)."""
+    body = """
+        import json
+
+        def report(q):
+            q.put(len("".join(sys.argv[1:])))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            q = ctx.Queue()
+            p = ctx.Process(target=report, args=(q,))
+            p.start()
+            print(json.dumps([q.get(timeout=30), len("".join(sys.argv[1:]))]))
+            p.join(30)
+            print(p.exitcode)
+    """
+    args = ["x" * 50_000 for _ in range(6)]
+    r = _run_script(tmp_path, impl_name, body, *args)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()
+    assert json.loads(first) == [300_000, 300_000]
+    assert second == "0"
