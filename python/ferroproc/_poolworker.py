@@ -201,7 +201,6 @@ def worker(  # noqa: PLR0917 - the stdlib's worker takes these positionally
         pickle_outcomes,
         lambda exc: _error_blob(exc, dumps),
         _parent_watch(),
-        _failure,
     )
     try:
         pool_worker_loop(

@@ -18,8 +18,7 @@ How it works (differs from the stdlib's three threads and two pipes):
 * a batch whose chunks all returned lists of plain ``int``s (64-bit) or ``float``s (what
   ``map`` of a numeric function gives) travels back packed as raw 8-byte values instead of
   pickled (``src/py/pool.rs``); the pickler's byte-array path for ints of 32 bits or more
-  was a fifth of a million-item ``map``'s CPU. A worker packs a ``map`` chunk's results as
-  the builtin ``map`` yields them, without a list of them in between;
+  was a fifth of a million-item ``map``'s CPU;
 * when a worker dies (``kill -9``, a segfault, the OOM killer), the batches it had taken off
   its queue fail at once with `WorkerLostError` naming its pid and how it ended, batches still
   waiting in its queue go to its replacement, and the pool keeps serving. The stdlib's pool

@@ -14,12 +14,9 @@
 
 use std::time::Instant;
 
-use pyo3::exceptions::{
-    PyEOFError, PyException, PyIndexError, PyOSError, PyTypeError, PyValueError,
-};
+use pyo3::exceptions::{PyEOFError, PyIndexError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple, PyType};
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
 
 use super::queues::PyRingQueue;
 use crate::pool::{Bid, Ledger, CREDIT, MAX_BATCH_ITEMS};
@@ -116,7 +113,15 @@ fn pool_unpack_outcomes<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Bound<
             n.checked_mul(8)
                 .ok_or_else(|| PyValueError::new_err("packed pool outcomes too long"))?,
         )?;
-        out.append((true, unpack_values(py, tag, raw)?))?;
+        let words = raw
+            .chunks_exact(8)
+            .map(|w| [w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        let values = match tag {
+            INT => PyList::new(py, words.map(i64::from_le_bytes))?,
+            FLOAT => PyList::new(py, words.map(f64::from_le_bytes))?,
+            _ => return Err(PyValueError::new_err("bad packed pool outcome tag")),
+        };
+        out.append((true, values))?;
     }
     if !data.is_empty() {
         return Err(PyValueError::new_err(
@@ -140,15 +145,13 @@ struct Hooks<'py> {
     error_blob: Bound<'py, PyAny>,
     /// `parent_gone()`: whether the pool's owner has ended.
     parent_gone: Bound<'py, PyAny>,
-    /// `failure(exc, wrap)`: the outcome of a chunk that raised `exc`, as `run_chunk` makes it.
-    failure: Bound<'py, PyAny>,
 }
 
 impl<'py> Hooks<'py> {
     fn new(hooks: &Bound<'py, PyTuple>) -> PyResult<Self> {
-        if hooks.len() != 6 {
+        if hooks.len() != 5 {
             return Err(PyTypeError::new_err(
-                "pool worker hooks: expected 6 callables",
+                "pool worker hooks: expected 5 callables",
             ));
         }
         Ok(Self {
@@ -157,7 +160,6 @@ impl<'py> Hooks<'py> {
             pickle_outcomes: hooks.get_item(2)?,
             error_blob: hooks.get_item(3)?,
             parent_gone: hooks.get_item(4)?,
-            failure: hooks.get_item(5)?,
         })
     }
 }
@@ -168,127 +170,6 @@ fn queue_gone(py: Python<'_>, e: &PyErr) -> bool {
     e.is_instance_of::<PyEOFError>(py)
         || e.is_instance_of::<PyOSError>(py)
         || e.is_instance_of::<PyValueError>(py)
-}
-
-/// The kind of chunk `run_chunk` runs as `list(map(func, args))` (`MAP` in `_poolworker`).
-const KIND_MAP: u8 = 1;
-
-/// A chunk's outcome as the worker loop holds it until the batch is encoded.
-enum Outcome<'py> {
-    /// Every item gave an exact `int` fitting 64 bits (`INT`), or every one an exact `float`
-    /// (`FLOAT`): the tag, the item count and the values, already in the packed layout.
-    Packed(u8, u32, Vec<u8>),
-    /// Anything else: the outcome `run_chunk` gives (`(ok, value)`, or a list of them).
-    Object(Bound<'py, PyAny>),
-}
-
-impl<'py> Outcome<'py> {
-    /// The outcome as the Python object `run_chunk` would have returned.
-    fn into_object(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match self {
-            Outcome::Object(o) => Ok(o),
-            Outcome::Packed(tag, _, values) => Ok((true, unpack_values(py, tag, &values)?)
-                .into_pyobject(py)?
-                .into_any()),
-        }
-    }
-}
-
-/// The packed `values` (8 bytes each) of a chunk tagged `tag`, as a list.
-fn unpack_values<'py>(py: Python<'py>, tag: u8, values: &[u8]) -> PyResult<Bound<'py, PyList>> {
-    let words = values
-        .chunks_exact(8)
-        .map(|w| [w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-    match tag {
-        INT => PyList::new(py, words.map(i64::from_le_bytes)),
-        FLOAT => PyList::new(py, words.map(f64::from_le_bytes)),
-        _ => Err(PyValueError::new_err("bad packed pool outcome tag")),
-    }
-}
-
-/// `value` in the packed layout of a chunk tagged `tag` (the first value chooses the tag).
-fn pack_value(value: &Bound<'_, PyAny>, tag: &mut Option<u8>) -> Option<[u8; 8]> {
-    if matches!(tag, None | Some(INT)) && value.is_exact_instance_of::<PyInt>() {
-        let v = value.extract::<i64>().ok()?;
-        *tag = Some(INT);
-        return Some(v.to_le_bytes());
-    }
-    if matches!(tag, None | Some(FLOAT)) {
-        let v = value.cast_exact::<PyFloat>().ok()?.value();
-        *tag = Some(FLOAT);
-        return Some(v.to_le_bytes());
-    }
-    None
-}
-
-/// The builtin `map` type, whose iterator calls a function the fastest way CPython has.
-static MAP_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-/// Runs a `MAP` chunk, `list(map(func, args))`, packing each result as it comes while they
-/// all pack: a million-item `map` no longer builds a list of results in the worker only to
-/// read it back and free it. The calls are made by the builtin `map` (vectorcall, which the
-/// limited API of 3.11 does not offer here), so its quirks are kept: a `func` raising
-/// `StopIteration` ends the chunk early, as it ends `list(map(...))`. An `Exception` fails the
-/// chunk as a whole (`hooks.failure`, as `run_chunk` does); any other exception propagates.
-fn run_map<'py>(
-    hooks: &Hooks<'py>,
-    func: Bound<'py, PyAny>,
-    args: Bound<'py, PyAny>,
-    wrap: bool,
-) -> PyResult<Outcome<'py>> {
-    let py = func.py();
-    let fail = |e: PyErr| -> PyResult<Outcome<'py>> {
-        if e.is_instance_of::<PyException>(py) {
-            Ok(Outcome::Object(
-                hooks.failure.call1((e.into_value(py), wrap))?,
-            ))
-        } else {
-            Err(e)
-        }
-    };
-    let capacity = args.len().unwrap_or(0);
-    let results = match MAP_TYPE
-        .import(py, "builtins", "map")?
-        .call1((func, args))
-        .and_then(|m| m.try_iter())
-    {
-        Ok(it) => it,
-        Err(e) => return fail(e),
-    };
-    let mut values = Vec::with_capacity(8 * capacity);
-    let mut tag = None;
-    let mut count: u32 = 0;
-    let mut spill = None;
-    for result in &results {
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => return fail(e),
-        };
-        match pack_value(&result, &mut tag) {
-            Some(bytes) if count < u32::MAX => {
-                values.extend_from_slice(&bytes);
-                count += 1;
-            }
-            _ => {
-                spill = Some(result);
-                break;
-            }
-        }
-    }
-    let Some(unpacked) = spill else {
-        return Ok(Outcome::Packed(tag.unwrap_or(INT), count, values));
-    };
-    // A result that does not pack: the rest of the chunk is collected as objects.
-    let list = unpack_values(py, tag.unwrap_or(INT), &values)?;
-    drop(values);
-    list.append(unpacked)?;
-    for result in results {
-        match result {
-            Ok(r) => list.append(r)?,
-            Err(e) => return fail(e),
-        }
-    }
-    Ok(Outcome::Object((true, list).into_pyobject(py)?.into_any()))
 }
 
 /// Runs one batch; `Ok(Err(exc))` when the batch as a whole failed (could not be unpickled,
@@ -307,59 +188,30 @@ fn run_batch<'py>(
     let chunks = chunks.cast_into::<PyList>()?;
     let n = chunks.len();
     let kinds = PyList::empty(py);
-    let mut outcomes = Vec::with_capacity(n);
+    let outcomes = PyList::empty(py);
     for chunk in chunks.iter() {
         let chunk = chunk.cast_into::<PyTuple>()?;
         let kind = chunk.get_item(0)?;
-        let (func, args) = (chunk.get_item(1)?, chunk.get_item(2)?);
-        let outcome = if kind.extract::<u8>().ok() == Some(KIND_MAP) {
-            run_map(hooks, func, args, wrap)?
-        } else {
-            Outcome::Object(
-                hooks
-                    .run_chunk
-                    .call1((&kind, func, args, chunk.get_item(3)?, wrap))?,
-            )
-        };
-        outcomes.push(outcome);
+        let args = (
+            &kind,
+            chunk.get_item(1)?,
+            chunk.get_item(2)?,
+            chunk.get_item(3)?,
+        );
+        outcomes.append(
+            hooks
+                .run_chunk
+                .call1((args.0, args.1, args.2, args.3, wrap))?,
+        )?;
         kinds.append(kind)?;
     }
     // The arguments go before the outcomes are encoded (a large batch holds both otherwise).
     drop(chunks);
-    if let Some(packed) = pack_outcomes(&outcomes) {
-        return Ok((n, Ok(PyBytes::new(py, &packed).into_any())));
-    }
-    let list = PyList::empty(py);
-    for outcome in outcomes {
-        list.append(outcome.into_object(py)?)?;
-    }
-    let payload = match pool_pack_outcomes(py, list.as_any()) {
+    let payload = match pool_pack_outcomes(py, outcomes.as_any()) {
         Some(p) => Ok(p.into_any()),
-        None => hooks.pickle_outcomes.call1((list, kinds)),
+        None => hooks.pickle_outcomes.call1((outcomes, kinds)),
     };
     Ok((n, payload))
-}
-
-/// The packed payload of a batch whose every chunk was run natively and packed.
-fn pack_outcomes(outcomes: &[Outcome<'_>]) -> Option<Vec<u8>> {
-    let mut size = MAGIC.len() + 4;
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Packed(_, _, values) => size += 5 + values.len(),
-            Outcome::Object(_) => return None,
-        }
-    }
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&u32::try_from(outcomes.len()).ok()?.to_le_bytes());
-    for outcome in outcomes {
-        if let Outcome::Packed(tag, count, values) = outcome {
-            out.push(*tag);
-            out.extend_from_slice(&count.to_le_bytes());
-            out.extend_from_slice(values);
-        }
-    }
-    Some(out)
 }
 
 /// A process pool worker's loop: takes `(batch_id, blob)` messages from `taskq`, runs each
