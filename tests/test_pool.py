@@ -241,6 +241,22 @@ def test_thread_pool_and_dummy(impl):
     assert b.recv() == 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_thread_pool_worker_ended_by_system_exit_is_replaced(impl, capfd):
+    """A task raising `SystemExit` ends its worker thread. The stdlib's thread pool then
+    waits forever for that task; ferroproc fails it with `WorkerLostError` naming the thread
+    and starts another. (Its scheduler used to ask the thread for a pid, and die.)"""
+    if impl.__name__ != "ferroproc":
+        pytest.skip("the stdlib's pool waits forever for the task")
+    pool_mod = _pool_module(impl)
+    with pool_mod.ThreadPool(1) as p:
+        with pytest.raises(pool_mod.WorkerLostError, match=r"pool worker thread .+ ended"):
+            p.apply_async(pw.identity_or_raise, (SystemExit(3),)).get(T)
+        assert p.map_async(pw.square, range(4)).get(T) == [0, 1, 4, 9]
+    p.join()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_apply_async_from_many_threads(ctx):
     with ctx.Pool(2) as p:
         results = {}
@@ -601,6 +617,29 @@ def test_map_exception_fails_its_chunk_with_the_remote_traceback(ctx, values):
         assert type(info.value.__cause__) is mod.RemoteTraceback
         assert "raise x" in info.value.__cause__.tb
         assert p.map(pw.identity_or_raise, [1, 2.0, "3"], chunksize=3) == [1, 2.0, "3"]
+    p.join()
+
+
+def test_bad_call_arguments_fail_the_result_not_the_submission(ctx):
+    """Arguments that are not a sequence (or keywords not a mapping) fail the task in the
+    worker, as the stdlib's ``func(*args, **kwds)`` does there: `apply_async` returns, the
+    result raises, `error_callback` runs. A list is a sequence like any other."""
+    mod = _pool_module(_impl_of(ctx))
+    errors = []
+    with ctx.Pool(1) as p:
+        r = p.apply_async(pw.square, 5, error_callback=errors.append)
+        with pytest.raises(TypeError, match=r"after \* must be an iterable, not int") as info:
+            r.get(T)
+        assert type(info.value.__cause__) is mod.RemoteTraceback
+        assert [type(e) for e in errors] == [TypeError]
+        with pytest.raises(TypeError, match=r"after \*\* must be a mapping, not int"):
+            p.apply_async(pw.square, (5,), 7).get(T)
+        with pytest.raises(TypeError, match="'int' object is not iterable"):
+            p.starmap(pw.add, [(1, 2), 5])
+        with pytest.raises(TypeError, match="'int' object is not iterable"):
+            p.starmap(pw.add, [(1, 2), 5, (3, 4)], chunksize=1)
+        assert p.apply(pw.add, [1, 2]) == 3
+        assert p.starmap(pw.add, [[1, 2], (3, 4)]) == [3, 7]
     p.join()
 
 

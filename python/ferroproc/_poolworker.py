@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import traceback
+from itertools import starmap as _starmap
 
 from ._ferroproc import pool_worker_loop
 
@@ -91,7 +92,12 @@ def run_chunk(kind, func, args, kwds, wrap):
         out = []
         for item in args:
             try:
-                out.append((True, func(*item) if kind == EACH_STAR else func(item)))
+                if kind == EACH_STAR:
+                    # `starmap`, as the stdlib's workers call it (its error for an item
+                    # that is not iterable is starmap's).
+                    out.append((True, next(_starmap(func, (item,)))))
+                else:
+                    out.append((True, func(item)))
             except Exception as e:
                 out.append(_failure(e, wrap))
         return out
@@ -100,7 +106,7 @@ def run_chunk(kind, func, args, kwds, wrap):
             return True, func(*args, **kwds)
         if kind == MAP:
             return True, list(map(func, args))
-        return True, [func(*a) for a in args]
+        return True, list(_starmap(func, args))
     except Exception as e:
         return _failure(e, wrap)
 

@@ -98,7 +98,9 @@ def starmapstar(args):
     return list(itertools.starmap(args[0], args[1]))
 
 
-def _describe_exit(pid, exitcode):
+def _describe_exit(pid, exitcode, name=None):
+    if pid is None:  # a thread pool's worker: a thread has no pid and no exit status
+        return f"pool worker thread {name} ended while it held this task"
     if exitcode is None:
         how = "ended (status unknown)"
     elif exitcode < 0:
@@ -507,20 +509,20 @@ class _Core:
             return
         proc.join(1)
         exitcode = proc.exitcode
-        pid = proc.pid
+        pid = None if self.threads else proc.pid
         if not self.threads and process._unreaped:
             self.exiting &= process._unreaped
             if pid in process._unreaped:
                 self.exiting.add(pid)
         with self.lock:
-            queued = 0 if self.threads else slot.taskq.qsize()
+            queued = slot.taskq.qsize()
             held = self.ledger.lost(slot.index, queued)
             slot.proc = None
             slot.fd = None
             self.fds_changed = True
             replace = not self.stopping and self.state != TERMINATE
         if held:
-            err = WorkerLostError(_describe_exit(pid, exitcode))
+            err = WorkerLostError(_describe_exit(pid, exitcode, proc.name))
             for recs in held:
                 for rec in recs:
                     self._deliver(*rec, (False, err))
@@ -685,6 +687,8 @@ class _Core:
         # A replacement the scheduler was starting when the state changed.
         late = [s.proc for s in self.slots if s.proc is not None and s.proc not in procs]
         for proc in late:
+            if self.threads:  # a thread ends on the None its slot's queue already holds
+                continue
             try:
                 proc.terminate()
             except (OSError, ValueError):
@@ -884,7 +888,9 @@ class Pool:
         """Asynchronous `apply`: returns an `ApplyResult`."""
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
-        self._core.submit(_Task(result, func, tuple(args), dict(kwds)))
+        # As given: the worker's ``func(*args, **kwds)`` rejects what is not a sequence or
+        # a mapping, failing the result (and calling `error_callback`) as the stdlib's does.
+        self._core.submit(_Task(result, func, args, kwds))
         return result
 
     def imap(self, func, iterable, chunksize=1, *, progress=None):
