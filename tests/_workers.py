@@ -308,6 +308,21 @@ def exit_with_at_fork_child_calls():
     sys.exit(30 + AT_FORK_CHILD_CALLS)
 
 
+def log_process_name(tag):
+    """Logs `tag` through a handler that prints ``processName|message`` on stdout."""
+    import logging
+
+    logger = logging.getLogger("ferroproc-test-process-name")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(processName)s|%(message)s"))
+    logger.addHandler(handler)
+    try:
+        logger.warning(tag)
+    finally:
+        logger.removeHandler(handler)
+        handler.flush()
+
+
 def exit_with_sys_path_check():
     """Exit 0 if this directory is on sys.path (so spawn children can import us), else 1."""
     sys.exit(0 if TESTS_DIR in sys.path else 1)

@@ -865,3 +865,38 @@ def test_many_concurrent_processes(ctx):
     for p in procs:
         p.close()
     assert ctx.active_children() == []
+
+
+def test_a_forkserver_child_outlives_its_server_killed_right_after_start(impl_name, tmp_path):
+    """`kill -9` of the forkserver just after `start()` returns leaves the started child
+    running to its end, as the stdlib's (whose parent then reads exit code 255: the status
+    was the server's to send; ferroproc's child reports its own). ferroproc's child used to
+    die with its server in this window: it dropped its parent-death signal only after
+    telling the client its pid (26 of 40 died in a loop like this one). The next start gets a new
+    server."""
+    body = f"""
+        import os, signal, time
+        from importlib import import_module
+        from _workers import sleep_then_touch, SHORT_TIMEOUT
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            server = import_module(mp.__name__ + ".forkserver")._forkserver
+            codes = []
+            for i in range(20):
+                server.ensure_running()
+                p = ctx.Process(target=sleep_then_touch, args=(0.05, f"{tmp_path}/done-{{i}}"))
+                p.start()
+                os.kill(server._forkserver_pid, signal.SIGKILL)
+                p.join(SHORT_TIMEOUT)
+                codes.append(p.exitcode)
+                if mp.__name__ == "multiprocessing":
+                    # Its join returns when the server's end closes, and its next start may
+                    # find the dying server not yet reapable (CPython's own test sleeps too).
+                    time.sleep(0.2)
+            print(sorted(set(codes)))
+    """
+    r = run_script(impl_name, body, "forkserver")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(f"done-{i}" for i in range(20)), r.stderr
+    assert r.stdout.strip() == ("[255]" if impl_name == "multiprocessing" else "[0]"), r.stdout

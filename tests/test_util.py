@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import textwrap
 
 import _workers as w
 import pytest
@@ -42,6 +43,38 @@ def run_script(impl_name, body, method=None, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize(
+    "imports",
+    ["logging", "logging, multiprocessing", "multiprocessing", "os"],
+    ids=["logging", "logging+stdlib", "stdlib-then-logging-in-child", "logging-in-child"],
+)
+def test_log_records_in_a_child_carry_its_name(tmp_path, impl_name, method, imports):
+    """``%(processName)s`` in a child is the child's name, as with the stdlib, whether or not
+    the stdlib's `multiprocessing` is loaded (`logging` asks it for the current process)."""
+    body = f"""
+        import {imports}
+        from _workers import log_process_name
+
+        if __name__ == "__main__":
+            ctx = mp.get_context(METHOD)
+            log_process_name("parent")
+            p = ctx.Process(target=log_process_name, args=("child",), name="Kid-1")
+            p.start()
+            p.join(30)
+            print("exit", p.exitcode)
+    """
+    script = tmp_path / "log_names.py"
+    script.write_text(w.script_source(impl_name, textwrap.dedent(body), method))
+    r, leftovers = w.run_interpreter([str(script)], cwd=tmp_path)
+    assert not leftovers, leftovers
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["MainProcess|parent", "Kid-1|child", "exit 0"], (
+        r.stdout,
+        r.stderr,
+    )
 
 
 def test_get_logger_is_the_multiprocessing_logger(impl, util, restore_logger):

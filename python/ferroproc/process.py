@@ -255,9 +255,17 @@ class BaseProcess:
             std_process = _stdlib_module("process")
             if std_process is not None:
                 # The stdlib's bookkeeping was copied from the parent too: its children are
-                # not ours to join at exit.
+                # not ours to join at exit. Its `current_process()` is this process, as in a
+                # child the stdlib started (`logging` names records after it).
                 std_process._process_counter = itertools.count(1)
                 std_process._children = set()
+                std_process._current_process = self
+                std_process._parent_process = _parent_process
+            logging = sys.modules.get("logging")
+            if logging is not None:
+                _name_log_records(logging)
+            elif _LoggingImport not in sys.meta_path:
+                sys.meta_path.insert(0, _LoggingImport)
             self._after_fork()
             if util._logger:
                 util.info("child process calling self.run()")
@@ -330,6 +338,63 @@ class BaseProcess:
 # The stdlib's multiprocessing modules, remembered once seen: tools that alias
 # `sys.modules["multiprocessing.*"]` to ferroproc afterwards must not hide them from us.
 _stdlib_modules: dict = {}
+
+
+def _name_log_records(logging):
+    """Makes this child's log records carry its name (``%(processName)s``). `logging` takes it
+    from ``sys.modules["multiprocessing"].current_process()``: the stdlib's, which is not
+    loaded in many ferroproc children and, when a child loads it, names the process
+    "MainProcess". Records with that name get the current ferroproc process's instead."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "_ferroproc_names", False):
+        return
+
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        if record.processName == "MainProcess" and logging.logMultiprocessing:
+            record.processName = _current_process.name
+        return record
+
+    factory._ferroproc_names = True
+    logging.setLogRecordFactory(factory)
+
+
+class _LoggingImport:
+    """A meta path finder for a child that has not loaded `logging`: the first import of it
+    goes through the usual finder and loader, then `_name_log_records` runs on the module.
+    It leaves `sys.meta_path` at that import."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "logging":
+            return None
+        try:
+            sys.meta_path.remove(cls)
+        except ValueError:
+            pass
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _NamingLoader(spec.loader)
+        return spec
+
+
+class _NamingLoader:
+    """Loads `logging` with `loader`, then names the child's log records after it."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):  # get_source, get_filename, is_package, ...
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _name_log_records(module)
 
 
 def _stdlib_module(name):

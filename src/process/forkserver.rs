@@ -234,6 +234,21 @@ impl Spare {
     /// # Errors
     /// A malformed request ([`Error::Protocol`]) or a failing system call.
     pub fn take(self, my_pid: i32) -> Result<Option<Request>> {
+        self.take_with(my_pid, || Ok(()))
+    }
+
+    /// [`Spare::take`], running `before_reply` once a request has arrived and before the
+    /// client learns the pid: whatever ties the spare to the server (its parent-death
+    /// signal) must be undone before `start()` returns, or a server killed right after
+    /// would take the started child along.
+    ///
+    /// # Errors
+    /// As [`Spare::take`], and `before_reply`'s.
+    pub fn take_with(
+        self,
+        my_pid: i32,
+        before_reply: impl FnOnce() -> Result<()>,
+    ) -> Result<Option<Request>> {
         let req = match read_request(self.ctl.as_fd()) {
             Ok(req) => req,
             Err(Error::Eof) => {
@@ -242,6 +257,7 @@ impl Spare {
             }
             Err(e) => return Err(e),
         };
+        before_reply()?;
         fd::write_all(self.ctl.as_fd(), &my_pid.to_le_bytes())?;
         // A server that died meanwhile cannot report abnormal deaths; the child still runs.
         let _ = self.notify(TAKEN, my_pid, &[req.fds[0].as_raw_fd()]);

@@ -194,7 +194,9 @@ impl ForkServer {
         let own_name = prctl::get_name().ok();
         let _ = prctl::set_name(SPARE_NAME);
         let me = nix::unistd::getpid().as_raw();
-        let req = py.detach(|| spare.take(me));
+        // The parent-death signal goes before the client gets the pid (see `take_with`).
+        let req =
+            py.detach(|| spare.take_with(me, || prctl::set_pdeathsig(None).map_err(Error::from)));
         if let Some(name) = own_name {
             let _ = prctl::set_name(&name);
         }
