@@ -345,18 +345,24 @@ def _name_log_records(logging):
     from ``sys.modules["multiprocessing"].current_process()``: the stdlib's, which is not
     loaded in many ferroproc children and, when a child loads it, names the process
     "MainProcess". Records with that name get the current ferroproc process's instead."""
+    global _log_make
     make = logging.getLogRecordFactory()
-    if getattr(make, "_ferroproc_names", False):
+    if make is _log_factory:  # a fork of a child that installed it
         return
+    _log_make = make
+    logging.setLogRecordFactory(_log_factory)
 
-    def factory(*args, **kwargs):
-        record = make(*args, **kwargs)
-        if record.processName == "MainProcess" and logging.logMultiprocessing:
-            record.processName = _current_process.name
-        return record
 
-    factory._ferroproc_names = True
-    logging.setLogRecordFactory(factory)
+def _log_factory(*args, **kwargs):
+    """The record factory of a ferroproc child (see `_name_log_records`); one function, set
+    up without allocating in the child (each page it writes is a copy-on-write fault)."""
+    record = _log_make(*args, **kwargs)
+    if record.processName == "MainProcess":
+        record.processName = _current_process.name
+    return record
+
+
+_log_make = None
 
 
 class _LoggingImport:
