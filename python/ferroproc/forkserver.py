@@ -113,7 +113,7 @@ class ForkServer:
             setup = _pickle.dumps(setup, protocol=4)
             prog = (
                 "from ferroproc.forkserver import main; "
-                f"main({theirs.fileno()}, {self._preload_modules!r}, setup={len(setup)})"
+                f"main({theirs.fileno()}, {self._preload_modules!r}, {len(setup)})"
             )
             from subprocess import _args_from_interpreter_flags
 
@@ -165,17 +165,17 @@ set_forkserver_preload = _forkserver.set_forkserver_preload
 request = _forkserver.request
 
 
-def main(ctl_fd, preload, main_path=None, sys_path=None, sys_argv=None, *, setup=0):
+def main(ctl_fd, preload, setup):
     """The server process: preload, then serve fork requests until the parent is gone.
 
-    With `setup`, the first `setup` bytes on `ctl_fd` are the pickled ``(main_path, sys_path,
-    sys_argv)`` of the parent (or None), which take the place of the arguments."""
+    The first `setup` bytes on `ctl_fd` are the pickled ``(main_path, sys_path, sys_argv)``
+    of the parent, or None when nothing is preloaded."""
     from ._ferroproc import ForkServer as NativeServer
 
-    if setup:
-        received = _read_exactly(ctl_fd, setup)
-        if received is not None:
-            main_path, sys_path, sys_argv = received
+    main_path = sys_path = sys_argv = None
+    received = _read_exactly(ctl_fd, setup)
+    if received is not None:
+        main_path, sys_path, sys_argv = received
     if sys_path is not None:
         sys.path[:] = sys_path
     if preload:

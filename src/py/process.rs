@@ -200,7 +200,6 @@ impl ForkServer {
         if let Some(name) = own_name {
             let _ = prctl::set_name(&name);
         }
-        prctl::set_pdeathsig(None).map_err(Error::from)?;
         Ok(match req? {
             None => None,
             Some(req) => {
