@@ -275,6 +275,12 @@ def report_sigterm_disposition():
     sys.exit(0 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else 5)
 
 
+def exit_if_comm_is(expected):
+    """Exit 0 if this process's kernel name (``/proc/self/comm``) is `expected`, else 9."""
+    with open("/proc/self/comm") as f:
+        sys.exit(0 if f.read().strip() == expected else 9)
+
+
 def exit_if_module_loaded(name):
     """Exit 0 if module ``name`` is already in ``sys.modules`` (without importing it), else 7."""
     sys.exit(0 if name in sys.modules else 7)

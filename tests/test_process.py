@@ -12,6 +12,7 @@ import pickle
 import re
 import select
 import signal
+import sys
 import time
 
 import _workers as w
@@ -183,6 +184,17 @@ def test_terminate_runs_the_childs_own_sigterm_handler(ctx, tmp_path):
 
 def test_child_sees_default_sigterm_disposition(ctx):
     p = ctx.Process(target=w.report_sigterm_disposition)
+    p.start()
+    assert finish(p) == 0
+
+
+def test_child_keeps_the_parents_kernel_name(ctx):
+    # What `ps`, `top` and `pgrep` show. ferroproc's forkserver renames a waiting spare and
+    # used to leave its children with an empty name (nix's `prctl::get_name` read back "").
+    with open("/proc/self/comm") as f:
+        own = f.read().strip()
+    expected = own if ctx.get_start_method() == "fork" else os.path.basename(sys.executable)[:15]
+    p = ctx.Process(target=w.exit_if_comm_is, args=(expected,))
     p.start()
     assert finish(p) == 0
 

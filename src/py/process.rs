@@ -11,7 +11,7 @@ use pyo3::types::PyBytes;
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::process::forkserver;
-use crate::sys::{fd, spawn as sys_spawn, wait};
+use crate::sys::{comm, fd, spawn as sys_spawn, wait};
 
 fn cstring(s: Vec<u8>, what: &str) -> PyResult<CString> {
     CString::new(s).map_err(|_| PyValueError::new_err(format!("embedded null byte in {what}")))
@@ -191,14 +191,14 @@ impl ForkServer {
         if nix::unistd::getppid().as_raw() != server_pid {
             return Ok(None);
         }
-        let own_name = prctl::get_name().ok();
-        let _ = prctl::set_name(SPARE_NAME);
+        let own_name = comm::get().ok();
+        let _ = comm::set(SPARE_NAME);
         let me = nix::unistd::getpid().as_raw();
         // The parent-death signal goes before the client gets the pid (see `take_with`).
         let req =
             py.detach(|| spare.take_with(me, || prctl::set_pdeathsig(None).map_err(Error::from)));
         if let Some(name) = own_name {
-            let _ = prctl::set_name(&name);
+            let _ = comm::set(&name);
         }
         Ok(match req? {
             None => None,

@@ -1,6 +1,7 @@
 //! Linux implementation of the system layer.
 
 pub mod clock;
+pub mod comm;
 pub mod eventfd;
 pub mod fd;
 pub mod futex;
