@@ -99,3 +99,71 @@ def test_a_long_argv_reaches_the_children(tmp_path, impl_name):
     first, second = r.stdout.splitlines()
     assert json.loads(first) == [300_000, 300_000]
     assert second == "0"
+
+
+def test_children_see_the_parents_environment_as_it_is_at_each_start(tmp_path, impl_name):
+    """What a child's preparation sets (directory, import path, argv, authkey, logging, the
+    name it has while its process object is unpickled) follows the parent from one start to
+    the next. ferroproc's server applies the parent's environment to itself once, and a
+    request carries only the child's name while nothing has changed."""
+    (tmp_path / "elsewhere").mkdir()
+    body = """
+        import json, os, pickle
+
+        class Probe:
+            # Unpickled in the child before its process object is: what is the child's name
+            # then?
+            def __reduce__(self):
+                return (Probe._named, ())
+
+            @staticmethod
+            def _named():
+                probe = Probe()
+                probe.name = mp.current_process().name
+                return probe
+
+        def report(q, probe):
+            q.put(json.dumps([
+                os.path.basename(os.getcwd()),
+                sys.path[-1],
+                sys.argv[1:],
+                bytes(mp.current_process().authkey).hex(),
+                mp.util._logger is not None,
+                probe.name,
+                mp.current_process().name,
+            ]))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            q = ctx.SimpleQueue()
+
+            def child(name):
+                p = ctx.Process(target=report, args=(q, Probe()), name=name)
+                p.start()
+                print(q.get())
+                p.join(30)
+                assert p.exitcode == 0, p.exitcode
+
+            child("first")
+            child("second")  # nothing changed since the server started
+            os.chdir("elsewhere")
+            sys.path.append("/nonexistent/appended")
+            sys.argv.append("--later")
+            mp.current_process().authkey = b"k" * 32
+            child("third")
+            child("fourth")
+            mp.log_to_stderr()
+            child("fifth")
+    """
+    r = _run_script(tmp_path, impl_name, body, "alpha")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 5, (r.stdout, r.stderr)
+    first, second, third, fourth, fifth = lines
+    assert first[:3] == [tmp_path.name, first[1], ["alpha"]]
+    assert first[4:] == [False, "first", "first"]
+    assert second[:5] == first[:5] and second[5:] == ["second", "second"]
+    changed = ["elsewhere", "/nonexistent/appended", ["alpha", "--later"], (b"k" * 32).hex()]
+    assert third[:4] == changed and third[4:] == [False, "third", "third"]
+    assert fourth[:4] == changed and fourth[4:] == [False, "fourth", "fourth"]
+    assert fifth[:4] == changed and fifth[4:] == [True, "fifth", "fifth"]

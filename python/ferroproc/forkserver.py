@@ -40,6 +40,9 @@ class ForkServer:
         self._preload_modules = ["__main__"]
         self._inherited_fds = None
         self._hooked = False
+        # The preparation data the running server applied to itself (with "name" None), when
+        # its children may take it as theirs; see `_payload`.
+        self._server_prep = None
 
     def _arm(self):
         # The after-fork reset is registered on first use: until then there is nothing to
@@ -104,13 +107,17 @@ class ForkServer:
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            setup = None
-            if self._preload_modules:
-                data = spawn.get_preparation_data("ignore")
-                setup = (data.get("init_main_from_path"), data["sys_path"], data["sys_argv"])
+            prep = spawn.get_preparation_data(None)
             # The setup goes over the socket, ahead of the first request: a long `sys.argv`
-            # does not fit one command-line argument (the kernel's limit is 128 KiB).
-            setup = _pickle.dumps(setup, protocol=4)
+            # does not fit one command-line argument (the kernel's limit is 128 KiB). It is
+            # pickled as spawning (the authkey refuses to be pickled otherwise).
+            from .context import set_spawning_popen
+
+            set_spawning_popen(self)
+            try:
+                setup = _pickle.dumps(prep, protocol=4)
+            finally:
+                set_spawning_popen(None)
             prog = (
                 "from ferroproc.forkserver import main; "
                 f"main({theirs.fileno()}, {self._preload_modules!r}, {len(setup)})"
@@ -127,9 +134,14 @@ class ForkServer:
         finally:
             theirs.close()
         self._ctl = ours
+        # Logging set up in the parent is set up by each child (the server stays quiet).
+        self._server_prep = None if _configures_logging(prep) else prep
 
-    def request(self, payload, fds):
-        """Asks the server to fork a child for `payload`; returns its pid."""
+    def request(self, prep, prep_pickled, process_pickled, fds):
+        """Asks the server to fork a child for a process object; returns its pid.
+
+        `prep` is the child's preparation data (``spawn.get_preparation_data``), pickled in
+        `prep_pickled`; `process_pickled` is the process object."""
         from ._ferroproc import forkserver_request
 
         if len(fds) + 1 > MAXFDS_TO_SEND:
@@ -140,13 +152,31 @@ class ForkServer:
             # The child's parent sentinel: a pidfd of this process, sent along.
             fds = [fds[0], util._own_pidfd(), *fds[1:]]
             try:
-                return forkserver_request(self._ctl.fileno(), payload, fds)
+                return forkserver_request(
+                    self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds
+                )
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 # The server died (killed from outside): start a fresh one and retry once.
                 self._ctl.close()
-                self._ctl = self._forkserver_pid = None
+                self._ctl = self._forkserver_pid = self._server_prep = None
                 self._ensure_running_unlocked()
-                return forkserver_request(self._ctl.fileno(), payload, fds)
+                return forkserver_request(
+                    self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds
+                )
+
+    def _payload(self, prep, prep_pickled, process_pickled):
+        # A child's preparation is its parent's import environment, which rarely changes
+        # between starts: the server applied it to itself when it started, so its children
+        # have it already, and the request carries only the child's name. Unpickling and
+        # applying it in each child cost about as much as the rest of the child's start.
+        server = self._server_prep
+        if server is not None and {**prep, "name": None} == server:
+            return _pickle.dumps(prep["name"], protocol=4) + process_pickled
+        return prep_pickled + process_pickled
+
+
+def _configures_logging(prep):
+    return bool(prep.get("log_to_stderr")) or "log_level" in prep
 
 
 def _exited(pid):
@@ -165,27 +195,39 @@ set_forkserver_preload = _forkserver.set_forkserver_preload
 request = _forkserver.request
 
 
+#: In the server: the part of the preparation data its children must still apply themselves
+#: when a request carries only their name (the main module, when it was not preloaded).
+_unapplied_prep = None
+
+
 def main(ctl_fd, preload, setup):
     """The server process: preload, then serve fork requests until the parent is gone.
 
-    The first `setup` bytes on `ctl_fd` are the pickled ``(main_path, sys_path, sys_argv)``
-    of the parent, or None when nothing is preloaded."""
+    The first `setup` bytes on `ctl_fd` are the parent's pickled preparation data
+    (``spawn.get_preparation_data``): the server applies it to itself, as a spawned child
+    does, except for logging and the main module (preloaded when ``"__main__"`` is in
+    `preload`; each child imports it otherwise)."""
+    global _unapplied_prep
     from ._ferroproc import ForkServer as NativeServer
 
-    main_path = sys_path = sys_argv = None
-    received = _read_exactly(ctl_fd, setup)
-    if received is not None:
-        main_path, sys_path, sys_argv = received
-    if sys_path is not None:
-        sys.path[:] = sys_path
+    prep = _read_exactly(ctl_fd, setup)
+    main = {k: prep[k] for k in ("init_main_from_name", "init_main_from_path") if k in prep}
+    # Applied here, by every child otherwise: import path, arguments, directory, authkey.
+    process.current_process()._inheriting = True
+    try:
+        spawn.prepare({k: v for k, v in prep.items() if k not in _NOT_IN_SERVER})
+    finally:
+        del process.current_process()._inheriting
+    main_path = main.get("init_main_from_path")
     if preload:
-        if "__main__" in preload and main_path is not None:
-            _preload_main(main_path, sys_argv)
+        if "__main__" in preload and main_path is not None and _preload_main(main_path):
+            main = {}
         for modname in preload:
             try:
                 __import__(modname)
             except ImportError:
                 pass
+    _unapplied_prep = main or None
     util._close_stdin()
     # Ctrl-C in the terminal reaches the whole process group: the server must survive it.
     # (`_signal`, not `signal`: the server stays small, and so does every fork of it.)
@@ -225,20 +267,27 @@ def _read_exactly(fd, size):
     return _pickle.loads(b"".join(chunks))
 
 
-def _preload_main(main_path, sys_argv):
+#: Preparation the server does not apply to itself: the child's name (each request carries
+#: it), logging (the server stays quiet) and the main module (see `main`).
+_NOT_IN_SERVER = frozenset(
+    ("name", "log_to_stderr", "log_level", "init_main_from_name", "init_main_from_path")
+)
+
+
+def _preload_main(main_path):
     """Runs the parent's main script once, here, as `__mp_main__`, with the parent's
-    `sys.argv` (module-level code reads it as it does in a spawned child). If the script
-    raises, the server carries on without it: each child then runs the script itself, as a
-    spawned child (and the stdlib's forkserver child) does, and reports the error there."""
-    if sys_argv is not None:
-        sys.argv = list(sys_argv)
+    `sys.argv` (module-level code reads it as it does in a spawned child); True if it ran.
+    If the script raises, the server carries on without it: each child then runs the script
+    itself, as a spawned child (and the stdlib's forkserver child) does, and reports the
+    error there."""
     process.current_process()._inheriting = True
     try:
         spawn.import_main_path(main_path)
     except BaseException:
-        pass
+        return False
     finally:
         del process.current_process()._inheriting
+    return True
 
 
 def _run_spare(server, server_pid, old_sigint):
@@ -274,10 +323,18 @@ def _serve_child(payload, fds):
     _status_w, parent_sentinel, *inherited = fds
     _forkserver._inherited_fds = inherited
     stream = io.BytesIO(payload)
-    process.current_process()._inheriting = True
+    current = process.current_process()
+    current._inheriting = True
     try:
-        spawn.prepare(_pickle.load(stream))
+        prep = _pickle.load(stream)
+        if type(prep) is str:
+            # Only the name: the server applied the rest to itself (`ForkServer._payload`).
+            current._name = prep
+            if _unapplied_prep is not None:
+                spawn.prepare(_unapplied_prep)
+        else:
+            spawn.prepare(prep)
         self = _pickle.load(stream)
     finally:
-        del process.current_process()._inheriting
+        del current._inheriting
     return self._bootstrap(parent_sentinel=parent_sentinel)

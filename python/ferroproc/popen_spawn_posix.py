@@ -41,6 +41,23 @@ def pickle_for_child(popen, process_obj):
     return fp
 
 
+def pickle_for_child_parts(popen, process_obj):
+    """``(prep_data, pickled prep_data, pickled process_obj)``, pickled as `pickle_for_child`
+    does (for the forkserver, which may send the first without the second)."""
+    prep_data = spawn.get_preparation_data(process_obj._name)
+    set_spawning(popen)
+    try:
+        return prep_data, _dumps(prep_data), _dumps(process_obj)
+    finally:
+        set_spawning(None)
+
+
+def _dumps(obj):
+    fp = io.BytesIO()
+    reduction.dump(obj, fp)
+    return fp.getvalue()
+
+
 class Popen(popen_fork.Popen):
     """Handle on a child started by spawn. `sentinel` is a pidfd of the child."""
 
