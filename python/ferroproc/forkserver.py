@@ -239,8 +239,9 @@ def main(ctl_fd, preload, setup):
     gc.collect()
     me = os.getpid()
     while True:
-        # The next child is forked before its request arrives (see the native module): the
-        # fork and the interpreter's after-fork work are off the client's critical path.
+        # Children are forked before their requests arrive, two ahead (see the native
+        # module): the fork and the interpreter's after-fork work are off the client's path.
+        server.before_fork()
         try:
             pid = os.fork()
         except OSError as e:
@@ -249,7 +250,8 @@ def main(ctl_fd, preload, setup):
             continue
         if pid == 0:
             _run_spare(server, me, old_sigint)
-        server.spare_forked(pid)
+        if server.spare_forked(pid):
+            continue
         if not server.wait():
             break
     sys.exit(0)

@@ -6,13 +6,17 @@
 //!   descriptor is the write end of the child's status pipe.
 //! - reply: the child's pid as `i32 LE`, or `-errno` when the fork failed.
 //!
-//! The server keeps one *spare* forked ahead of time: a fork of the server that waits on the
-//! control socket, reads the next request itself, replies with its own pid and becomes the
-//! child. Forking and CPython's after-fork work (a fork of even a small interpreter costs
-//! ~0.6 ms here) then happen while the server is idle instead of between a request and its
-//! reply. Only one spare exists at a time, so one reader owns the stream. The spare tells the
-//! server on a private `SOCK_SEQPACKET` pair that it was taken (handing over a copy of the status
-//! pipe) or that the client has gone; the server then forks the next spare, or exits.
+//! The server keeps *spares* forked ahead of time: forks of the server that wait for a request,
+//! read it from the control socket themselves, reply with their own pid and become the child.
+//! Forking and CPython's after-fork work (a fork of even a small interpreter costs ~0.6 ms
+//! here) then happen before the request instead of between a request and its reply. There are
+//! two: the *armed* one reads the control socket (only one reader may own the stream); the
+//! *standby* waits on a private pipe until the server arms it, which the server does as soon as
+//! the armed one is taken. Back-to-back starts then always find a spare whose fork finished a
+//! whole start earlier (with one spare, each start waited ~0.5 ms for the fork that the
+//! previous start had just set off). A spare tells the server on a private `SOCK_SEQPACKET`
+//! pair that it was taken (handing over a copy of the status pipe) or that the client has
+//! gone; the server then forks the next standby, or exits.
 //!
 //! The server keeps a copy of each child's status pipe and writes the child's exit code there
 //! (`i32 LE`) once it reaps it, so the client learns about abnormal deaths too; a child that
@@ -63,22 +67,31 @@ pub enum Wake {
     Shutdown,
 }
 
-/// The server side: owns the control socket, the spare and the children it still has to
+/// The server side: owns the control socket, the spares and the children it still has to
 /// report on.
 #[derive(Debug)]
 pub struct Server {
     ctl: OwnedFd,
     notify_r: OwnedFd,
     notify_w: OwnedFd,
-    spare: Option<Child>,
+    /// The spare reading the control socket.
+    armed: Option<Child>,
+    /// The next spare and the write end of its arming pipe.
+    standby: Option<(Child, OwnedFd)>,
+    /// The arming pipe made for the spare about to be forked ([`Server::before_fork`]): the
+    /// spare takes the read end, the server keeps the write end.
+    next_arm_r: Option<OwnedFd>,
+    next_arm_w: Option<OwnedFd>,
     children: Vec<Child>,
 }
 
-/// What a spare keeps of the server after the fork: the control socket and its way to report.
+/// What a spare keeps of the server after the fork: the control socket, its way to report and
+/// the pipe on which the server arms it.
 #[derive(Debug)]
 pub struct Spare {
     ctl: OwnedFd,
     notify_w: OwnedFd,
+    arm_r: OwnedFd,
 }
 
 impl Server {
@@ -92,20 +105,66 @@ impl Server {
             ctl,
             notify_r,
             notify_w,
-            spare: None,
+            armed: None,
+            standby: None,
+            next_arm_r: None,
+            next_arm_w: None,
             children: Vec::new(),
         })
     }
 
-    /// Records `pid`, just forked, as the spare waiting for the next request.
-    pub fn spare_forked(&mut self, pid: i32) {
+    /// Called right before forking a spare: makes its arming pipe.
+    ///
+    /// # Errors
+    /// The `pipe` errno (EMFILE).
+    pub fn before_fork(&mut self) -> Result<()> {
+        let (r, w) = fd::pipe()?;
+        self.next_arm_r = Some(r);
+        self.next_arm_w = Some(w);
+        Ok(())
+    }
+
+    /// Records `pid`, just forked, as a spare: armed at once when no spare is, the standby
+    /// otherwise. True when the server should fork another spare before waiting.
+    ///
+    /// # Errors
+    /// [`Server::before_fork`] was not called.
+    pub fn spare_forked(&mut self, pid: i32) -> Result<bool> {
+        self.next_arm_r = None;
+        let arm_w = self.next_arm_w.take().ok_or_else(no_arming_pipe)?;
         // Without pidfd (kernels before 5.3) the loop sweeps with waitpid(WNOHANG) instead.
-        let pidfd = wait::pidfd_open(pid).ok();
-        self.spare = Some(Child {
+        let spare = Child {
             pid,
-            pidfd,
+            pidfd: wait::pidfd_open(pid).ok(),
             status_w: None,
-        });
+        };
+        if self.armed.is_none() {
+            self.arm(spare, &arm_w);
+        } else {
+            self.standby = Some((spare, arm_w));
+        }
+        Ok(self.standby.is_none())
+    }
+
+    fn arm(&mut self, spare: Child, arm_w: &OwnedFd) {
+        // EPIPE when the spare died unarmed: its pidfd tells `wait`, which forks another.
+        let _ = fd::write_all(arm_w.as_fd(), b"A");
+        self.armed = Some(spare);
+    }
+
+    /// The standby becomes the armed spare, if there is one.
+    fn promote(&mut self) {
+        if let Some((spare, arm_w)) = self.standby.take() {
+            self.arm(spare, &arm_w);
+        }
+    }
+
+    /// Ends the standby (its arming pipe closes unused) and waits for it.
+    fn dismiss_standby(&mut self) {
+        if let Some((spare, arm_w)) = self.standby.take() {
+            drop(arm_w);
+            let _ = wait::waitpid(spare.pid, true);
+        }
     }
 
     /// Blocks until the spare has taken a request or died ([`Wake::SpareUsed`]: fork the
@@ -123,22 +182,33 @@ impl Server {
                 }
             }
             self.reap();
-            if let Some(spare) = &self.spare {
+            // A spare killed before it took a request: nothing to report to anyone.
+            if let Some(spare) = &self.armed {
                 if let Ok(Some(_)) = wait::waitpid(spare.pid, false) {
-                    // Killed before it took a request: nothing to report to anyone.
-                    self.spare = None;
+                    self.armed = None;
+                    self.promote();
+                    return Ok(Wake::SpareUsed);
+                }
+            }
+            if let Some((spare, _)) = &self.standby {
+                if let Ok(Some(_)) = wait::waitpid(spare.pid, false) {
+                    self.standby = None;
                     return Ok(Wake::SpareUsed);
                 }
             }
         }
     }
 
-    /// With no spare (the fork failed): reads the next request and replies `-errno`. Returns
-    /// false when the client has gone instead.
+    /// After a failed fork: with a spare still armed, waits as [`Server::wait`] (it takes the
+    /// next request); with none, reads the next request and replies `-errno`. Returns false
+    /// when the client has gone instead.
     ///
     /// # Errors
     /// A malformed request ([`Error::Protocol`]) or a failing system call.
     pub fn refuse_next(&mut self, errno: i32) -> Result<bool> {
+        if self.armed.is_some() {
+            return Ok(self.wait()? == Wake::SpareUsed);
+        }
         loop {
             let ready = self.poll(&[self.ctl.as_fd()])?;
             self.reap();
@@ -155,23 +225,29 @@ impl Server {
         }
     }
 
-    /// The spare's handles on the server (duplicates of the control socket and of the server
-    /// channel). In a freshly forked spare, take them and drop the server: that closes the
-    /// rest, the copies of other children's status pipes above all, whose readers wait for them
-    /// to close.
+    /// The spare's handles on the server: duplicates of the control socket and of the server
+    /// channel, and the read end of the arming pipe made by [`Server::before_fork`]. In a
+    /// freshly forked spare, take them and drop the server: that closes the rest, the copies
+    /// of other children's status pipes above all (their readers wait for them to close), and
+    /// the write end of its own arming pipe, so that the server's is the only one.
     ///
     /// # Errors
-    /// The `dup` errno (EMFILE).
-    pub fn spare(&self) -> Result<Spare> {
+    /// The `dup` errno (EMFILE), or no arming pipe.
+    pub fn spare(&mut self) -> Result<Spare> {
         Ok(Spare {
             ctl: fd::dup_cloexec(&self.ctl)?,
             notify_w: fd::dup_cloexec(&self.notify_w)?,
+            arm_r: self.next_arm_r.take().ok_or_else(no_arming_pipe)?,
         })
     }
 
-    /// Polls `first` (indices from 0) plus the pidfds of the spare and the children.
+    /// Polls `first` (indices from 0) plus the pidfds of the spares and the children.
     fn poll(&self, first: &[BorrowedFd<'_>]) -> Result<Vec<usize>> {
-        let tracked = self.spare.iter().chain(self.children.iter());
+        let tracked = self
+            .armed
+            .iter()
+            .chain(self.standby.iter().map(|(c, _)| c))
+            .chain(self.children.iter());
         let needs_sweep = tracked.clone().any(|c| c.pidfd.is_none());
         let mut fds = first.to_vec();
         fds.extend(tracked.filter_map(|c| c.pidfd.as_ref().map(AsFd::as_fd)));
@@ -188,7 +264,7 @@ impl Server {
             Err(e) => return Err(e),
         };
         let pid = i32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
-        let Some(spare) = self.spare.take_if(|s| s.pid == pid) else {
+        let Some(spare) = self.armed.take_if(|s| s.pid == pid) else {
             return Ok(None);
         };
         match msg[0] {
@@ -197,11 +273,13 @@ impl Server {
                     status_w: fds.pop(),
                     ..spare
                 });
+                self.promote();
                 Ok(Some(Wake::SpareUsed))
             }
             CLIENT_GONE => {
                 // It exits right after saying so.
                 let _ = wait::waitpid(spare.pid, true);
+                self.dismiss_standby();
                 Ok(Some(Wake::Shutdown))
             }
             other => Err(Error::Protocol(format!(
@@ -249,6 +327,11 @@ impl Spare {
         my_pid: i32,
         before_reply: impl FnOnce() -> Result<()>,
     ) -> Result<Option<Request>> {
+        // Armed, or dismissed (end of file: the server ended, or shut down with the client).
+        let mut armed = [0u8; 1];
+        if fd::read_full(self.arm_r.as_fd(), &mut armed)? == 0 {
+            return Ok(None);
+        }
         let req = match read_request(self.ctl.as_fd()) {
             Ok(req) => req,
             Err(Error::Eof) => {
@@ -269,6 +352,10 @@ impl Spare {
         msg[1..].copy_from_slice(&pid.to_le_bytes());
         sock::send_with_fds(self.notify_w.as_fd(), &msg, fds)
     }
+}
+
+fn no_arming_pipe() -> Error {
+    Error::Protocol("forkserver spare forked without its arming pipe".into())
 }
 
 /// Reads one request from the control socket.

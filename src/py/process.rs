@@ -157,10 +157,19 @@ impl ForkServer {
         })
     }
 
-    /// In the server after forking `pid` as the spare.
-    fn spare_forked(&self, pid: i32) -> PyResult<()> {
-        self.lock()?.as_mut().ok_or_else(closed)?.spare_forked(pid);
-        Ok(())
+    /// In the server right before forking a spare.
+    fn before_fork(&self) -> PyResult<()> {
+        Ok(self.lock()?.as_mut().ok_or_else(closed)?.before_fork()?)
+    }
+
+    /// In the server after forking `pid` as a spare: True when another spare should be
+    /// forked before waiting.
+    fn spare_forked(&self, pid: i32) -> PyResult<bool> {
+        Ok(self
+            .lock()?
+            .as_mut()
+            .ok_or_else(closed)?
+            .spare_forked(pid)?)
     }
 
     /// Blocks until the spare is used (True: fork the next) or the client has gone (False).
@@ -184,7 +193,7 @@ impl ForkServer {
     ) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
         use nix::sys::{prctl, signal::Signal};
         let spare = {
-            let server = self.lock()?.take().ok_or_else(closed)?;
+            let mut server = self.lock()?.take().ok_or_else(closed)?;
             server.spare()?
         };
         prctl::set_pdeathsig(Signal::SIGKILL).map_err(Error::from)?;

@@ -150,8 +150,9 @@ fn forkserver_protocol_round_trip() {
     let mut server = Server::new(server_end).unwrap();
 
     let stand_in = sh("sleep 0.2; exit 42", &[]);
-    server.spare_forked(stand_in);
+    server.before_fork().unwrap();
     let spare = server.spare().unwrap();
+    assert!(server.spare_forked(stand_in).unwrap(), "no standby yet");
     let taker = std::thread::spawn(move || spare.take(stand_in).unwrap());
     let (status_r, status_w) = fd::pipe().unwrap();
     let (_extra_r, extra_w) = fd::pipe().unwrap();
@@ -171,7 +172,9 @@ fn forkserver_protocol_round_trip() {
     // The next spare dies before any request, after the first child: the server reaps that
     // child meanwhile, reports its code, and asks for another spare.
     let doomed = sh("sleep 0.5", &[]);
-    server.spare_forked(doomed);
+    server.before_fork().unwrap();
+    drop(server.spare().unwrap());
+    server.spare_forked(doomed).unwrap();
     assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
     assert!(!wait::poll_readable(&[status_r.as_fd()], Some(LIMIT))
         .unwrap()
@@ -182,8 +185,9 @@ fn forkserver_protocol_round_trip() {
 
     // The client leaves: the waiting spare says so, and the server shuts down.
     let last = sh("sleep 0.1", &[]);
-    server.spare_forked(last);
+    server.before_fork().unwrap();
     let spare = server.spare().unwrap();
+    server.spare_forked(last).unwrap();
     let taker = std::thread::spawn(move || spare.take(last).unwrap());
     drop(client);
     assert!(taker.join().unwrap().is_none());
@@ -191,12 +195,65 @@ fn forkserver_protocol_round_trip() {
 }
 
 #[test]
+fn forkserver_standby_reads_nothing_until_armed_and_leaves_when_dismissed() {
+    let (client, server_end) = pair();
+    let mut server = Server::new(server_end).unwrap();
+    let mut spare_of = |pid: i32| {
+        server.before_fork().unwrap();
+        let spare = server.spare().unwrap();
+        let more = server.spare_forked(pid).unwrap();
+        (std::thread::spawn(move || spare.take(pid).unwrap()), more)
+    };
+    let (a, b) = (sh("sleep 0.2", &[]), sh("sleep 0.2", &[]));
+    let (take_a, more) = spare_of(a);
+    assert!(more);
+    let (take_b, more) = spare_of(b);
+    assert!(!more, "an armed spare and a standby are enough");
+    let (_status_r, status_w) = fd::pipe().unwrap();
+    let ask = |payload: &[u8]| {
+        forkserver::request(client.as_fd(), payload, &[status_w.as_raw_fd()]).unwrap()
+    };
+    // The standby is already waiting, but only the armed spare may read the request.
+    assert_eq!(ask(b"first"), a);
+    assert_eq!(take_a.join().unwrap().expect("a request").payload, b"first");
+    assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
+    // Armed once the first was taken: it answers the next request.
+    assert_eq!(ask(b"second"), b);
+    assert_eq!(
+        take_b.join().unwrap().expect("a request").payload,
+        b"second"
+    );
+    assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
+
+    // The client leaves while a spare is armed and another stands by: the standby is
+    // dismissed and reaped with the armed one.
+    let (c, d) = (sh("exit 0", &[]), sh("exit 0", &[]));
+    server.before_fork().unwrap();
+    let armed = server.spare().unwrap();
+    assert!(server.spare_forked(c).unwrap());
+    server.before_fork().unwrap();
+    let standby = server.spare().unwrap();
+    assert!(!server.spare_forked(d).unwrap());
+    let take_c = std::thread::spawn(move || armed.take(c).unwrap());
+    let take_d = std::thread::spawn(move || standby.take(d).unwrap());
+    drop(client);
+    assert!(take_c.join().unwrap().is_none());
+    assert_eq!(server.wait().unwrap(), Wake::Shutdown);
+    assert!(
+        take_d.join().unwrap().is_none(),
+        "the standby reads end of file"
+    );
+}
+
+#[test]
 fn forkserver_rejects_a_request_without_descriptors() {
     let (client, server_end) = pair();
     fd::write_all(client.as_fd(), &forkserver::encode_header(3, 1)).unwrap();
     fd::write_all(client.as_fd(), b"abc").unwrap();
-    let server = Server::new(server_end).unwrap();
+    let mut server = Server::new(server_end).unwrap();
+    server.before_fork().unwrap();
     let spare = server.spare().unwrap();
+    server.spare_forked(1).unwrap();
     assert!(matches!(spare.take(1), Err(Error::Protocol(_))));
 }
 
