@@ -241,9 +241,10 @@ def touch_after_parent_exits(impl_name, ready_path, done_path):
     write_json(done_path, {"sentinel_ready": bool(ready), "alive": parent.is_alive()})
 
 
-def read_stdin_twice_down(impl_name, method, out_path, depth=0):
+def read_stdin_twice_down(impl_name, method, out_path, depth=0, close_first=False):
     """Record what ``sys.stdin.read()`` gives here and whether the parent's stdin object is
-    closed, then do the same in a child started with `method` (one level down)."""
+    closed, then do the same in a child started with `method` (one level down), after closing
+    this process's ``sys.stdin`` if `close_first`."""
     mp = impl_module(impl_name)
     try:
         seen = repr(sys.stdin.read())
@@ -252,6 +253,8 @@ def read_stdin_twice_down(impl_name, method, out_path, depth=0):
     with open(f"{out_path}.{depth}", "w") as f:
         f.write(seen)
     if depth == 0:
+        if close_first:
+            sys.stdin.close()
         p = mp.get_context(method).Process(
             target=read_stdin_twice_down, args=(impl_name, method, out_path, 1)
         )

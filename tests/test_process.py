@@ -632,6 +632,21 @@ def test_children_and_grandchildren_read_devnull(impl, ctx, tmp_path):
     assert (tmp_path / "stdin.1").read_text() == "''"
 
 
+def test_a_child_that_closed_its_stdin_still_gives_its_children_devnull(ctx, tmp_path):
+    # A child's stdin is /dev/null opened for it (ferroproc's forkserver children share the
+    # one their server opened); closing it must not leave the next generation a closed file.
+    out = tmp_path / "stdin"
+    p = ctx.Process(
+        target=w.read_stdin_twice_down,
+        args=(w.impl_name_of(ctx), method_of(ctx), str(out)),
+        kwargs={"close_first": True},
+    )
+    p.start()
+    assert finish(p) == 0
+    assert (tmp_path / "stdin.0").read_text() == "''"
+    assert (tmp_path / "stdin.1").read_text() == "''"
+
+
 # ---------------------------------------------------------------------------------------------
 # Daemon rules
 # ---------------------------------------------------------------------------------------------

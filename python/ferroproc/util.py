@@ -367,6 +367,8 @@ def _own_pidfd():
 _devnull_fd = None
 _spare_stdin = None
 _fd0_stdin = None
+# The /dev/null `sys.stdin` that `_close_stdin` opened last (in this process or an ancestor).
+_devnull_stdin = None
 
 
 def _prepare_fork_stdin():
@@ -392,9 +394,15 @@ def _prepare_fork_stdin():
 
 
 def _close_stdin():
-    global _spare_stdin, _fd0_stdin
+    global _spare_stdin, _fd0_stdin, _devnull_stdin
     stdin = sys.stdin
     if stdin is None:
+        return
+    if stdin is _devnull_stdin and not stdin.closed:
+        # Made by this function in an ancestor (a forkserver, say): already reading
+        # /dev/null, and a fresh one would be no different. Skipped, the child writes fewer
+        # pages (the text wrapper and its buffers are a tenth of a forkserver child's
+        # copy-on-write faults).
         return
     spare = _spare_stdin
     on_fd0 = spare is not None and stdin is _fd0_stdin
@@ -414,7 +422,7 @@ def _close_stdin():
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
         try:
-            sys.stdin = open(fd, encoding="utf-8", closefd=False)
+            sys.stdin = _devnull_stdin = open(fd, encoding="utf-8", closefd=False)
         except BaseException:
             os.close(fd)
             raise
