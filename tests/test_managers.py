@@ -244,6 +244,30 @@ def test_shutdown_request_stops_a_started_server_promptly(impl):
         m.shutdown()
 
 
+@pytest.mark.parametrize("used", [False, True], ids=["unused-proxy", "used-proxy"])
+def test_a_proxy_fails_at_once_after_shutdown(impl, used):
+    # The stdlib's address is a file it removes (FileNotFoundError), or the proxy's
+    # connection is closed (BrokenPipeError). ferroproc's server stops accepting before it
+    # reports its exit, so a connection is refused, never accepted and then reset.
+    errors = []
+    for _ in range(20):
+        m = impl.Manager()
+        values = m.list([1])
+        if used:
+            values.append(2)
+        m.shutdown()
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            values.append(3)
+        assert time.monotonic() - start < SHORT_TIMEOUT
+        errors.append(type(info.value))
+    if impl.__name__ == "ferroproc":
+        expected = BrokenPipeError if used else ConnectionRefusedError
+        assert set(errors) == {expected}, errors
+    else:
+        assert set(errors) == {BrokenPipeError if used else FileNotFoundError}, errors
+
+
 def _threads_of(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
 

@@ -519,7 +519,7 @@ def test_barrier_local_api(ctx, impl):
     assert b1.wait(SHORT_TIMEOUT) == 0
     assert calls == [1]
     if is_ferro(impl):
-        with pytest.raises(ValueError, match="parties must be > 0"):
+        with pytest.raises(ValueError, match="parties must be >= 1"):
             ctx.Barrier(0)
     synchronize = importlib.import_module(impl.__name__ + ".synchronize")
     assert synchronize.Barrier.__mro__[1] is threading.Barrier

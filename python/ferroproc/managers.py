@@ -235,6 +235,18 @@ class Server:
             except (KeyboardInterrupt, SystemExit):
                 pass
         finally:
+            # Refused from now on, not accepted and then reset by the exit: the owner's
+            # `shutdown()` returns once this process reports its exit, before the kernel has
+            # closed the socket.
+            stop.set()  # accepting threads woken by the shutdown below then end
+            listening = _listening_socket(self.listener)
+            if listening is not None:
+                import socket
+
+                try:
+                    listening.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             if sys.stdout != sys.__stdout__:
                 util.debug("resetting stdout, stderr")
                 sys.stdout = sys.__stdout__
@@ -898,6 +910,14 @@ class BaseManager:
                         util.info("manager still alive after terminate")
                         process.kill()
                         process.join()
+            # `join()` returns on the server's exit report; like the stdlib's, this returns
+            # with the server gone, its connections closed (a proxy used next gets a broken
+            # pipe, not a request accepted by a dying server and then reset).
+            from .process import _reap_unreaped, _unreaped
+
+            pid = getattr(process, "pid", None)
+            if pid in _unreaped:
+                _reap_unreaped({pid})
         if control is not None:
             control.close()
         state.value = State.SHUTDOWN

@@ -362,7 +362,7 @@ class Barrier(threading.Barrier):
 
     def __init__(self, parties, action=None, timeout=None, *, ctx):
         if parties < 1:
-            raise ValueError("parties must be > 0")
+            raise ValueError("parties must be >= 1")
         cond = ctx.Condition()
         self.__setstate__((parties, action, timeout, cond))
         self._state = 0

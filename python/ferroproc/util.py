@@ -77,7 +77,7 @@ def get_logger():
 
             init_logging()
             _logger = logging.getLogger(LOGGER_NAME)
-            _logger.propagate = False
+            _logger.propagate = 0  # the stdlib sets 0, and users may print it
             # Our exit handler must run before logging's own shutdown flushes handlers.
             atexit.unregister(_exit_function)
             atexit.register(_exit_function)
