@@ -22,7 +22,7 @@ import time
 import _pool_workers as pw
 import _queue_workers as qw
 import pytest
-from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, TESTS_DIR
+from _workers import SCRIPT_TIMEOUT, SHORT_TIMEOUT, TESTS_DIR, impl_name_of
 
 T = SHORT_TIMEOUT
 
@@ -211,6 +211,13 @@ def test_state_errors(ctx):
         ctx.Pool(1, maxtasksperchild=0)
     with pytest.raises(TypeError):
         ctx.Pool(1, initializer=3)
+    with pytest.raises(ValueError, match="Chunksize must be 1"):
+        p.imap(pw.square, [1, 2], chunksize=0)
+    if impl_name_of(ctx) == "ferroproc":
+        # The stdlib's map returns [None, None] here (its MapResult counts no chunk).
+        for call in (p.map, p.map_async, p.starmap, p.starmap_async):
+            with pytest.raises(ValueError, match="Chunksize must be 1"):
+                call(pw.square, [1, 2], chunksize=0)
     p.close()
     with pytest.raises(ValueError, match="Pool not running"):
         p.map(pw.square, [1])
