@@ -146,6 +146,9 @@ def test_children_see_the_parents_environment_as_it_is_at_each_start(tmp_path, i
 
             child("first")
             child("second")  # nothing changed since the server started
+            sys.argv.append("--in-place")  # alone: the same list object, changed
+            child("argv")
+            del sys.argv[-1]
             os.chdir("elsewhere")
             sys.path.append("/nonexistent/appended")
             sys.argv.append("--later")
@@ -158,8 +161,9 @@ def test_children_see_the_parents_environment_as_it_is_at_each_start(tmp_path, i
     r = _run_script(tmp_path, impl_name, body, "alpha")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(lines) == 5, (r.stdout, r.stderr)
-    first, second, third, fourth, fifth = lines
+    assert len(lines) == 6, (r.stdout, r.stderr)
+    first, second, argv, third, fourth, fifth = lines
+    assert argv[2] == ["alpha", "--in-place"] and argv[5:] == ["argv", "argv"]
     assert first[:3] == [tmp_path.name, first[1], ["alpha"]]
     assert first[4:] == [False, "first", "first"]
     assert second[:5] == first[:5] and second[5:] == ["second", "second"]

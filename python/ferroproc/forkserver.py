@@ -135,8 +135,12 @@ class ForkServer:
         finally:
             theirs.close()
         self._ctl = ours
-        # Logging set up in the parent is set up by each child (the server stays quiet).
-        self._server_prep = None if _configures_logging(prep) else prep
+        # Logging set up in the parent is set up by each child (the server stays quiet). A
+        # snapshot: `sys_argv` is the parent's own list, which it may change in place.
+        if _configures_logging(prep):
+            self._server_prep = None
+        else:
+            self._server_prep = {k: list(v) if type(v) is list else v for k, v in prep.items()}
 
     def request(self, prep, prep_pickled, process_pickled, fds):
         """Asks the server to fork a child for a process object; returns its pid.
