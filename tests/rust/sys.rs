@@ -274,6 +274,32 @@ fn forkserver_without_a_spare_refuses_with_the_fork_errno() {
 }
 
 #[test]
+fn forkserver_fork_failure_with_an_armed_spare_leaves_the_request_to_it() {
+    // The standby's fork failed while a spare is armed: the server must not read the next
+    // request itself (that would refuse it) but wait for the armed spare to take it.
+    let (client, server_end) = pair();
+    let mut server = Server::new(server_end).unwrap();
+    let armed_pid = sh("sleep 0.2", &[]);
+    server.before_fork().unwrap();
+    let spare = server.spare().unwrap();
+    assert!(server.spare_forked(armed_pid).unwrap());
+    server.before_fork().unwrap(); // the standby's pipe; its fork "fails"
+    let taker = std::thread::spawn(move || spare.take(armed_pid).unwrap());
+    let (_status_r, status_w) = fd::pipe().unwrap();
+    let requester = std::thread::spawn(move || {
+        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
+        (got, client)
+    });
+    assert!(
+        server.refuse_next(libc::EAGAIN).unwrap(),
+        "the armed spare was used"
+    );
+    let (got, _client) = requester.join().unwrap();
+    assert_eq!(got.unwrap(), armed_pid);
+    assert_eq!(taker.join().unwrap().expect("a request").payload, b"p");
+}
+
+#[test]
 fn an_anonymous_mapping_keeps_what_is_written_after_lazy_free() {
     use _ferroproc::sys::shm::Mapping;
     let len = 4 << 20;
