@@ -263,6 +263,25 @@ def read_stdin_twice_down(impl_name, method, out_path, depth=0, close_first=Fals
         sys.exit(p.exitcode)
 
 
+def reuse_stdin_descriptor_then_start(impl_name, method, out_path):
+    """Close the descriptor under ``sys.stdin``, let a pipe holding data take its number, then
+    start a child (with `method`) that records what its ``sys.stdin.read()`` gives."""
+    mp = impl_module(impl_name)
+    fd = sys.stdin.fileno()
+    os.close(fd)
+    r, w = os.pipe()
+    if r != fd:
+        os.dup2(r, fd)
+    os.write(w, b"not for the child\n")
+    os.close(w)  # a reader of the pipe gets the data, then end of file
+    p = mp.get_context(method).Process(
+        target=read_stdin_twice_down, args=(impl_name, method, out_path, 1)
+    )
+    p.start()
+    p.join(SHORT_TIMEOUT)
+    sys.exit(p.exitcode)
+
+
 def sigterm_handler_exits_3_when_ready(ready_path):
     """Install a Python SIGTERM handler that exits 3, announce readiness, then sleep."""
 

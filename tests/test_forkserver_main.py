@@ -171,3 +171,54 @@ def test_children_see_the_parents_environment_as_it_is_at_each_start(tmp_path, i
     assert third[:4] == changed and third[4:] == [False, "third", "third"]
     assert fourth[:4] == changed and fourth[4:] == [False, "fourth", "fourth"]
     assert fifth[:4] == changed and fifth[4:] == [True, "fifth", "fifth"]
+
+
+def test_a_name_of_a_str_subclass_and_preload_side_effects(tmp_path, impl_name):
+    """A child's name may be a `str` subclass, and what the preloaded modules do to the
+    import path, directory and arguments does not reach the children: they start with the
+    parent's, whether or not the parent changed anything between starts."""
+    (tmp_path / "meddler.py").write_text(
+        "import os, sys\n"
+        "sys.path.append('/added/by/meddler')\n"
+        "sys.argv.append('--meddled')\n"
+        "os.chdir(os.path.dirname(os.path.abspath(__file__)) + '/sub')\n"
+    )
+    (tmp_path / "sub").mkdir()
+    body = """
+        import http, json, os, signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as command-line tools often do
+
+        def report(q):
+            q.put(json.dumps([
+                type(mp.current_process().name).__name__,
+                "/added/by/meddler" in sys.path,
+                sys.argv[1:],
+                os.path.basename(os.getcwd()),
+                signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL,
+            ]))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["__main__", "meddler"])
+            q = ctx.SimpleQueue()
+            for i in range(3):
+                if i == 2:
+                    sys.argv.append("--changed")
+                # A `str` subclass the stdlib's child can unpickle before its preparation
+                # is applied (not one defined in `__main__`).
+                p = ctx.Process(target=report, args=(q,), name=http.HTTPMethod.GET)
+                p.start()
+                print(q.get())
+                p.join(30)
+                assert p.exitcode == 0, p.exitcode
+    """
+    r = _run_script(tmp_path, impl_name, body)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    here = tmp_path.name
+    assert lines == [
+        ["HTTPMethod", False, [], here, True],
+        ["HTTPMethod", False, [], here, True],
+        ["HTTPMethod", False, ["--changed"], here, True],
+    ], (r.stdout, r.stderr)

@@ -647,6 +647,19 @@ def test_a_child_that_closed_its_stdin_still_gives_its_children_devnull(ctx, tmp
     assert (tmp_path / "stdin.1").read_text() == "''"
 
 
+def test_a_child_whose_stdin_descriptor_was_reused_gives_its_children_devnull(ctx, tmp_path):
+    # The descriptor under a child's /dev/null stdin is closed and its number taken by a pipe
+    # holding data: the next generation must still read nothing.
+    out = tmp_path / "stdin"
+    p = ctx.Process(
+        target=w.reuse_stdin_descriptor_then_start,
+        args=(w.impl_name_of(ctx), method_of(ctx), str(out)),
+    )
+    p.start()
+    assert finish(p) == 0
+    assert (tmp_path / "stdin.1").read_text() == "''"
+
+
 # ---------------------------------------------------------------------------------------------
 # Daemon rules
 # ---------------------------------------------------------------------------------------------

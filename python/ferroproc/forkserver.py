@@ -174,7 +174,8 @@ class ForkServer:
         # applying it in each child cost about as much as the rest of the child's start.
         server = self._server_prep
         if server is not None and {**prep, "name": None} == server:
-            return _pickle.dumps(prep["name"], protocol=4) + process_pickled
+            # In a tuple: a dict is the full preparation, and a name may be a `str` subclass.
+            return _pickle.dumps((prep["name"],), protocol=4) + process_pickled
         return prep_pickled + process_pickled
 
 
@@ -211,12 +212,11 @@ def main(ctl_fd, preload, setup):
     global _unapplied_prep
     prep = _read_exactly(ctl_fd, setup)
     main = {k: prep[k] for k in ("init_main_from_name", "init_main_from_path") if k in prep}
-    # Applied here, by every child otherwise: import path, arguments, directory, authkey.
-    process.current_process()._inheriting = True
-    try:
-        spawn.prepare({k: v for k, v in prep.items() if k not in _NOT_IN_SERVER})
-    finally:
-        del process.current_process()._inheriting
+    # What the preloaded modules see at module level, as in a spawned child.
+    if "sys_path" in prep:
+        sys.path[:] = prep["sys_path"]
+    if "sys_argv" in prep:
+        sys.argv = list(prep["sys_argv"])
     main_path = main.get("init_main_from_path")
     if preload:
         if "__main__" in preload and main_path is not None and _preload_main(main_path):
@@ -226,11 +226,22 @@ def main(ctl_fd, preload, setup):
                 __import__(modname)
             except ImportError:
                 pass
+    # Applied here, after the preloading (which may have changed any of it), as a child
+    # applies it when its request carries it: import path, arguments, directory, authkey,
+    # start method. Children whose request carries only their name start from this.
+    process.current_process()._inheriting = True
+    try:
+        spawn.prepare({k: v for k, v in prep.items() if k not in _NOT_IN_SERVER})
+    finally:
+        del process.current_process()._inheriting
     _unapplied_prep = main or None
     util._close_stdin()
     # Ctrl-C in the terminal reaches the whole process group: the server must survive it.
-    # (`_signal`, not `signal`: the server stays small, and so does every fork of it.)
+    # (`_signal`, not `signal`: the server stays small, and so does every fork of it.) A
+    # write to the pipe of a spare or child that died must not kill it either, whatever the
+    # preloaded script did with SIGPIPE; each child gets the script's setting back.
     old_sigint = _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    old_sigpipe = _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     server = NativeServer(ctl_fd)
     os.close(ctl_fd)
     global _rehearsal
@@ -242,15 +253,15 @@ def main(ctl_fd, preload, setup):
     while True:
         # Children are forked before their requests arrive, two ahead (see the native
         # module): the fork and the interpreter's after-fork work are off the client's path.
-        server.before_fork()
         try:
+            server.before_fork()
             pid = os.fork()
         except OSError as e:
             if not server.refuse_next(e.errno or 1):
                 break
             continue
         if pid == 0:
-            _run_spare(server, me, old_sigint)
+            _run_spare(server, me, old_sigint, old_sigpipe)
         if server.spare_forked(pid):
             continue
         if not server.wait():
@@ -305,7 +316,7 @@ def _make_rehearsal():
     previous = get_spawning_popen()
     set_spawning_popen(proc)
     try:
-        return _pickle.dumps(proc.name, protocol=4) + _pickle.dumps(proc, protocol=4)
+        return _pickle.dumps((proc.name,), protocol=4) + _pickle.dumps(proc, protocol=4)
     except Exception:
         return None
     finally:
@@ -327,7 +338,7 @@ def _rehearse():
         pass
 
 
-def _run_spare(server, server_pid, old_sigint):
+def _run_spare(server, server_pid, old_sigint, old_sigpipe):
     """The pre-forked child: waits for its request, then runs it. Never returns."""
     code = 1
     fds = None
@@ -340,6 +351,8 @@ def _run_spare(server, server_pid, old_sigint):
         else:
             payload, fds = taken
             _signal.signal(_signal.SIGINT, old_sigint)
+            if old_sigpipe is not _signal.SIG_IGN:
+                _signal.signal(_signal.SIGPIPE, old_sigpipe)
             code = _serve_child(payload, fds)
     except Exception:
         # Before the process object runs (its own errors are reported by its bootstrap):
@@ -362,9 +375,9 @@ def _serve_child(payload, fds):
     current._inheriting = True
     try:
         prep = _pickle.load(stream)
-        if type(prep) is str:
+        if type(prep) is tuple:
             # Only the name: the server applied the rest to itself (`ForkServer._payload`).
-            current._name = prep
+            current._name = prep[0]
             if _unapplied_prep is not None:
                 spawn.prepare(_unapplied_prep)
         else:

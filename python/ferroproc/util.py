@@ -367,8 +367,10 @@ def _own_pidfd():
 _devnull_fd = None
 _spare_stdin = None
 _fd0_stdin = None
-# The /dev/null `sys.stdin` that `_close_stdin` opened last (in this process or an ancestor).
+# The /dev/null `sys.stdin` that `_close_stdin` opened last (in this process or an ancestor),
+# and the (device, inode) of its descriptor then.
 _devnull_stdin = None
+_devnull_stdin_id = None
 
 
 def _prepare_fork_stdin():
@@ -394,11 +396,11 @@ def _prepare_fork_stdin():
 
 
 def _close_stdin():
-    global _spare_stdin, _fd0_stdin, _devnull_stdin
+    global _spare_stdin, _fd0_stdin, _devnull_stdin, _devnull_stdin_id
     stdin = sys.stdin
     if stdin is None:
         return
-    if stdin is _devnull_stdin and not stdin.closed:
+    if stdin is _devnull_stdin and not stdin.closed and _still_devnull(stdin):
         # Made by this function in an ancestor (a forkserver, say): already reading
         # /dev/null, and a fresh one would be no different. Skipped, the child writes fewer
         # pages (the text wrapper and its buffers are a tenth of a forkserver child's
@@ -423,11 +425,25 @@ def _close_stdin():
         fd = os.open(os.devnull, os.O_RDONLY)
         try:
             sys.stdin = _devnull_stdin = open(fd, encoding="utf-8", closefd=False)
+            _devnull_stdin_id = _file_id(fd)
         except BaseException:
             os.close(fd)
             raise
     except (OSError, ValueError):
         pass
+
+
+def _file_id(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _still_devnull(stdin):
+    # Its descriptor may have been closed under it, and the number reused.
+    try:
+        return _file_id(stdin.fileno()) == _devnull_stdin_id
+    except (OSError, ValueError):
+        return False
 
 
 def _flush_std_streams():
