@@ -632,31 +632,30 @@ def test_children_and_grandchildren_read_devnull(impl, ctx, tmp_path):
     assert (tmp_path / "stdin.1").read_text() == "''"
 
 
-def test_a_child_that_closed_its_stdin_still_gives_its_children_devnull(ctx, tmp_path):
+@pytest.mark.parametrize("meddling", ["closed", "descriptor-reused"])
+def test_a_child_that_meddled_with_its_stdin_still_gives_its_children_devnull(
+    ctx, tmp_path, meddling
+):
     # A child's stdin is /dev/null opened for it (ferroproc's forkserver children share the
-    # one their server opened); closing it must not leave the next generation a closed file.
+    # one their server opened). Closing it, or closing its descriptor and letting a pipe
+    # holding data take the number, must not leave the next generation a closed file or the
+    # pipe's data.
     out = tmp_path / "stdin"
-    p = ctx.Process(
-        target=w.read_stdin_twice_down,
-        args=(w.impl_name_of(ctx), method_of(ctx), str(out)),
-        kwargs={"close_first": True},
-    )
+    impl_name, method = w.impl_name_of(ctx), method_of(ctx)
+    if meddling == "closed":
+        p = ctx.Process(
+            target=w.read_stdin_twice_down,
+            args=(impl_name, method, str(out)),
+            kwargs={"close_first": True},
+        )
+    else:
+        p = ctx.Process(
+            target=w.reuse_stdin_descriptor_then_start, args=(impl_name, method, str(out))
+        )
     p.start()
     assert finish(p) == 0
-    assert (tmp_path / "stdin.0").read_text() == "''"
-    assert (tmp_path / "stdin.1").read_text() == "''"
-
-
-def test_a_child_whose_stdin_descriptor_was_reused_gives_its_children_devnull(ctx, tmp_path):
-    # The descriptor under a child's /dev/null stdin is closed and its number taken by a pipe
-    # holding data: the next generation must still read nothing.
-    out = tmp_path / "stdin"
-    p = ctx.Process(
-        target=w.reuse_stdin_descriptor_then_start,
-        args=(w.impl_name_of(ctx), method_of(ctx), str(out)),
-    )
-    p.start()
-    assert finish(p) == 0
+    if meddling == "closed":
+        assert (tmp_path / "stdin.0").read_text() == "''"
     assert (tmp_path / "stdin.1").read_text() == "''"
 
 

@@ -110,15 +110,8 @@ class ForkServer:
         try:
             prep = spawn.get_preparation_data(None)
             # The setup goes over the socket, ahead of the first request: a long `sys.argv`
-            # does not fit one command-line argument (the kernel's limit is 128 KiB). It is
-            # pickled as spawning (the authkey refuses to be pickled otherwise).
-            from .context import set_spawning_popen
-
-            set_spawning_popen(self)
-            try:
-                setup = _pickle.dumps(prep, protocol=4)
-            finally:
-                set_spawning_popen(None)
+            # does not fit one command-line argument (the kernel's limit is 128 KiB).
+            setup = _dumps_for_child(prep)
             prog = (
                 "from ferroproc.forkserver import main; "
                 f"main({theirs.fileno()}, {self._preload_modules!r}, {len(setup)})"
@@ -179,6 +172,19 @@ class ForkServer:
         return prep_pickled + process_pickled
 
 
+def _dumps_for_child(obj):
+    """`obj` pickled as for a child being started (an authkey refuses to be pickled
+    otherwise)."""
+    from .context import get_spawning_popen, set_spawning_popen
+
+    previous = get_spawning_popen()
+    set_spawning_popen(_forkserver)
+    try:
+        return _pickle.dumps(obj, protocol=4)
+    finally:
+        set_spawning_popen(previous)
+
+
 def _configures_logging(prep):
     return bool(prep.get("log_to_stderr")) or "log_level" in prep
 
@@ -211,16 +217,16 @@ def main(ctl_fd, preload, setup):
     `preload`; each child imports it otherwise)."""
     global _unapplied_prep
     prep = _read_exactly(ctl_fd, setup)
-    main = {k: prep[k] for k in ("init_main_from_name", "init_main_from_path") if k in prep}
+    main_prep = {k: prep[k] for k in ("init_main_from_name", "init_main_from_path") if k in prep}
     # What the preloaded modules see at module level, as in a spawned child.
     if "sys_path" in prep:
         sys.path[:] = prep["sys_path"]
     if "sys_argv" in prep:
         sys.argv = list(prep["sys_argv"])
-    main_path = main.get("init_main_from_path")
+    main_path = main_prep.get("init_main_from_path")
     if preload:
         if "__main__" in preload and main_path is not None and _preload_main(main_path):
-            main = {}
+            main_prep = {}
         for modname in preload:
             try:
                 __import__(modname)
@@ -234,7 +240,7 @@ def main(ctl_fd, preload, setup):
         spawn.prepare({k: v for k, v in prep.items() if k not in _NOT_IN_SERVER})
     finally:
         del process.current_process()._inheriting
-    _unapplied_prep = main or None
+    _unapplied_prep = main_prep or None
     util._close_stdin()
     # Ctrl-C in the terminal reaches the whole process group: the server must survive it.
     # (`_signal`, not `signal`: the server stays small, and so does every fork of it.) A
@@ -309,18 +315,13 @@ _rehearsal = None
 
 
 def _make_rehearsal():
-    from .context import ForkServerProcess, get_spawning_popen, set_spawning_popen
+    from .context import ForkServerProcess
 
     proc = ForkServerProcess(name="ForkServerProcess-0")
-    # Pickled as for a child (an authkey refuses to be pickled otherwise).
-    previous = get_spawning_popen()
-    set_spawning_popen(proc)
     try:
-        return _pickle.dumps((proc.name,), protocol=4) + _pickle.dumps(proc, protocol=4)
+        return _pickle.dumps((proc.name,), protocol=4) + _dumps_for_child(proc)
     except Exception:
         return None
-    finally:
-        set_spawning_popen(previous)
 
 
 def _rehearse():

@@ -913,11 +913,9 @@ class BaseManager:
             # `join()` returns on the server's exit report; like the stdlib's, this returns
             # with the server gone, its connections closed (a proxy used next gets a broken
             # pipe, not a request accepted by a dying server and then reset).
-            from .process import _reap_unreaped, _unreaped
+            from .process import _reap_unreaped
 
-            pid = getattr(process, "pid", None)
-            if pid in _unreaped:
-                _reap_unreaped({pid})
+            _reap_unreaped({getattr(process, "pid", None)})
         if control is not None:
             control.close()
         state.value = State.SHUTDOWN

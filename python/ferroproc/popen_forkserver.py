@@ -4,7 +4,7 @@ import os
 
 from . import forkserver, popen_fork, util
 from ._ferroproc import read_exit_report, wait_readable
-from .popen_spawn_posix import pickle_for_child_parts
+from .popen_spawn_posix import pickle_for_child
 
 __all__ = ["Popen"]
 
@@ -36,7 +36,7 @@ class Popen(popen_fork.Popen):
         return len(self._fds) - 1
 
     def _launch(self, process_obj):
-        parts = pickle_for_child_parts(self, process_obj)
+        parts = pickle_for_child(self, process_obj)
         status_r, status_w = os.pipe()
         try:
             self.pid = forkserver.request(*parts, [status_w, *self._fds])

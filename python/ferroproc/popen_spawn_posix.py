@@ -28,22 +28,10 @@ def set_spawning(popen):
 
 
 def pickle_for_child(popen, process_obj):
-    """The preparation data and `process_obj`, pickled while `popen` counts as spawning (so
-    descriptors and spawning-only objects can be handed to the child)."""
-    prep_data = spawn.get_preparation_data(process_obj._name)
-    fp = io.BytesIO()
-    set_spawning(popen)
-    try:
-        reduction.dump(prep_data, fp)
-        reduction.dump(process_obj, fp)
-    finally:
-        set_spawning(None)
-    return fp
-
-
-def pickle_for_child_parts(popen, process_obj):
-    """``(prep_data, pickled prep_data, pickled process_obj)``, pickled as `pickle_for_child`
-    does (for the forkserver, which may send the first without the second)."""
+    """``(prep_data, pickled prep_data, pickled process_obj)``, pickled while `popen` counts as
+    spawning (so descriptors and spawning-only objects can be handed to the child). A child
+    reads the two pickles one after the other; the forkserver may send the second alone (the
+    first is for its `_payload`)."""
     prep_data = spawn.get_preparation_data(process_obj._name)
     set_spawning(popen)
     try:
@@ -73,7 +61,7 @@ class Popen(popen_fork.Popen):
         return fd
 
     def _launch(self, process_obj):
-        fp = pickle_for_child(self, process_obj)
+        _, prep_pickled, process_pickled = pickle_for_child(self, process_obj)
         child_r = parent_w = None
         try:
             child_r, parent_w = os.pipe()
@@ -84,7 +72,8 @@ class Popen(popen_fork.Popen):
             self.finalizer = util.Finalize(self, util.close_fds, (self.sentinel,))
             try:
                 with open(parent_w, "wb", closefd=False) as f:
-                    f.write(fp.getbuffer())
+                    f.write(prep_pickled)
+                    f.write(process_pickled)
             except BrokenPipeError:
                 # The child died before reading; its exit code tells the story.
                 pass

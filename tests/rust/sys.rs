@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use _ferroproc::error::Error;
@@ -141,6 +142,31 @@ fn descriptors_cross_a_socket_with_the_message() {
     );
 }
 
+/// Stands the process `pid` in for a spare just forked (the test cannot fork a Python child):
+/// the server's steps around the fork, then a thread that takes the next request with the
+/// spare's handles. Also returns `spare_forked`'s answer (whether to fork another spare).
+fn stand_in_spare(
+    server: &mut Server,
+    pid: i32,
+) -> (JoinHandle<Option<forkserver::Request>>, bool) {
+    server.before_fork().unwrap();
+    let spare = server.spare().unwrap();
+    let more = server.spare_forked(pid).unwrap();
+    (std::thread::spawn(move || spare.take(pid).unwrap()), more)
+}
+
+/// Asks for a child for the payload `p` from another thread, which gives back the answer and
+/// the client's end.
+fn request_in_thread(
+    client: OwnedFd,
+    status_w: OwnedFd,
+) -> JoinHandle<(_ferroproc::error::Result<i32>, OwnedFd)> {
+    std::thread::spawn(move || {
+        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
+        (got, client)
+    })
+}
+
 #[test]
 fn forkserver_protocol_round_trip() {
     // Real processes stand in for the spares (the test cannot fork a Python child): a spare's
@@ -150,10 +176,8 @@ fn forkserver_protocol_round_trip() {
     let mut server = Server::new(server_end).unwrap();
 
     let stand_in = sh("sleep 0.2; exit 42", &[]);
-    server.before_fork().unwrap();
-    let spare = server.spare().unwrap();
-    assert!(server.spare_forked(stand_in).unwrap(), "no standby yet");
-    let taker = std::thread::spawn(move || spare.take(stand_in).unwrap());
+    let (taker, more) = stand_in_spare(&mut server, stand_in);
+    assert!(more, "no standby yet");
     let (status_r, status_w) = fd::pipe().unwrap();
     let (_extra_r, extra_w) = fd::pipe().unwrap();
     let pid = forkserver::request(
@@ -184,11 +208,7 @@ fn forkserver_protocol_round_trip() {
     assert_eq!(i32::from_le_bytes(code), 42);
 
     // The client leaves: the waiting spare says so, and the server shuts down.
-    let last = sh("sleep 0.1", &[]);
-    server.before_fork().unwrap();
-    let spare = server.spare().unwrap();
-    server.spare_forked(last).unwrap();
-    let taker = std::thread::spawn(move || spare.take(last).unwrap());
+    let (taker, _) = stand_in_spare(&mut server, sh("sleep 0.1", &[]));
     drop(client);
     assert!(taker.join().unwrap().is_none());
     assert_eq!(server.wait().unwrap(), Wake::Shutdown);
@@ -198,16 +218,10 @@ fn forkserver_protocol_round_trip() {
 fn forkserver_standby_reads_nothing_until_armed_and_leaves_when_dismissed() {
     let (client, server_end) = pair();
     let mut server = Server::new(server_end).unwrap();
-    let mut spare_of = |pid: i32| {
-        server.before_fork().unwrap();
-        let spare = server.spare().unwrap();
-        let more = server.spare_forked(pid).unwrap();
-        (std::thread::spawn(move || spare.take(pid).unwrap()), more)
-    };
     let (a, b) = (sh("sleep 0.2", &[]), sh("sleep 0.2", &[]));
-    let (take_a, more) = spare_of(a);
+    let (take_a, more) = stand_in_spare(&mut server, a);
     assert!(more);
-    let (take_b, more) = spare_of(b);
+    let (take_b, more) = stand_in_spare(&mut server, b);
     assert!(!more, "an armed spare and a standby are enough");
     let (_status_r, status_w) = fd::pipe().unwrap();
     let ask = |payload: &[u8]| {
@@ -227,15 +241,10 @@ fn forkserver_standby_reads_nothing_until_armed_and_leaves_when_dismissed() {
 
     // The client leaves while a spare is armed and another stands by: the standby is
     // dismissed and reaped with the armed one.
-    let (c, d) = (sh("exit 0", &[]), sh("exit 0", &[]));
-    server.before_fork().unwrap();
-    let armed = server.spare().unwrap();
-    assert!(server.spare_forked(c).unwrap());
-    server.before_fork().unwrap();
-    let standby = server.spare().unwrap();
-    assert!(!server.spare_forked(d).unwrap());
-    let take_c = std::thread::spawn(move || armed.take(c).unwrap());
-    let take_d = std::thread::spawn(move || standby.take(d).unwrap());
+    let (take_c, more) = stand_in_spare(&mut server, sh("exit 0", &[]));
+    assert!(more);
+    let (take_d, more) = stand_in_spare(&mut server, sh("exit 0", &[]));
+    assert!(!more);
     drop(client);
     assert!(take_c.join().unwrap().is_none());
     assert_eq!(server.wait().unwrap(), Wake::Shutdown);
@@ -262,10 +271,7 @@ fn forkserver_without_a_spare_refuses_with_the_fork_errno() {
     let (client, server_end) = pair();
     let mut server = Server::new(server_end).unwrap();
     let (_status_r, status_w) = fd::pipe().unwrap();
-    let requester = std::thread::spawn(move || {
-        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
-        (got, client)
-    });
+    let requester = request_in_thread(client, status_w);
     assert!(server.refuse_next(libc::EAGAIN).unwrap());
     let (got, client) = requester.join().unwrap();
     assert_eq!(got.unwrap_err(), Error::from(nix::errno::Errno::EAGAIN));
@@ -280,16 +286,11 @@ fn forkserver_fork_failure_with_an_armed_spare_leaves_the_request_to_it() {
     let (client, server_end) = pair();
     let mut server = Server::new(server_end).unwrap();
     let armed_pid = sh("sleep 0.2", &[]);
-    server.before_fork().unwrap();
-    let spare = server.spare().unwrap();
-    assert!(server.spare_forked(armed_pid).unwrap());
+    let (taker, more) = stand_in_spare(&mut server, armed_pid);
+    assert!(more);
     server.before_fork().unwrap(); // the standby's pipe; its fork "fails"
-    let taker = std::thread::spawn(move || spare.take(armed_pid).unwrap());
     let (_status_r, status_w) = fd::pipe().unwrap();
-    let requester = std::thread::spawn(move || {
-        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
-        (got, client)
-    });
+    let requester = request_in_thread(client, status_w);
     assert!(
         server.refuse_next(libc::EAGAIN).unwrap(),
         "the armed spare was used"
