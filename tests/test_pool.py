@@ -352,6 +352,35 @@ def test_pool_whose_process_factory_fails_releases_what_it_started(impl):
     assert not any(p.is_alive() for p in made)
 
 
+def test_pool_whose_second_fork_fails_stops_the_first_worker(impl, monkeypatch):
+    # ferroproc forks a plain pool's workers back to back: the one started before the
+    # failure is stopped and reaped, as the stdlib's Pool does with the ones it started.
+    real_fork, forked = os.fork, []
+
+    def fork():
+        if forked:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(BlockingIOError):
+        impl.get_context("fork").Pool(3)
+    monkeypatch.setattr(os, "fork", real_fork)
+    if not _is_ferroproc(impl):
+        # The stdlib's popen_fork leaks the two pipes it made for a fork that failed (the
+        # hygiene fixture checks ferroproc's descriptors).
+        for fd in set(os.listdir("/proc/self/fd")) - fds_before:
+            os.close(int(fd))
+    assert len(forked) == 1
+    assert impl.active_children() == []
+    with pytest.raises(ChildProcessError):  # reaped, not left as a zombie
+        os.waitpid(forked[0], os.WNOHANG)
+
+
 def test_joined_pool_has_reaped_its_replaced_workers(ctx):
     # maxtasksperchild=1: every task ends its worker, which the pool replaces; after join()
     # none of them is left.

@@ -65,7 +65,7 @@ from ._poolworker import (
     thread_worker,
     worker,
 )
-from .context import ProcessError, TimeoutError
+from .context import ForkProcess, ProcessError, TimeoutError
 
 __all__ = ["Pool", "ThreadPool"]
 
@@ -332,7 +332,12 @@ class _Core:
         self.thread = None
         # Replaced workers that had not finished exiting when joined (see `release`).
         self.exiting = set()
-        _arm_fork_hook()
+        # Guards the lazy creation of a result's Event against its completion (creating an
+        # Event for every result is a measurable share of `apply_async`'s cost). One per
+        # pool rather than per module: a module's would need an at-fork hook to be reset in
+        # children (the scheduler thread may hold it at a fork), Python code that every
+        # forked child runs and pays copy-on-write faults for.
+        self.waiters_lock = threading.Lock()
         if threads:
             self.resultq = SimpleQueue()
             self.slots = [_Slot(i, SimpleQueue()) for i in range(processes)]
@@ -350,7 +355,35 @@ class _Core:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def start_worker(self, slot):
+    def start_workers(self, slots):
+        """Starts a worker in each of `slots`. The plain fork workers of a plain pool are
+        forked together (see `process._start_all`); others are made and started one by one,
+        as the stdlib does (a context's `Process` may count or refuse them)."""
+        if (
+            len(slots) > 1
+            and self.new_process is Pool.Process
+            and getattr(self.ctx, "Process", None) is ForkProcess
+        ):
+            procs = [self._new_worker(slot) for slot in slots]
+            started = []
+            try:
+                process._start_all(procs, started)
+            finally:
+                for slot, proc in zip(slots, started, strict=False):  # the started ones
+                    self._started(slot, proc)
+            return
+        for slot in slots:
+            proc = self._new_worker(slot)
+            proc.start()
+            self._started(slot, proc)
+
+    def _started(self, slot, proc):
+        slot.proc = proc
+        if not self.threads:
+            slot.fd = getattr(proc, "sentinel", None)
+        self.fds_changed = True
+
+    def _new_worker(self, slot):
         if self.threads:
             target, args = thread_worker, (slot.taskq, self.resultq)
             args += (self.initializer, self.initargs, self.maxtasks)
@@ -360,11 +393,6 @@ class _Core:
         proc = self.new_process(self.ctx, target=target, args=args)
         proc.name = proc.name.replace("Process", "PoolWorker")
         proc.daemon = True
-        proc.start()
-        slot.proc = proc
-        if not self.threads:
-            slot.fd = getattr(proc, "sentinel", None)
-        self.fds_changed = True
         return proc
 
     # -- dispatch (called with the lock held) ----------------------------------------------
@@ -534,7 +562,7 @@ class _Core:
 
     def _replace(self, slot):
         try:
-            self.start_worker(slot)
+            self.start_workers([slot])
         except Exception:
             util.sub_warning("could not start a pool worker; retrying")
             return
@@ -803,8 +831,7 @@ class Pool:
         self._core = core
         self._cache = core.cache
         try:
-            for slot in core.slots:
-                core.start_worker(slot)
+            core.start_workers(core.slots)
         except BaseException:
             # Do not leave the workers already started behind.
             started = [s.proc for s in core.slots if s.proc is not None]
@@ -989,36 +1016,12 @@ def _wake_future(fut):
         fut.set_result(None)
 
 
-#: Guards the lazy creation of a result's Event against its completion (creating an Event
-#: for every result is a measurable share of `apply_async`'s cost).
-_waiters_lock = threading.Lock()
-
-
-def _after_fork_in_child():
-    # The scheduler thread of a parent's pool may have held it at the fork.
-    global _waiters_lock
-    _waiters_lock = threading.Lock()
-
-
-_hooked = False
-
-
-def _arm_fork_hook():
-    # Registered with the first pool: before it no scheduler thread can hold the lock, and
-    # every hook is Python code each forked child runs (and pays faults for).
-    global _hooked
-    if not _hooked:
-        # Registered before the flag is set: a thread that sees the flag may take the lock
-        # at once. (Two registrations are harmless.)
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _hooked = True
-
-
 class ApplyResult:
     """The result of `Pool.apply_async`."""
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
+        self._waiters_lock = pool._core.waiters_lock
         self._ready = False
         self._event = None  # made by the first wait() that has to block
         self._job = next(job_counter)
@@ -1041,7 +1044,7 @@ class ApplyResult:
         """Waits until the result is available or `timeout` seconds pass."""
         if self._ready:
             return
-        with _waiters_lock:
+        with self._waiters_lock:
             if self._ready:
                 return
             event = self._event
@@ -1050,7 +1053,7 @@ class ApplyResult:
         event.wait(timeout)
 
     def _signal(self):
-        with _waiters_lock:
+        with self._waiters_lock:
             self._ready = True
             event = self._event
             futures = self._futures
@@ -1074,7 +1077,7 @@ class ApplyResult:
 
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
-            with _waiters_lock:
+            with self._waiters_lock:
                 if self._ready:
                     fut = None
                 else:

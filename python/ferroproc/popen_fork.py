@@ -15,19 +15,58 @@ from ._ferroproc import read_exit_report, wait_readable, waitpid, write_exit_rep
 __all__ = ["Popen"]
 
 
+def _before_start():
+    util._flush_std_streams()
+    if process._unreaped:
+        process._reap_unreaped()
+
+
+def _before_forks():
+    """Returns the parent sentinel of children forked next (our pidfd, inherited), and has
+    the spare stdin of a forked child made."""
+    parent_sentinel = util._own_pidfd()
+    util._prepare_fork_stdin()
+    return parent_sentinel
+
+
 class Popen:
     """Handle on a child started by fork."""
 
     method = "fork"
 
     def __init__(self, process_obj):
-        util._flush_std_streams()
-        if process._unreaped:
-            process._reap_unreaped()
+        _before_start()
+        self._clear()
+        self._launch(process_obj)
+
+    def _clear(self):
         self.returncode = None
         self.finalizer = None
         self._report = None
-        self._launch(process_obj)
+
+    @classmethod
+    def launch_all(cls, process_objs, started):
+        """Starts a child for each of `process_objs`, forking them back to back, and appends
+        each one's Popen to `started` once it exists (a fork that fails leaves the earlier
+        ones there for the caller to finish or stop).
+
+        A page the parent writes between two forks is a copy-on-write fault after each of
+        them: a pool's workers started one `start()` at a time cost the parent about 120
+        more faults (the first worker's bookkeeping, the next one's process object) than
+        forks made together."""
+        _before_start()
+        parent_sentinel = _before_forks()
+        prepared = [obj._child_state(parent_sentinel) for obj in process_objs]
+        popens = [cls.__new__(cls) for _ in process_objs]
+        for popen in popens:
+            popen._clear()
+        try:
+            for popen, obj, state in zip(popens, process_objs, prepared, strict=True):
+                popen._fork(obj, parent_sentinel, state)
+                started.append(popen)
+        finally:
+            for popen in started:
+                popen._watch()
 
     def duplicate_for_child(self, fd):
         return fd
@@ -101,15 +140,21 @@ class Popen:
         self._send_signal(signal.SIGKILL)
 
     def _launch(self, process_obj):
+        parent_sentinel = _before_forks()
+        self._fork(process_obj, parent_sentinel, process_obj._child_state(parent_sentinel))
+        self._watch()
+
+    def _fork(self, process_obj, parent_sentinel, prepared):
+        # `prepared` was made before the fork so the child only assigns (its pages are
+        # copy-on-write faults): its process counter, children and parent handle.
         code = 1
         report_r, report_w = os.pipe()
-        # Prepared here so the child only assigns (its pages are copy-on-write faults): its
-        # parent sentinel is our pidfd (inherited), its new stdin a spare wrapper on /dev/null,
-        # its process counter, children and parent handle made before the fork.
-        parent_sentinel = util._own_pidfd()
-        util._prepare_fork_stdin()
-        prepared = process_obj._child_state(parent_sentinel)
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except BaseException:
+            os.close(report_r)
+            os.close(report_w)
+            raise
         if self.pid == 0:
             try:
                 os.close(report_r)
@@ -119,10 +164,14 @@ class Popen:
                     write_exit_report(report_w, code & 0xFF)
                 finally:
                     os._exit(code)
+        # Closed before any other fork: a sibling holding the write end would hide this
+        # child's exit from `_collect`.
         os.close(report_w)
         self._report = report_r
+
+    def _watch(self):
         self.sentinel = os.pidfd_open(self.pid)
-        self.finalizer = util.Finalize(self, util.close_fds, (report_r, self.sentinel))
+        self.finalizer = util.Finalize(self, util.close_fds, (self._report, self.sentinel))
 
     def close(self):
         if self.finalizer is not None:

@@ -60,6 +60,35 @@ def _cleanup():
             _children.discard(p)
 
 
+def _start_all(procs, started):
+    """Starts each of `procs` as its `start()` would, appending each to `started` once it has
+    started. Children the plain fork Popen starts are forked back to back (see
+    `popen_fork.Popen.launch_all`); others start one by one."""
+    from .context import ForkProcess
+
+    fork_popen = ForkProcess._Popen
+    if len(procs) < 2 or any(
+        type(p).start is not BaseProcess.start or type(p)._Popen is not fork_popen for p in procs
+    ):
+        for p in procs:
+            p.start()
+            started.append(p)
+        return
+    for p in procs:
+        p._check_startable()
+    _cleanup()
+    from .popen_fork import Popen
+
+    popens = []
+    try:
+        Popen.launch_all(procs, popens)
+    finally:
+        for p, popen in zip(procs, popens, strict=False):  # the started ones
+            p._popen = popen
+            p._started()
+            started.append(p)
+
+
 class BaseProcess:
     """A unit of work run in a separate process, shaped like `threading.Thread`."""
 
@@ -94,6 +123,12 @@ class BaseProcess:
 
     def start(self):
         """Starts the child process."""
+        self._check_startable()
+        _cleanup()
+        self._popen = self._Popen(self)
+        self._started()
+
+    def _check_startable(self):
         self._check_closed()
         assert self._popen is None, "cannot start a process twice"
         assert self._parent_pid == os.getpid(), (
@@ -102,8 +137,8 @@ class BaseProcess:
         assert not _current_process._config.get("daemon"), (
             "daemonic processes are not allowed to have children"
         )
-        _cleanup()
-        self._popen = self._Popen(self)
+
+    def _started(self):
         self._sentinel = self._popen.sentinel
         # The child has its own copies; dropping ours lets arguments be collected early.
         del self._target, self._args, self._kwargs
