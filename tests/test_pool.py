@@ -175,6 +175,27 @@ def test_timeouts_raise_multiprocessing_timeout_error(ctx):
     p.join()
 
 
+def test_wait_timeouts_and_many_waiting_threads(ctx):
+    with ctx.Pool(1) as p:
+        r = p.apply_async(pw.sleep_then, (0.5, "done"))
+        for timeout in (-1, 0, 0.05):
+            t0 = time.monotonic()
+            r.wait(timeout)
+            assert not r.ready()
+            assert time.monotonic() - t0 < 0.4
+        seen = []
+        waiters = [threading.Thread(target=lambda: seen.append(r.get(T))) for _ in range(3)]
+        for t in waiters:
+            t.start()
+        r.wait(T)  # a fourth waiter, in this thread
+        for t in waiters:
+            t.join(T)
+        assert r.ready() and r.successful()
+        assert seen == ["done"] * 3
+        r.wait(-1)  # ready: returns at once whatever the timeout
+    p.join()
+
+
 def test_initializer_and_maxtasksperchild(ctx):
     p = ctx.Pool(2, initializer=pw.set_initialized, initargs=("yes",), maxtasksperchild=2)
     try:

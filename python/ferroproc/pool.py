@@ -45,6 +45,7 @@ import time
 import traceback
 import types
 import warnings
+from _thread import allocate_lock as _allocate_lock
 from queue import Empty, SimpleQueue
 
 from . import process, util
@@ -1023,7 +1024,7 @@ class ApplyResult:
         self._pool = pool
         self._waiters_lock = pool._core.waiters_lock
         self._ready = False
-        self._event = None  # made by the first wait() that has to block
+        self._waiters = None  # locks of the threads blocked in wait()
         self._job = next(job_counter)
         self._cache = pool._cache
         self._callback = callback
@@ -1044,21 +1045,41 @@ class ApplyResult:
         """Waits until the result is available or `timeout` seconds pass."""
         if self._ready:
             return
+        # A held lock that `_signal` releases: what `threading.Event` does underneath,
+        # without its Condition's Python code (every page the parent touches after forking a
+        # pool's workers is a copy-on-write fault).
+        waiter = _allocate_lock()
+        waiter.acquire()
         with self._waiters_lock:
             if self._ready:
                 return
-            event = self._event
-            if event is None:
-                event = self._event = threading.Event()
-        event.wait(timeout)
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+        got = False
+        try:
+            if timeout is None:
+                got = waiter.acquire()
+            elif timeout > 0:
+                got = waiter.acquire(True, timeout)
+            else:
+                got = waiter.acquire(False)
+        finally:
+            if not got:  # timed out or interrupted: no longer waiting
+                with self._waiters_lock:
+                    if self._waiters is not None and waiter in self._waiters:
+                        self._waiters.remove(waiter)
 
     def _signal(self):
         with self._waiters_lock:
             self._ready = True
-            event = self._event
+            waiters = self._waiters
+            self._waiters = None
             futures = self._futures
-        if event is not None:
-            event.set()
+        if waiters is not None:
+            for waiter in waiters:
+                waiter.release()
         if futures:
             for loop, fut in futures:
                 try:
