@@ -68,6 +68,9 @@ def test_pool_case_reports_its_peers() -> None:
     case = "pool_lifecycle"
     record = {r["name"]: r for r in _bench_json(case, 280)["cases"]}[case]
     assert record["errors"] == {}
+    # Its floor: two raw forked children, one round trip, SIGTERM, waitpid.
+    assert record["floor"] == "floor_os_two_workers"
+    assert record["floor_result"]["median"] > 0
     labels = {"concurrent.futures", "loky", "mpire"}
     assert labels <= set(record["peers"]) | set(record["skipped"])
     assert "concurrent.futures" in record["peers"]  # the stdlib's executor is always there

@@ -8,6 +8,8 @@ Imported by :mod:`ferroproc.bench.cases`. Tasks live in the import-free
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -91,7 +93,44 @@ def pool_imap_unordered(mod: ModuleType, n: int) -> float:
     return elapsed
 
 
-@case("pool_lifecycle", n=20, unit="pool")
+#: The reference floor of a pool's life.
+POOL_FLOOR = "floor_os_two_workers"
+
+
+@case(POOL_FLOOR, n=20, unit="pool", reference=True)
+def floor_two_workers(_mod: None, n: int) -> float:
+    """[reference] Two raw os.fork() children, one pipe round trip with the first, SIGTERM to
+    both, os.waitpid() both: the system calls of a two-worker pool's life, no multiprocessing."""
+    total = 0.0
+    for _ in range(n):
+        t0 = _perf()
+        task_r, task_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pids = []
+        for _ in range(WORKERS):
+            pid = os.fork()
+            if pid == 0:
+                os.read(task_r, 1)
+                os.write(done_w, b"1")
+                os.read(task_r, 1)  # blocks until the signal
+                os._exit(0)
+            pids.append(pid)
+        os.write(task_w, b"1")
+        if os.read(done_r, 1) != b"1":
+            raise RuntimeError("wrong result")
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != -signal.SIGTERM:
+                raise RuntimeError(f"forked child ended with wait status {status:#x}")
+        for fd in (task_r, task_w, done_r, done_w):
+            os.close(fd)
+        total += _perf() - t0
+    return total
+
+
+@case("pool_lifecycle", n=20, unit="pool", floor=POOL_FLOOR)
 def pool_lifecycle(mod: ModuleType, n: int) -> float:
     """``with Pool(2) as p: p.map(square, [1])`` then join(): create to teardown."""
     ctx = mod.get_context("fork")
