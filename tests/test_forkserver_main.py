@@ -222,3 +222,29 @@ def test_a_name_of_a_str_subclass_and_preload_side_effects(tmp_path, impl_name):
         ["HTTPMethod", False, [], here, True],
         ["HTTPMethod", False, ["--changed"], here, True],
     ], (r.stdout, r.stderr)
+
+
+def test_children_find_the_ipc_modules_the_parent_had_imported(tmp_path, impl_name):
+    # The server imports the modules of the IPC objects its parent had imported (ferroproc),
+    # or its own (the stdlib's imports its `connection`): a child handed a Pipe end does not
+    # import them itself. Checked in a child that is handed only a path.
+    body = """
+        import json
+
+        def report(path):
+            with open(path, "w") as f:
+                json.dump(sorted(sys.modules), f)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=report, args=(sys.argv[1],))
+            p.start()
+            p.join(30)
+            print(p.exitcode)
+    """
+    out = tmp_path / "modules.json"
+    r = _run_script(tmp_path, impl_name, body, str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0"], r.stdout
+    assert f"{impl_name}.connection" in json.loads(out.read_text())
