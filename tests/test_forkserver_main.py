@@ -248,3 +248,42 @@ def test_children_find_the_ipc_modules_the_parent_had_imported(tmp_path, impl_na
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0"], r.stdout
     assert f"{impl_name}.connection" in json.loads(out.read_text())
+
+
+def test_children_find_the_ipc_modules_the_parent_imported_later(tmp_path, impl_name):
+    # ferroproc: the server started before the parent imported `connection`; the next
+    # request tells it, and it imports the module before forking the next children (two
+    # are forked ahead, so the third child after that request has it).
+    body = """
+        import json
+
+        def noop():
+            pass
+
+        def report(path):
+            with open(path, "w") as f:
+                json.dump(sorted(sys.modules), f)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            first = ctx.Process(target=noop)
+            first.start()
+            first.join(30)
+            a, b = ctx.Pipe()
+            codes = [first.exitcode]
+            for _ in range(3):
+                p = ctx.Process(target=noop)
+                p.start()
+                p.join(30)
+                codes.append(p.exitcode)
+            p = ctx.Process(target=report, args=(sys.argv[1],))
+            p.start()
+            p.join(30)
+            codes.append(p.exitcode)
+            print(json.dumps(codes))
+    """
+    out = tmp_path / "modules.json"
+    r = _run_script(tmp_path, impl_name, body, str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [0] * 5, r.stdout
+    assert f"{impl_name}.connection" in json.loads(out.read_text())

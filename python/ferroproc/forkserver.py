@@ -33,9 +33,11 @@ __all__ = [
 MAXFDS_TO_SEND = 256
 
 #: ferroproc modules whose objects (connections, queues, locks, shared values, proxies) reach
-#: children as arguments: the server imports those its parent has imported, after the
-#: preload list. A child that unpickles a `Pipe()` end otherwise imports `connection` and
-#: what it imports (socket, pickle, threading...) itself: about 8 ms per child here.
+#: children as arguments. The server imports, after the preload list, those its parent had
+#: imported when it started, and later those the parent imports afterwards (a request's hint
+#: names them, one bit each in this order; the server imports them before its next fork). A
+#: child that unpickles a `Pipe()` end otherwise imports `connection` and what it imports
+#: (socket, pickle, threading...) itself: about 8 ms per child here.
 _IPC_MODULES = (
     "ferroproc.reduction",
     "ferroproc.connection",
@@ -62,6 +64,8 @@ class ForkServer:
         # The preparation data the running server applied to itself (with "name" None), when
         # its children may take it as theirs; see `_payload`.
         self._server_prep = None
+        # The `_IPC_MODULES` the running server has imported or been told to import.
+        self._server_modules = set()
 
     def _arm(self):
         # The after-fork reset is registered on first use: until then there is nothing to
@@ -130,6 +134,7 @@ class ForkServer:
             setup = _dumps_for_child(prep)
             preload = [*self._preload_modules]
             preload += [m for m in _IPC_MODULES if m in sys.modules and m not in preload]
+            self._server_modules = {m for m in preload if m in _IPC_MODULES}
             prog = (
                 "from ferroproc.forkserver import main; "
                 f"main({theirs.fileno()}, {preload!r}, {len(setup)})"
@@ -167,7 +172,10 @@ class ForkServer:
             fds = [fds[0], util._own_pidfd(), *fds[1:]]
             try:
                 return forkserver_request(
-                    self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds
+                    self._ctl.fileno(),
+                    self._payload(prep, prep_pickled, process_pickled),
+                    fds,
+                    self._imports_hint(),
                 )
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 # The server died (killed from outside): start a fresh one and retry once.
@@ -175,8 +183,24 @@ class ForkServer:
                 self._ctl = self._forkserver_pid = self._server_prep = None
                 self._ensure_running_unlocked()
                 return forkserver_request(
-                    self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds
+                    self._ctl.fileno(),
+                    self._payload(prep, prep_pickled, process_pickled),
+                    fds,
+                    self._imports_hint(),
                 )
+
+    def _imports_hint(self):
+        """The bits of the `_IPC_MODULES` imported here since the server last heard of them."""
+        known = self._server_modules
+        if len(known) == len(_IPC_MODULES):
+            return 0
+        hint = 0
+        modules = sys.modules
+        for bit, name in enumerate(_IPC_MODULES):
+            if name in modules and name not in known:
+                hint |= 1 << bit
+                known.add(name)
+        return hint
 
     def _payload(self, prep, prep_pickled, process_pickled):
         # A child's preparation is its parent's import environment, which rarely changes
@@ -290,7 +314,22 @@ def main(ctl_fd, preload, setup):
             continue
         if not server.wait():
             break
+        hint = server.take_imports()
+        if hint:
+            _import_hinted(hint)
     sys.exit(0)
+
+
+def _import_hinted(hint):
+    """Imports the `_IPC_MODULES` whose bits are set (see `ForkServer._imports_hint`), so
+    the spares forked from now on have them."""
+    for bit, name in enumerate(_IPC_MODULES):
+        if hint >> bit & 1:
+            try:
+                __import__(name)
+            except Exception:  # a child that needs it imports it and reports the error
+                pass
+    gc.collect()  # as at start-up: the young generations are empty at each fork
 
 
 def _read_exactly(fd, size):

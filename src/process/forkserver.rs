@@ -1,9 +1,10 @@
 //! The forkserver: a clean Python process that forks children on request.
 //!
 //! Protocol on a unix stream socketpair between the user process (client) and the server:
-//! - request: an 8-byte header `[payload_len: u32 LE][nfds: u32 LE]` carrying `nfds` descriptors
-//!   (`SCM_RIGHTS`), then `payload_len` bytes of opaque payload (the pickled process). The first
-//!   descriptor is the write end of the child's status pipe.
+//! - request: a 12-byte header `[payload_len: u32 LE][nfds: u32 LE][hint: u32 LE]` carrying
+//!   `nfds` descriptors (`SCM_RIGHTS`), then `payload_len` bytes of opaque payload (the pickled
+//!   process). The first descriptor is the write end of the child's status pipe. `hint` is
+//!   opaque here too: the spare relays it to the server (see [`Server::take_imports`]).
 //! - reply: the child's pid as `i32 LE`, or `-errno` when the fork failed.
 //!
 //! The server keeps *spares* forked ahead of time: forks of the server that wait for a request,
@@ -37,9 +38,13 @@ pub const MAX_PAYLOAD: usize = 1 << 30;
 /// How often children without a pidfd are swept with `waitpid(WNOHANG)`.
 const SWEEP: Duration = Duration::from_millis(50);
 
-/// Spare -> server messages: `[kind: u8][pid: i32 LE]`; `TAKEN` carries the status pipe.
+/// Spare -> server messages: `[kind: u8][pid: i32 LE][hint: u32 LE]`; `TAKEN` carries the
+/// status pipe and the request's hint.
 const TAKEN: u8 = b'T';
 const CLIENT_GONE: u8 = b'E';
+const NOTICE_LEN: usize = 9;
+/// Bytes of a request header.
+pub const HEADER_LEN: usize = 12;
 
 #[derive(Debug)]
 struct Child {
@@ -56,6 +61,8 @@ pub struct Request {
     pub payload: Vec<u8>,
     /// Descriptors sent with the request; `fds[0]` is the status pipe's write end.
     pub fds: Vec<OwnedFd>,
+    /// The client's hint word, relayed to the server.
+    pub hint: u32,
 }
 
 /// Why [`Server::wait`] returned.
@@ -83,6 +90,8 @@ pub struct Server {
     next_arm_r: Option<OwnedFd>,
     next_arm_w: Option<OwnedFd>,
     children: Vec<Child>,
+    /// Hint bits of the requests taken since [`Server::take_imports`] last cleared them.
+    imports: u32,
 }
 
 /// What a spare keeps of the server after the fork: the control socket, its way to report and
@@ -110,6 +119,7 @@ impl Server {
             next_arm_r: None,
             next_arm_w: None,
             children: Vec::new(),
+            imports: 0,
         })
     }
 
@@ -167,6 +177,12 @@ impl Server {
         }
     }
 
+    /// The union of the hint words of the requests taken (or refused) since the last call,
+    /// and clears it. The Python server maps bits to modules to import before its next fork.
+    pub fn take_imports(&mut self) -> u32 {
+        std::mem::take(&mut self.imports)
+    }
+
     /// Blocks until the spare has taken a request or died ([`Wake::SpareUsed`]: fork the
     /// next one) or the client has gone ([`Wake::Shutdown`], the spare reaped), reaping and
     /// reporting children meanwhile.
@@ -214,7 +230,8 @@ impl Server {
             self.reap();
             if ready.contains(&0) {
                 return match read_request(self.ctl.as_fd()) {
-                    Ok(_) => {
+                    Ok(req) => {
+                        self.imports |= req.hint;
                         fd::write_all(self.ctl.as_fd(), &(-errno.abs().max(1)).to_le_bytes())?;
                         Ok(true)
                     }
@@ -256,7 +273,7 @@ impl Server {
 
     /// Handles one message from the spare.
     fn on_notice(&mut self) -> Result<Option<Wake>> {
-        let mut msg = [0u8; 5];
+        let mut msg = [0u8; NOTICE_LEN];
         let mut fds = match sock::recv_with_fds(self.notify_r.as_fd(), &mut msg) {
             Ok(fds) => fds,
             // Cannot happen while we hold notify_w ourselves; treat it as the end.
@@ -269,6 +286,7 @@ impl Server {
         };
         match msg[0] {
             TAKEN => {
+                self.imports |= u32::from_le_bytes([msg[5], msg[6], msg[7], msg[8]]);
                 self.children.push(Child {
                     status_w: fds.pop(),
                     ..spare
@@ -335,7 +353,7 @@ impl Spare {
         let req = match read_request(self.ctl.as_fd()) {
             Ok(req) => req,
             Err(Error::Eof) => {
-                self.notify(CLIENT_GONE, my_pid, &[])?;
+                self.notify(CLIENT_GONE, my_pid, 0, &[])?;
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -343,13 +361,14 @@ impl Spare {
         before_reply()?;
         fd::write_all(self.ctl.as_fd(), &my_pid.to_le_bytes())?;
         // A server that died meanwhile cannot report abnormal deaths; the child still runs.
-        let _ = self.notify(TAKEN, my_pid, &[req.fds[0].as_raw_fd()]);
+        let _ = self.notify(TAKEN, my_pid, req.hint, &[req.fds[0].as_raw_fd()]);
         Ok(Some(req))
     }
 
-    fn notify(&self, kind: u8, pid: i32, fds: &[RawFd]) -> Result<()> {
-        let mut msg = [kind, 0, 0, 0, 0];
-        msg[1..].copy_from_slice(&pid.to_le_bytes());
+    fn notify(&self, kind: u8, pid: i32, hint: u32, fds: &[RawFd]) -> Result<()> {
+        let mut msg = [kind, 0, 0, 0, 0, 0, 0, 0, 0];
+        msg[1..5].copy_from_slice(&pid.to_le_bytes());
+        msg[5..].copy_from_slice(&hint.to_le_bytes());
         sock::send_with_fds(self.notify_w.as_fd(), &msg, fds)
     }
 }
@@ -360,9 +379,9 @@ fn no_arming_pipe() -> Error {
 
 /// Reads one request from the control socket.
 fn read_request(ctl: BorrowedFd<'_>) -> Result<Request> {
-    let mut header = [0u8; 8];
+    let mut header = [0u8; HEADER_LEN];
     let fds = sock::recv_with_fds(ctl, &mut header)?;
-    let (len, nfds) = decode_header(header)?;
+    let (len, nfds, hint) = decode_header(header)?;
     if nfds != fds.len() || fds.is_empty() {
         return Err(Error::Protocol(format!(
             "forkserver request announced {nfds} descriptors but carried {}",
@@ -373,43 +392,51 @@ fn read_request(ctl: BorrowedFd<'_>) -> Result<Request> {
     if fd::read_full(ctl, &mut payload)? != len {
         return Err(Error::Eof);
     }
-    Ok(Request { payload, fds })
+    Ok(Request { payload, fds, hint })
 }
 
 /// Encodes a request header.
 #[must_use]
-pub fn encode_header(len: usize, nfds: usize) -> [u8; 8] {
-    let mut h = [0u8; 8];
+pub fn encode_header(len: usize, nfds: usize, hint: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
-    h[4..].copy_from_slice(&u32::try_from(nfds).unwrap_or(u32::MAX).to_le_bytes());
+    h[4..8].copy_from_slice(&u32::try_from(nfds).unwrap_or(u32::MAX).to_le_bytes());
+    h[8..].copy_from_slice(&hint.to_le_bytes());
     h
 }
 
-/// Decodes and validates a request header: `(payload_len, nfds)`.
+/// Decodes and validates a request header: `(payload_len, nfds, hint)`.
 ///
 /// # Errors
 /// [`Error::Protocol`] for a payload over [`MAX_PAYLOAD`] or more than [`sock::MAX_FDS`] fds.
-pub fn decode_header(h: [u8; 8]) -> Result<(usize, usize)> {
+pub fn decode_header(h: [u8; HEADER_LEN]) -> Result<(usize, usize, u32)> {
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let nfds = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+    let hint = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if len > MAX_PAYLOAD || nfds > sock::MAX_FDS {
         return Err(Error::Protocol(format!(
             "bad forkserver request header ({len} bytes, {nfds} fds)"
         )));
     }
-    Ok((len, nfds))
+    Ok((len, nfds, hint))
 }
 
 /// Client side: asks the server behind `ctl` to fork a child for `payload`, handing it `fds`
-/// (`fds[0]` must be the status pipe's write end). Returns the child's pid.
+/// (`fds[0]` must be the status pipe's write end) and relaying `hint` to the server. Returns
+/// the child's pid.
 ///
 /// # Errors
 /// [`Error::Eof`] when the server is gone; `Error::Os` with the server's fork errno.
-pub fn request(ctl: std::os::fd::BorrowedFd<'_>, payload: &[u8], fds: &[RawFd]) -> Result<i32> {
+pub fn request(
+    ctl: std::os::fd::BorrowedFd<'_>,
+    payload: &[u8],
+    fds: &[RawFd],
+    hint: u32,
+) -> Result<i32> {
     if payload.len() > MAX_PAYLOAD {
         return Err(Errno::E2BIG.into());
     }
-    sock::send_with_fds(ctl, &encode_header(payload.len(), fds.len()), fds)?;
+    sock::send_with_fds(ctl, &encode_header(payload.len(), fds.len(), hint), fds)?;
     fd::write_all(ctl, payload)?;
     let mut reply = [0u8; 4];
     if fd::read_full(ctl, &mut reply)? != 4 {
@@ -428,17 +455,20 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        assert_eq!(decode_header(encode_header(1234, 3)).unwrap(), (1234, 3));
+        assert_eq!(
+            decode_header(encode_header(1234, 3, 0b101)).unwrap(),
+            (1234, 3, 0b101)
+        );
     }
 
     #[test]
     fn absurd_headers_are_refused_without_allocating() {
         assert!(matches!(
-            decode_header(encode_header(usize::MAX, 1)),
+            decode_header(encode_header(usize::MAX, 1, 0)),
             Err(Error::Protocol(_))
         ));
         assert!(matches!(
-            decode_header(encode_header(10, 10_000)),
+            decode_header(encode_header(10, 10_000, 0)),
             Err(Error::Protocol(_))
         ));
     }

@@ -94,17 +94,20 @@ fn waitpid(py: Python<'_>, pid: i32, block: bool) -> PyResult<Option<i32>> {
     }
 }
 
-/// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl`, returns the pid.
+/// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl` (and `hint`,
+/// which the server gets from `ForkServer.take_imports`), returns the pid.
 #[pyfunction]
+#[pyo3(signature = (ctl, payload, fds, hint=0))]
 fn forkserver_request(
     py: Python<'_>,
     ctl: i32,
     payload: &Bound<'_, PyBytes>,
     fds: Vec<i32>,
+    hint: u32,
 ) -> PyResult<i32> {
     let data = payload.as_bytes().to_vec();
     let ctl = fd::borrow_raw(ctl)?;
-    Ok(py.detach(|| forkserver::request(ctl, &data, &fds))?)
+    Ok(py.detach(|| forkserver::request(ctl, &data, &fds, hint))?)
 }
 
 /// Server side of the forkserver. Python forks (so the at-fork protocol runs) a spare ahead of
@@ -175,6 +178,11 @@ impl ForkServer {
     /// Blocks until the spare is used (True: fork the next) or the client has gone (False).
     fn wait(&self, py: Python<'_>) -> PyResult<bool> {
         Ok(self.with(py, forkserver::Server::wait)? == forkserver::Wake::SpareUsed)
+    }
+
+    /// The union of the hints of the requests taken since the last call (and clears it).
+    fn take_imports(&self) -> PyResult<u32> {
+        Ok(self.lock()?.as_mut().ok_or_else(closed)?.take_imports())
     }
 
     /// After a failed fork: answers the next request with `-errno`. False if the client went.

@@ -162,7 +162,7 @@ fn request_in_thread(
     status_w: OwnedFd,
 ) -> JoinHandle<(_ferroproc::error::Result<i32>, OwnedFd)> {
     std::thread::spawn(move || {
-        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()]);
+        let got = forkserver::request(client.as_fd(), b"p", &[status_w.as_raw_fd()], 0);
         (got, client)
     })
 }
@@ -184,14 +184,24 @@ fn forkserver_protocol_round_trip() {
         client.as_fd(),
         b"pickled process",
         &[status_w.as_raw_fd(), extra_w.as_raw_fd()],
+        0b101,
     )
     .unwrap();
     assert_eq!(pid, stand_in);
     let req = taker.join().unwrap().expect("a request");
     assert_eq!(req.payload, b"pickled process");
     assert_eq!(req.fds.len(), 2);
+    assert_eq!(req.hint, 0b101);
     drop((req, status_w, extra_w));
+    assert_eq!(
+        server.take_imports(),
+        0,
+        "not before the spare says it was taken"
+    );
     assert_eq!(server.wait().unwrap(), Wake::SpareUsed);
+    // The spare relayed the request's hint; the server hands it out once.
+    assert_eq!(server.take_imports(), 0b101);
+    assert_eq!(server.take_imports(), 0);
 
     // The next spare dies before any request, after the first child: the server reaps that
     // child meanwhile, reports its code, and asks for another spare.
@@ -225,7 +235,7 @@ fn forkserver_standby_reads_nothing_until_armed_and_leaves_when_dismissed() {
     assert!(!more, "an armed spare and a standby are enough");
     let (_status_r, status_w) = fd::pipe().unwrap();
     let ask = |payload: &[u8]| {
-        forkserver::request(client.as_fd(), payload, &[status_w.as_raw_fd()]).unwrap()
+        forkserver::request(client.as_fd(), payload, &[status_w.as_raw_fd()], 0).unwrap()
     };
     // The standby is already waiting, but only the armed spare may read the request.
     assert_eq!(ask(b"first"), a);
@@ -257,7 +267,7 @@ fn forkserver_standby_reads_nothing_until_armed_and_leaves_when_dismissed() {
 #[test]
 fn forkserver_rejects_a_request_without_descriptors() {
     let (client, server_end) = pair();
-    fd::write_all(client.as_fd(), &forkserver::encode_header(3, 1)).unwrap();
+    fd::write_all(client.as_fd(), &forkserver::encode_header(3, 1, 0)).unwrap();
     fd::write_all(client.as_fd(), b"abc").unwrap();
     let mut server = Server::new(server_end).unwrap();
     server.before_fork().unwrap();
