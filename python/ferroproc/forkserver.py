@@ -214,6 +214,19 @@ class ForkServer:
         return prep_pickled + process_pickled
 
 
+class _DupFd:
+    """A descriptor sent with a forkserver request: its index in the child's inherited fds.
+    Defined here, not in `popen_forkserver`: a child unpickles it, and the server has this
+    module loaded (importing `popen_forkserver` and what it imports cost each child handed a
+    queue or a lock about 1.5 ms)."""
+
+    def __init__(self, ind):
+        self.ind = ind
+
+    def detach(self):
+        return _forkserver.get_inherited_fds()[self.ind]
+
+
 def _dumps_for_child(obj):
     """`obj` pickled as for a child being started (an authkey refuses to be pickled
     otherwise)."""

@@ -6,8 +6,8 @@ the pid is reaped right after, or at the next start/`active_children()` if still
 `sentinel` is a pidfd: readable exactly when the process has ended.
 """
 
+import _signal
 import os
-import signal
 
 from . import process, util
 from ._ferroproc import read_exit_report, wait_readable, waitpid, write_exit_report
@@ -134,10 +134,10 @@ class Popen:
                     raise
 
     def terminate(self):
-        self._send_signal(signal.SIGTERM)
+        self._send_signal(_signal.SIGTERM)
 
     def kill(self):
-        self._send_signal(signal.SIGKILL)
+        self._send_signal(_signal.SIGKILL)
 
     def _launch(self, process_obj):
         parent_sentinel = _before_forks()

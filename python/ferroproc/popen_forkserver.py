@@ -4,19 +4,10 @@ import os
 
 from . import forkserver, popen_fork, util
 from ._ferroproc import read_exit_report, wait_readable
+from .forkserver import _DupFd
 from .popen_spawn_posix import pickle_for_child
 
 __all__ = ["Popen"]
-
-
-class _DupFd:
-    """A descriptor sent to the forkserver with the request; index into the child's fds."""
-
-    def __init__(self, ind):
-        self.ind = ind
-
-    def detach(self):
-        return forkserver.get_inherited_fds()[self.ind]
 
 
 class Popen(popen_fork.Popen):

@@ -4,18 +4,9 @@ import io
 import os
 
 from . import context, popen_fork, process, reduction, spawn, util
+from .spawn import _DupFd
 
 __all__ = ["Popen"]
-
-
-class _DupFd:
-    """A descriptor kept open (at the same number) in the spawned child."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def detach(self):
-        return self.fd
 
 
 def set_spawning(popen):

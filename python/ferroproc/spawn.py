@@ -87,6 +87,17 @@ def _parent_sentinel(parent_pid):
     return fd
 
 
+class _DupFd:
+    """A descriptor kept open (at the same number) in the spawned child. Defined here, not in
+    `popen_spawn_posix`: the child unpickles it, and has this module loaded already."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def detach(self):
+        return self.fd
+
+
 def spawn_main(pipe_handle, parent_pid=None, tracker_fd=None):
     """Entry point of a spawned child: run the process sent over `pipe_handle` and exit."""
     assert is_forking(sys.argv), "Not forking"
