@@ -37,11 +37,12 @@ def spares(server, count=2):
 def gone(pid):
     deadline = time.monotonic() + SHORT_TIMEOUT
     while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:  # reaped (ENOENT, or ESRCH while the entry goes)
             return True
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return True
         time.sleep(0.01)
     return False
 
