@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ferroproc.bench.registry import SkipCase, case
-from ferroproc.bench.targets import exit_with, noop
+from ferroproc.bench.targets import exit_with, noop, put_value
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -127,6 +127,36 @@ def process_roundtrip_exitcode(mod: ModuleType, n: int, method: str) -> float:
         if code is not None and code != arg % 256:
             raise RuntimeError(f"child exited with {code}, expected {arg % 256}")
         reap(proc, arg % 256)
+    return total
+
+
+@case(
+    "process_queue_result",
+    params=START_METHODS,
+    n={"fork": 50, "spawn": 8, "forkserver": 20},
+    unit="process",
+    floor=FORK_FLOOR,
+    warmup=2,
+)
+def process_queue_result(mod: ModuleType, n: int, method: str) -> float:
+    """Process(target=put_value, args=(q, i)) handed a Queue: start(), get its result, join()."""
+    ctx = get_context(mod, method)
+    q = ctx.Queue()
+    total = 0.0
+    try:
+        for i in range(n):
+            t0 = _perf()
+            proc = ctx.Process(target=put_value, args=(q, i))
+            proc.start()
+            got = q.get(timeout=WAIT_TIMEOUT)
+            proc.join(WAIT_TIMEOUT)
+            total += _perf() - t0
+            if got != i:
+                raise RuntimeError(f"child put {got!r}, expected {i}")
+            reap(proc, 0)
+    finally:
+        q.close()
+        q.join_thread()
     return total
 
 

@@ -12,6 +12,11 @@ def noop():
     """Returns at once."""
 
 
+def put_value(q, value):
+    """Puts `value` on `q`."""
+    q.put(value)
+
+
 def exit_with(arg):
     """Exits with status `arg % 256` through `SystemExit`."""
     sys.exit(arg % 256)
