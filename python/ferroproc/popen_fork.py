@@ -29,6 +29,19 @@ def _before_forks():
     return parent_sentinel
 
 
+def _abandon(pid, report_r):
+    """Stops a child this process could not get a handle on, rather than leave it untracked."""
+    try:
+        os.kill(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    os.close(report_r)
+
+
 class Popen:
     """Handle on a child started by fork."""
 
@@ -168,9 +181,20 @@ class Popen:
         # child's exit from `_collect`.
         os.close(report_w)
         self._report = report_r
+        # Opened now, not after the next fork: by then the child may have ended and been
+        # reaped (SIGCHLD ignored), or its pid reused.
+        try:
+            try:
+                self.sentinel = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                # Ended and reaped by the kernel already: what is left to wait for is its
+                # exit report (or the end of file of one that was killed).
+                self.sentinel = os.dup(report_r)
+        except BaseException:
+            _abandon(self.pid, report_r)
+            raise
 
     def _watch(self):
-        self.sentinel = os.pidfd_open(self.pid)
         self.finalizer = util.Finalize(self, util.close_fds, (self._report, self.sentinel))
 
     def close(self):
