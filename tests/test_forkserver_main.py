@@ -252,8 +252,9 @@ def test_children_find_the_ipc_modules_the_parent_had_imported(tmp_path, impl_na
 
 def test_children_find_the_ipc_modules_the_parent_imported_later(tmp_path, impl_name):
     # ferroproc: the server started before the parent imported `connection`; the next
-    # request tells it, and it imports the module before forking the next children (two
-    # are forked ahead, so the third child after that request has it).
+    # request tells it, and it imports the module before forking its next spare (one spare
+    # was forked before, so the second child after that request has it; the test asks the
+    # fourth).
     body = """
         import json
 

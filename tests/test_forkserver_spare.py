@@ -174,3 +174,15 @@ def test_stopping_the_server_stops_its_spare():
         """
     )
     assert out == ["True", "True"]
+
+
+@pytest.mark.parametrize("protocol", [None, 1])
+def test_a_server_refuses_a_parent_of_another_build(protocol):
+    # A parent still running an older ferroproc than the one a new server imports (upgraded
+    # in place) speaks another request format: the server says so and exits, where it would
+    # otherwise misread the first request and both sides would wait forever.
+    source = f"from ferroproc.forkserver import main; main(0, [], 0, {protocol!r})"
+    result, leftovers = w.run_interpreter(["-c", source])
+    assert not leftovers, leftovers
+    assert result.returncode == 1
+    assert "protocol" in result.stderr, result.stderr

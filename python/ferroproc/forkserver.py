@@ -19,8 +19,8 @@ import os
 import sys
 
 from . import process, spawn, util
+from ._ferroproc import FORKSERVER_PROTOCOL, forkserver_request, waitpid, write_exit_report
 from ._ferroproc import ForkServer as NativeServer
-from ._ferroproc import forkserver_request, waitpid, write_exit_report
 
 __all__ = [
     "ForkServer",
@@ -137,7 +137,7 @@ class ForkServer:
             self._server_modules = {m for m in preload if m in _IPC_MODULES}
             prog = (
                 "from ferroproc.forkserver import main; "
-                f"main({theirs.fileno()}, {preload!r}, {len(setup)})"
+                f"main({theirs.fileno()}, {preload!r}, {len(setup)}, {FORKSERVER_PROTOCOL})"
             )
             from subprocess import _args_from_interpreter_flags
 
@@ -171,36 +171,37 @@ class ForkServer:
             # The child's parent sentinel: a pidfd of this process, sent along.
             fds = [fds[0], util._own_pidfd(), *fds[1:]]
             try:
-                return forkserver_request(
-                    self._ctl.fileno(),
-                    self._payload(prep, prep_pickled, process_pickled),
-                    fds,
-                    self._imports_hint(),
-                )
+                return self._request(prep, prep_pickled, process_pickled, fds)
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 # The server died (killed from outside): start a fresh one and retry once.
                 self._ctl.close()
                 self._ctl = self._forkserver_pid = self._server_prep = None
                 self._ensure_running_unlocked()
-                return forkserver_request(
-                    self._ctl.fileno(),
-                    self._payload(prep, prep_pickled, process_pickled),
-                    fds,
-                    self._imports_hint(),
-                )
+                return self._request(prep, prep_pickled, process_pickled, fds)
+
+    def _request(self, prep, prep_pickled, process_pickled, fds):
+        hint, names = self._imports_hint()
+        pid = forkserver_request(
+            self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds, hint
+        )
+        if names:
+            # Taken by a spare, which tells the server (a request that failed may not have).
+            self._server_modules.update(names)
+        return pid
 
     def _imports_hint(self):
-        """The bits of the `_IPC_MODULES` imported here since the server last heard of them."""
+        """``(bits, names)`` of the `_IPC_MODULES` imported here that the server has not been
+        told about."""
         known = self._server_modules
         if len(known) == len(_IPC_MODULES):
-            return 0
-        hint = 0
+            return 0, ()
+        hint, names = 0, []
         modules = sys.modules
         for bit, name in enumerate(_IPC_MODULES):
             if name in modules and name not in known:
                 hint |= 1 << bit
-                known.add(name)
-        return hint
+                names.append(name)
+        return hint, names
 
     def _payload(self, prep, prep_pickled, process_pickled):
         # A child's preparation is its parent's import environment, which rarely changes
@@ -263,14 +264,22 @@ request = _forkserver.request
 _unapplied_prep = None
 
 
-def main(ctl_fd, preload, setup):
+def main(ctl_fd, preload, setup, protocol=None):
     """The server process: preload, then serve fork requests until the parent is gone.
 
     The first `setup` bytes on `ctl_fd` are the parent's pickled preparation data
     (``spawn.get_preparation_data``): the server applies it to itself, as a spawned child
     does, except for logging and the main module (preloaded when ``"__main__"`` is in
-    `preload`; each child imports it otherwise)."""
+    `preload`; each child imports it otherwise). `protocol` is the parent's
+    ``FORKSERVER_PROTOCOL``: a parent running another ferroproc build than the one this
+    server imported (upgraded in place) would otherwise misread every request."""
     global _unapplied_prep
+    if protocol != FORKSERVER_PROTOCOL:
+        sys.stderr.write(
+            f"ferroproc forkserver: the parent speaks protocol {protocol}, this server "
+            f"{FORKSERVER_PROTOCOL} (ferroproc was reinstalled while the parent ran?)\n"
+        )
+        sys.exit(1)
     prep = _read_exactly(ctl_fd, setup)
     main_prep = {k: prep[k] for k in ("init_main_from_name", "init_main_from_path") if k in prep}
     # What the preloaded modules see at module level, as in a spawned child.

@@ -45,6 +45,9 @@ const CLIENT_GONE: u8 = b'E';
 const NOTICE_LEN: usize = 9;
 /// Bytes of a request header.
 pub const HEADER_LEN: usize = 12;
+/// Version of this wire format, checked by a server against its parent's (both sides must come
+/// from the same build). Bump it with any change to the messages above.
+pub const PROTOCOL: u32 = 2;
 
 #[derive(Debug)]
 struct Child {

@@ -237,5 +237,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(crate::py::logging::reset_logging, m)?)?;
     m.add_function(wrap_pyfunction!(crate::py::logging::init_logging, m)?)?;
     m.add_class::<ForkServer>()?;
+    m.add("FORKSERVER_PROTOCOL", forkserver::PROTOCOL)?;
     Ok(())
 }
