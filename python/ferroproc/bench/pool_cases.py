@@ -107,26 +107,30 @@ def floor_two_workers(_mod: None, n: int) -> float:
         task_r, task_w = os.pipe()
         done_r, done_w = os.pipe()
         pids = []
-        for _ in range(WORKERS):
-            pid = os.fork()
-            if pid == 0:
-                os.read(task_r, 1)
-                os.write(done_w, b"1")
-                os.read(task_r, 1)  # blocks until the signal
-                os._exit(0)
-            pids.append(pid)
-        os.write(task_w, b"1")
-        if os.read(done_r, 1) != b"1":
-            raise RuntimeError("wrong result")
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-        for pid in pids:
-            _, status = os.waitpid(pid, 0)
+        try:
+            for _ in range(WORKERS):
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.read(task_r, 1)
+                        os.write(done_w, b"1")
+                        os.read(task_r, 1)  # blocks until the signal
+                    finally:
+                        os._exit(0)  # never back into the caller's code (Ctrl-C, say)
+                pids.append(pid)
+            os.write(task_w, b"1")
+            if os.read(done_r, 1) != b"1":
+                raise RuntimeError("wrong result")
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+            for fd in (task_r, task_w, done_r, done_w):
+                os.close(fd)
+        total += _perf() - t0
+        for status in statuses:
             if os.waitstatus_to_exitcode(status) != -signal.SIGTERM:
                 raise RuntimeError(f"forked child ended with wait status {status:#x}")
-        for fd in (task_r, task_w, done_r, done_w):
-            os.close(fd)
-        total += _perf() - t0
     return total
 
 
