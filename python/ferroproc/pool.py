@@ -333,11 +333,10 @@ class _Core:
         self.thread = None
         # Replaced workers that had not finished exiting when joined (see `release`).
         self.exiting = set()
-        # Guards the lazy creation of a result's Event against its completion (creating an
-        # Event for every result is a measurable share of `apply_async`'s cost). One per
-        # pool rather than per module: a module's would need an at-fork hook to be reset in
-        # children (the scheduler thread may hold it at a fork), Python code that every
-        # forked child runs and pays copy-on-write faults for.
+        # Guards a result's list of waiting threads (and of awaiting futures) against its
+        # completion. One per pool rather than per module: a module's would need an at-fork
+        # hook to be reset in children (the scheduler thread may hold it at a fork), Python
+        # code that every forked child runs and pays copy-on-write faults for.
         self.waiters_lock = threading.Lock()
         if threads:
             self.resultq = SimpleQueue()
@@ -1022,7 +1021,8 @@ class ApplyResult:
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
-        self._waiters_lock = pool._core.waiters_lock
+        core = getattr(pool, "_core", None)  # a pool-like object may have none
+        self._waiters_lock = core.waiters_lock if core is not None else threading.Lock()
         self._ready = False
         self._waiters = None  # locks of the threads blocked in wait()
         self._job = next(job_counter)
