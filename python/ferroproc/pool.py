@@ -366,11 +366,15 @@ class _Core:
         ):
             procs = [self._new_worker(slot) for slot in slots]
             started = []
+            mask = process._hold_signals()  # until every started worker has its slot
             try:
-                process._start_all(procs, started)
+                try:
+                    process._start_all(procs, started, mask)
+                finally:
+                    for slot, proc in zip(slots, started, strict=False):  # the started ones
+                        self._started(slot, proc)
             finally:
-                for slot, proc in zip(slots, started, strict=False):  # the started ones
-                    self._started(slot, proc)
+                process._release_signals(mask)
             return
         for slot in slots:
             proc = self._new_worker(slot)

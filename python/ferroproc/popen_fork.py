@@ -58,7 +58,7 @@ class Popen:
         self._report = None
 
     @classmethod
-    def launch_all(cls, process_objs, started):
+    def launch_all(cls, process_objs, started, mask):
         """Starts a child for each of `process_objs`, forking them back to back, and appends
         each one's Popen to `started` once it exists (a fork that fails leaves the earlier
         ones there for the caller to finish or stop).
@@ -66,7 +66,11 @@ class Popen:
         A page the parent writes between two forks is a copy-on-write fault after each of
         them: a pool's workers started one `start()` at a time cost the parent about 120
         more faults (the first worker's bookkeeping, the next one's process object) than
-        forks made together."""
+        forks made together.
+
+        The caller blocks signals until it has recorded the children (see
+        `process._hold_signals`); `mask` is the signal mask from before, which each child
+        restores first."""
         _before_start()
         parent_sentinel = _before_forks()
         prepared = [obj._child_state(parent_sentinel) for obj in process_objs]
@@ -75,7 +79,7 @@ class Popen:
             popen._clear()
         try:
             for popen, obj, state in zip(popens, process_objs, prepared, strict=True):
-                popen._fork(obj, parent_sentinel, state)
+                popen._fork(obj, parent_sentinel, state, mask)
                 started.append(popen)
         finally:
             for popen in started:
@@ -157,9 +161,10 @@ class Popen:
         self._fork(process_obj, parent_sentinel, process_obj._child_state(parent_sentinel))
         self._watch()
 
-    def _fork(self, process_obj, parent_sentinel, prepared):
+    def _fork(self, process_obj, parent_sentinel, prepared, mask=None):
         # `prepared` was made before the fork so the child only assigns (its pages are
-        # copy-on-write faults): its process counter, children and parent handle.
+        # copy-on-write faults): its process counter, children and parent handle. `mask`:
+        # the signal mask the caller blocked signals from, for the child to restore.
         code = 1
         report_r, report_w = os.pipe()
         try:
@@ -170,6 +175,8 @@ class Popen:
             raise
         if self.pid == 0:
             try:
+                if mask is not None:
+                    mask.release()
                 os.close(report_r)
                 code = process_obj._bootstrap(parent_sentinel, prepared)
             finally:

@@ -94,6 +94,35 @@ fn waitpid(py: Python<'_>, pid: i32, block: bool) -> PyResult<Option<i32>> {
     }
 }
 
+/// The signal mask of the calling thread from before [`hold_signals`].
+#[pyclass(module = "ferroproc._ferroproc", frozen)]
+struct HeldSignals {
+    old: nix::sys::signal::SigSet,
+}
+
+#[pymethods]
+impl HeldSignals {
+    /// Sets the calling thread's mask back to what it was (in a forked child too): pending
+    /// signals are delivered now.
+    fn release(&self) -> PyResult<()> {
+        use nix::sys::signal::{pthread_sigmask, SigmaskHow};
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None).map_err(Error::from)?;
+        Ok(())
+    }
+}
+
+/// Blocks every signal the calling thread can block, until `release()` of the returned
+/// object: a fork and the recording of its child happen without a Python signal handler
+/// (KeyboardInterrupt) running in between.
+#[pyfunction]
+fn hold_signals() -> PyResult<HeldSignals> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))
+        .map_err(Error::from)?;
+    Ok(HeldSignals { old })
+}
+
 /// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl` (and `hint`,
 /// which the server gets from `ForkServer.take_imports`), returns the pid.
 #[pyfunction]
@@ -237,6 +266,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(crate::py::logging::reset_logging, m)?)?;
     m.add_function(wrap_pyfunction!(crate::py::logging::init_logging, m)?)?;
     m.add_class::<ForkServer>()?;
+    m.add_class::<HeldSignals>()?;
+    m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add("FORKSERVER_PROTOCOL", forkserver::PROTOCOL)?;
     Ok(())
 }
