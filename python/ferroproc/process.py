@@ -66,7 +66,7 @@ def _hold_signals():
 
     Held from before a fork until the child is recorded: a Ctrl-C during a fork (its longest
     step) otherwise raised KeyboardInterrupt as `os.fork()` returned, before the pid was kept,
-    and the child ran on untracked (75 of 60 interrupted starts in a test). Pending signals
+    and the child ran on untracked (10 in 60 interrupted starts in a test). Pending signals
     are handled once released; each child restores the mask first."""
     return _hold_native()
 
