@@ -49,7 +49,7 @@ from _thread import allocate_lock as _allocate_lock
 from queue import Empty, SimpleQueue
 
 from . import process, util
-from ._ferroproc import PoolLedger, pool_is_packed, pool_unpack_outcomes
+from ._ferroproc import PoolLedger, hold_signals, pool_is_packed, pool_unpack_outcomes
 from ._poolworker import (
     APPLY,
     EACH,
@@ -357,24 +357,20 @@ class _Core:
 
     def start_workers(self, slots):
         """Starts a worker in each of `slots`. The plain fork workers of a plain pool are
-        forked together (see `process._start_all`); others are made and started one by one,
+        forked together (see `process._fork_all`); others are made and started one by one,
         as the stdlib does (a context's `Process` may count or refuse them)."""
-        if (
-            len(slots) > 1
-            and self.new_process is Pool.Process
-            and getattr(self.ctx, "Process", None) is ForkProcess
-        ):
+        if self.new_process is Pool.Process and getattr(self.ctx, "Process", None) is ForkProcess:
             procs = [self._new_worker(slot) for slot in slots]
             started = []
-            mask = process._hold_signals()  # until every started worker has its slot
+            mask = hold_signals()  # until every started worker has its slot
             try:
                 try:
-                    process._start_all(procs, started, mask)
+                    process._fork_all(procs, started, mask)
                 finally:
                     for slot, proc in zip(slots, started, strict=False):  # the started ones
                         self._started(slot, proc)
             finally:
-                process._release_signals(mask)
+                mask.release()
             return
         for slot in slots:
             proc = self._new_worker(slot)

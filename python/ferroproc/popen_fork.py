@@ -68,9 +68,9 @@ class Popen:
         more faults (the first worker's bookkeeping, the next one's process object) than
         forks made together.
 
-        The caller blocks signals until it has recorded the children (see
-        `process._hold_signals`); `mask` is the signal mask from before, which each child
-        restores first."""
+        The caller holds signals until it has recorded the children (see
+        `process._fork_all`); `mask` is what `hold_signals()` returned, which each child
+        releases first."""
         _before_start()
         parent_sentinel = _before_forks()
         prepared = [obj._child_state(parent_sentinel) for obj in process_objs]

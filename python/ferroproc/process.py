@@ -10,8 +10,7 @@ import os
 import sys
 from _weakrefset import WeakSet
 
-from ._ferroproc import _release_received_buffers
-from ._ferroproc import hold_signals as _hold_native
+from ._ferroproc import _release_received_buffers, hold_signals
 
 __all__ = ["BaseProcess", "active_children", "current_process", "parent_process"]
 
@@ -61,33 +60,6 @@ def _cleanup():
             _children.discard(p)
 
 
-def _hold_signals():
-    """Blocks every signal; returns what `_release_signals` takes to unblock them.
-
-    Held from before a fork until the child is recorded: a Ctrl-C during a fork (its longest
-    step) otherwise raised KeyboardInterrupt as `os.fork()` returned, before the pid was kept,
-    and the child ran on untracked (10 in 60 interrupted starts in a test). Pending signals
-    are handled once released; each child restores the mask first."""
-    return _hold_native()
-
-
-def _release_signals(mask):
-    mask.release()
-
-
-def _start_all(procs, started, mask):
-    """Starts each of `procs` as its `start()` would, appending each to `started` once it has
-    started. Children the plain fork Popen starts are forked back to back (see
-    `popen_fork.Popen.launch_all`), with signals held by the caller (`mask` is the mask from
-    before `_hold_signals`); others start one by one."""
-    if any(type(p).start is not BaseProcess.start or not _forks_plainly(p) for p in procs):
-        for p in procs:
-            p.start()
-            started.append(p)
-        return
-    _fork_all(procs, started, mask)
-
-
 _fork_popen = None
 
 
@@ -101,6 +73,14 @@ def _forks_plainly(proc):
 
 
 def _fork_all(procs, started, mask):
+    """Starts `procs`, plain fork processes, as their `start()` would, forked back to back (see
+    `popen_fork.Popen.launch_all`), appending each to `started` once recorded.
+
+    The caller holds signals (`mask = hold_signals()`, then `mask.release()`) from before the
+    forks until it has recorded the children: a Ctrl-C during a fork (its longest step)
+    otherwise raised KeyboardInterrupt as `os.fork()` returned, before the pid was kept, and
+    the child ran on untracked (10 in 60 interrupted starts in a test). Pending signals are
+    handled once released; each child restores `mask` first."""
     for p in procs:
         p._check_startable()
     _cleanup()
@@ -151,11 +131,11 @@ class BaseProcess:
     def start(self):
         """Starts the child process."""
         if _forks_plainly(self):
-            mask = _hold_signals()  # until the child is recorded
+            mask = hold_signals()  # until the child is recorded
             try:
                 _fork_all([self], [], mask)
             finally:
-                _release_signals(mask)
+                mask.release()
             return
         self._check_startable()
         _cleanup()
