@@ -22,6 +22,7 @@ Differences:
 
 from __future__ import annotations
 
+import _thread
 import copyreg
 import io
 import itertools
@@ -29,11 +30,9 @@ import os
 import pickle
 import socket
 import sys
-import threading
 
-from . import reduction, util
+from . import context, process, reduction, util
 from ._ferroproc import Connection, Pipe, wait
-from .context import AuthenticationError, BufferTooShort  # noqa: F401
 
 __all__ = ["Client", "Listener", "Pipe", "wait"]
 
@@ -96,7 +95,16 @@ def _reducer_sources():
     )
 
 
-_local = threading.local()
+_local = _thread._local()  # `threading.local`, without importing `threading`
+
+
+def __getattr__(name):
+    # The stdlib's exception classes, re-exported as its module does, resolved on first use:
+    # importing the stdlib package (and with it `threading`) up front would make every later
+    # fork of this process dearer.
+    if name in ("AuthenticationError", "BufferTooShort"):
+        return getattr(context, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _dumps(obj):
@@ -286,7 +294,7 @@ else:
             connection.send_bytes(WELCOME)
         else:
             connection.send_bytes(FAILURE)
-            raise AuthenticationError("digest received was wrong")
+            raise context.AuthenticationError("digest received was wrong")
 
     def answer_challenge(connection, authkey):
         """Proves to the peer that we know `authkey`."""
@@ -297,7 +305,7 @@ else:
         nonce = challenge[len(CHALLENGE) :]
         connection.send_bytes(_hmac_md5(authkey, nonce))
         if connection.recv_bytes(256) != WELCOME:
-            raise AuthenticationError("digest sent was rejected")
+            raise context.AuthenticationError("digest sent was rejected")
 
 
 # xmlrpc-serialised connections, as in the stdlib.
@@ -363,11 +371,11 @@ if not getattr(reduction, "_socket_registered", True):
     reduction._register_socket()
 
 
-def _register_with_stdlib():
+def _register_with_stdlib(std_reduction):
     # The stdlib's pickler (a stdlib Process or Queue) can then carry ferroproc connections too.
-    import multiprocessing.reduction
-
-    multiprocessing.reduction.register(Connection, reduce_connection)
+    std_reduction.register(Connection, reduce_connection)
 
 
-_register_with_stdlib()
+# Once the stdlib's `multiprocessing.reduction` is loaded, not by importing it here: the stdlib
+# package costs 10 ms and imports `threading`, which makes every later fork dearer.
+process.after_import("multiprocessing.reduction", _register_with_stdlib)

@@ -24,10 +24,10 @@ Differences:
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import ctypes
 import os
-import threading
 
 from . import _ferroproc, util
 
@@ -84,7 +84,7 @@ class Heap:
 
     def __init__(self, size=_PAGE):
         self._lastpid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._size = max(size, self._MIN_ARENA)
         self._arenas = []
         # length -> list of free blocks of that length; `_lengths` is its sorted key list.

@@ -40,15 +40,14 @@ import functools
 import itertools
 import os
 import sys
-import threading
 import time
 import traceback
 import types
 import warnings
+from _queue import Empty, SimpleQueue
 from _thread import allocate_lock as _allocate_lock
-from queue import Empty, SimpleQueue
 
-from . import process, util
+from . import context, process, util
 from ._ferroproc import PoolLedger, hold_signals, pool_is_packed, pool_unpack_outcomes
 from ._poolworker import (
     APPLY,
@@ -66,7 +65,7 @@ from ._poolworker import (
     thread_worker,
     worker,
 )
-from .context import ForkProcess, ProcessError, TimeoutError
+from .context import ForkProcess
 
 __all__ = ["Pool", "ThreadPool"]
 
@@ -86,9 +85,95 @@ _CREDIT = PoolLedger.credit
 _MAX_BATCH_ITEMS = PoolLedger.max_batch_items
 
 
-class WorkerLostError(ProcessError):
-    """A pool worker ended while it held this task (ferroproc extension: the stdlib's pool
-    hangs instead)."""
+# What a process pool imports stays clear of `threading` (through `queue` too) and of the stdlib's
+# `multiprocessing` (whose exception classes ferroproc's are): importing either makes every
+# later fork of this process dearer (threading's at-fork hook runs in each child: about 120
+# copy-on-write faults), and the stdlib package costs 10 ms to import. `TimeoutError`,
+# `ProcessError` and `WorkerLostError`, a subclass of the latter, are made on first use.
+
+
+def __getattr__(name):
+    if name == "WorkerLostError":
+        return _worker_lost_error()
+    if name in ("ProcessError", "TimeoutError"):
+        return getattr(context, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _worker_lost_error():
+    cls = globals().get("_WorkerLostError")
+    if cls is None:
+
+        class WorkerLostError(context.ProcessError):
+            """A pool worker ended while it held this task (ferroproc extension: the stdlib's
+            pool hangs instead)."""
+
+            __module__ = __name__
+            __qualname__ = "WorkerLostError"
+
+        cls = globals()["_WorkerLostError"] = WorkerLostError
+    return cls
+
+
+class _Condition:
+    """The part of `threading.Condition` the pool uses (``with``, `wait`, `wait_for`,
+    `notify_all`), over `_thread` locks, so a process pool need not import `threading`."""
+
+    __slots__ = ("_lock", "_waiters")
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._waiters = []
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def wait(self, timeout=None):
+        """Releases the lock until notified or `timeout` seconds pass; True if notified."""
+        waiter = _allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        got = False
+        try:
+            if timeout is None:
+                got = waiter.acquire()
+            elif timeout > 0:
+                got = waiter.acquire(True, timeout)
+            else:
+                got = waiter.acquire(False)
+            return got
+        finally:
+            self._lock.acquire()
+            if not got:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:  # notified between the timeout and here
+                    pass
+
+    def wait_for(self, predicate, timeout=None):
+        """Waits until `predicate()` is true or `timeout` seconds pass; its last value."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        result = predicate()
+        while not result:
+            if deadline is None:
+                self.wait()
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wait(left)
+            result = predicate()
+        return result
+
+    def notify_all(self):
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
 
 
 def mapstar(args):
@@ -316,8 +401,8 @@ class _Core:
     def __init__(  # noqa: PLR0917 - internal, called once
         self, processes, new_process, ctx, initializer, initargs, maxtasks, threads
     ):
-        self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
+        self.lock = _allocate_lock()
+        self.idle = _Condition(self.lock)
         self.cache = {}
         self.pending = collections.deque()
         self.ledger = PoolLedger(processes, maxtasks is not None)
@@ -337,7 +422,7 @@ class _Core:
         # completion. One per pool rather than per module: a module's would need an at-fork
         # hook to be reset in children (the scheduler thread may hold it at a fork), Python
         # code that every forked child runs and pays copy-on-write faults for.
-        self.waiters_lock = threading.Lock()
+        self.waiters_lock = _allocate_lock()
         if threads:
             self.resultq = SimpleQueue()
             self.slots = [_Slot(i, SimpleQueue()) for i in range(processes)]
@@ -550,7 +635,7 @@ class _Core:
             self.fds_changed = True
             replace = not self.stopping and self.state != TERMINATE
         if held:
-            err = WorkerLostError(_describe_exit(pid, exitcode, proc.name))
+            err = _worker_lost_error()(_describe_exit(pid, exitcode, proc.name))
             for recs in held:
                 for rec in recs:
                     self._deliver(*rec, (False, err))
@@ -680,7 +765,7 @@ class _Core:
     def stop_thread(self):
         self.stopped = True
         self.wake()
-        if self.thread is not None and self.thread != threading.get_ident():
+        if self.thread is not None and self.thread != _thread.get_ident():
             self.exited.acquire()
             self.exited.release()
 
@@ -708,9 +793,10 @@ class _Core:
                         proc.terminate()
                 except (OSError, ValueError):
                     pass
-        err = WorkerLostError("the pool was terminated before this task completed")
-        for job in jobs:
-            job._abandon(err)
+        if jobs:
+            err = _worker_lost_error()("the pool was terminated before this task completed")
+            for job in jobs:
+                job._abandon(err)
         self.stop_thread()
         # A replacement the scheduler was starting when the state changed.
         late = [s.proc for s in self.slots if s.proc is not None and s.proc not in procs]
@@ -728,7 +814,7 @@ class _Core:
         for proc in procs:
             if self.threads:
                 # As the stdlib: a terminated thread pool does not wait for running tasks.
-                if self.state != TERMINATE and proc is not threading.current_thread():
+                if self.state != TERMINATE and proc.ident != _thread.get_ident():
                     proc.join()
                 continue
             try:
@@ -1022,7 +1108,7 @@ class ApplyResult:
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
         core = getattr(pool, "_core", None)  # a pool-like object may have none
-        self._waiters_lock = core.waiters_lock if core is not None else threading.Lock()
+        self._waiters_lock = core.waiters_lock if core is not None else _allocate_lock()
         self._ready = False
         self._waiters = None  # locks of the threads blocked in wait()
         self._job = next(job_counter)
@@ -1113,7 +1199,7 @@ class ApplyResult:
         """The result; re-raises the call's exception; `TimeoutError` if not ready in time."""
         self.wait(timeout)
         if not self.ready():
-            raise TimeoutError
+            raise context.TimeoutError
         if self._success:
             return self._value
         raise self._value
@@ -1234,7 +1320,7 @@ class IMapIterator:
     def __init__(self, pool, progress=None):
         self._pool = pool
         self._progress = progress
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = _Condition(_allocate_lock())
         self._job = next(job_counter)
         self._cache = pool._cache
         self._items = collections.deque()
@@ -1262,7 +1348,7 @@ class IMapIterator:
                 self._pool = None
                 raise StopIteration from None
             else:
-                raise TimeoutError from None
+                raise context.TimeoutError from None
         if ok:
             return value
         raise value

@@ -414,32 +414,38 @@ def _log_factory(*args, **kwargs):
 _log_make = None
 
 
-class _LoggingImport:
-    """A meta path finder for a child that has not loaded `logging`: the first import of it
-    goes through the usual finder and loader, then `_name_log_records` runs on the module.
-    It leaves `sys.meta_path` at that import."""
+class _AfterImport:
+    """A meta path finder that runs ``callback(module)`` right after the first import of the
+    module `name`, which goes through the usual finders and loader. It leaves
+    `sys.meta_path` at that import. See `after_import`."""
 
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != "logging":
+    __slots__ = ("callback", "name")
+
+    def __init__(self, name, callback):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
             return None
         try:
-            sys.meta_path.remove(cls)
+            sys.meta_path.remove(self)
         except ValueError:
             pass
         import importlib.util
 
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None:
-            spec.loader = _NamingLoader(spec.loader)
+            spec.loader = _CallbackLoader(spec.loader, self.callback)
         return spec
 
 
-class _NamingLoader:
-    """Loads `logging` with `loader`, then names the child's log records after it."""
+class _CallbackLoader:
+    """Loads a module with `loader`, then calls `callback` with it."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, callback):
         self._loader = loader
+        self._callback = callback
 
     def __getattr__(self, name):  # get_source, get_filename, is_package, ...
         return getattr(self._loader, name)
@@ -449,7 +455,21 @@ class _NamingLoader:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _name_log_records(module)
+        self._callback(module)
+
+
+def after_import(name, callback):
+    """Calls ``callback(module)`` once module `name` is imported: now if it is loaded, else
+    right after its first import (without importing it, nor anything, meanwhile)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+#: For a child that has not loaded `logging`: its records are named once it is imported.
+_LoggingImport = _AfterImport("logging", _name_log_records)
 
 
 def _stdlib_module(name):

@@ -48,7 +48,11 @@ from __future__ import annotations
 
 import os
 import types
-from queue import Empty, Full
+
+# `queue.Empty` itself. Not `from queue import ...`: `queue` imports `threading`, whose at-fork
+# hook then runs in every forked child (about 120 copy-on-write faults each). `queue.Full`, only
+# raised when a bounded queue stays full, is looked up on first use (`__getattr__` below).
+from _queue import Empty  # noqa: F401 - re-exported, as the stdlib module has it
 
 from . import _ferroproc
 
@@ -223,5 +227,10 @@ class SimpleQueue(_ferroproc.SimpleRing):
     __class_getitem__ = classmethod(types.GenericAlias)
 
 
-# Re-exported for code that catches them through this module.
-_EXCEPTIONS = (Empty, Full)
+def __getattr__(name):
+    # `Full` is re-exported for code that catches it through this module, as the stdlib's.
+    if name == "Full":
+        from queue import Full
+
+        return Full
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

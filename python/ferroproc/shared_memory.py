@@ -20,6 +20,7 @@ the segment's lifetime entirely.
 from __future__ import annotations
 
 import _posixshmem
+import _thread
 import errno
 import mmap
 import os
@@ -27,7 +28,6 @@ import secrets
 import socket
 import struct
 import sys
-import threading
 import types
 from functools import partial
 
@@ -56,7 +56,7 @@ class _Tracker:
     """This process's connection to the segment tracker (one per process, never inherited)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._sock = None
         self._held = {}
         self._hooked = False
@@ -73,7 +73,7 @@ class _Tracker:
     def _forget_after_fork(self):
         # The forked child must not speak on (or keep alive) its parent's connection: close
         # only our copy of the descriptor. The parent's holds stay the parent's.
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         if self._sock is not None:
             os.close(self._sock.detach())
         self._sock = None

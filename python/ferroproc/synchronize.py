@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import time
 
 from . import _ferroproc, context, process
@@ -91,6 +90,8 @@ def _is_fork_ctx(ctx):
 
 
 def _thread_name():
+    import threading  # only for a repr; see `__getattr__` for why not at the top
+
     name = process.current_process().name
     if threading.current_thread().name != "MainThread":
         name += "|" + threading.current_thread().name
@@ -357,36 +358,52 @@ class Event:
         return f"<{type(self).__qualname__} at {id(self):#x} {set_status}>"
 
 
-class Barrier(threading.Barrier):
-    """`threading.Barrier` over a shared `Condition` whose state lives in shared memory."""
+def __getattr__(name):
+    # `Barrier` subclasses `threading.Barrier`, so it is made on first use: importing
+    # `threading` here would make every later fork of a process that uses a lock or a queue
+    # dearer (its at-fork hook runs in each child: about 120 copy-on-write faults).
+    if name == "Barrier":
+        cls = globals()["Barrier"] = _make_barrier()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, parties, action=None, timeout=None, *, ctx):
-        if parties < 1:
-            raise ValueError("parties must be >= 1")
-        cond = ctx.Condition()
-        self.__setstate__((parties, action, timeout, cond))
-        self._state = 0
-        self._count = 0
 
-    def __setstate__(self, state):
-        (self._parties, self._action, self._timeout, self._cond) = state
-        self._words = self._cond._cv
+def _make_barrier():
+    import threading
 
-    def __getstate__(self):
-        return (self._parties, self._action, self._timeout, self._cond)
+    class Barrier(threading.Barrier):
+        """`threading.Barrier` over a shared `Condition` whose state lives in shared memory."""
 
-    @property
-    def _state(self):
-        return self._words.get_word(0)
+        def __init__(self, parties, action=None, timeout=None, *, ctx):
+            if parties < 1:
+                raise ValueError("parties must be >= 1")
+            cond = ctx.Condition()
+            self.__setstate__((parties, action, timeout, cond))
+            self._state = 0
+            self._count = 0
 
-    @_state.setter
-    def _state(self, value):
-        self._words.set_word(0, value)
+        def __setstate__(self, state):
+            (self._parties, self._action, self._timeout, self._cond) = state
+            self._words = self._cond._cv
 
-    @property
-    def _count(self):
-        return self._words.get_word(1)
+        def __getstate__(self):
+            return (self._parties, self._action, self._timeout, self._cond)
 
-    @_count.setter
-    def _count(self, value):
-        self._words.set_word(1, value)
+        @property
+        def _state(self):
+            return self._words.get_word(0)
+
+        @_state.setter
+        def _state(self, value):
+            self._words.set_word(0, value)
+
+        @property
+        def _count(self):
+            return self._words.get_word(1)
+
+        @_count.setter
+        def _count(self, value):
+            self._words.set_word(1, value)
+
+    Barrier.__qualname__ = "Barrier"
+    return Barrier

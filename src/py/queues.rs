@@ -44,7 +44,9 @@ enum Batched<'py> {
 
 use pickling::{fresh_dumps, globals, slices, Msg, Pickled, Pickler, NATIVE_READ_MAX};
 
-pyo3::import_exception!(queue, Empty);
+// `queue.Empty` is `_queue.Empty`; taking it from `_queue` spares importing `queue`, and with it
+// `threading`, whose at-fork hook every later forked child would run. `Full` is only in `queue`.
+pyo3::import_exception!(_queue, Empty);
 pyo3::import_exception!(queue, Full);
 
 /// How long a non-blocking `put` waits for the writer lock held by another writer.
