@@ -44,6 +44,8 @@ def test_json_has_both_implementations_and_a_ratio() -> None:
     report = _bench_json(CASE, 120)
 
     assert report["repeat"] == 1
+    # By default each implementation runs in an interpreter of its own.
+    assert report["machine"]["isolated"] is True
     assert report["machine"]["modules"]["ferroproc"]["module"] == "ferroproc"
     by_name = {record["name"]: record for record in report["cases"]}
     record = by_name[CASE]
@@ -86,3 +88,51 @@ def test_pool_case_reports_its_peers() -> None:
     for label in labels - set(record["peers"]):
         assert record["skipped"][label].startswith("lacks the API")
     assert set(record["results"]) == {"stdlib", "ferroproc"}
+
+
+@pytest.mark.timeout(150)
+def test_shared_process_mode_runs_both_in_the_benchmarks_process() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ferroproc.bench",
+            "--case",
+            "lock_uncontended[Lock]",
+            "--repeat",
+            "2",
+            "--json",
+            "--shared-process",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["machine"]["isolated"] is False
+    (record,) = report["cases"]
+    assert record["errors"] == {}
+    assert set(record["results"]) == {"stdlib", "ferroproc"}
+
+
+@pytest.mark.timeout(120)
+def test_host_answers_each_request_and_keeps_stdout_for_answers() -> None:
+    # One implementation's interpreter for a case (the default, isolated mode): a line per
+    # request, whatever the case or its children print.
+    requests = ["lock_uncontended[Lock] 50", "no_such_case 1", "process_start_join[fork] 2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroproc.bench.host", "ferroproc"],
+        input="".join(r + "\n" for r in requests),
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answers = proc.stdout.splitlines()
+    assert len(answers) == 3, proc.stdout
+    assert answers[0].startswith("seconds ") and float(answers[0].split()[1]) > 0
+    assert answers[1] == "error no case 'no_such_case'"
+    assert answers[2].startswith("seconds ") and float(answers[2].split()[1]) > 0

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 from ferroproc.bench.registry import SkipCase, case
 from ferroproc.bench.targets import exit_with, noop, put_value
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any

@@ -7,12 +7,14 @@ Imported by :mod:`ferroproc.bench.cases`; the child targets live in the lean
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from ferroproc.bench.cases import stop
 from ferroproc.bench.registry import SkipCase, case
 from ferroproc.bench.targets_sync import condition_partner, event_partner, lock_partner
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 

@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines on stderr while running"
     )
+    parser.add_argument(
+        "--shared-process",
+        action="store_true",
+        help=(
+            "run every case in this one process, which has both libraries loaded, instead of "
+            "giving each implementation of each case a fresh interpreter importing only it "
+            "(the default; a fork's cost depends on what the forking process has imported)"
+        ),
+    )
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -90,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ferroproc.bench import cases as _cases  # noqa: F401 -- registers the cases
-    from ferroproc.bench.registry import REGISTRY, select
+    from ferroproc.bench.registry import REGISTRY, prepare_module, select
 
     if args.list:
         print(_list_cases(list(REGISTRY.values())))
@@ -113,18 +122,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     impls = [("stdlib", multiprocessing), ("ferroproc", under_test)]
     for _, mod in impls:
-        # A script's forkserver preloads its `__main__`, and with it the script's targets; run
-        # as `-m ferroproc.bench` there is no such main, so name the targets module instead.
-        # Without this every forkserver child would import it, for both libraries alike.
-        set_preload = getattr(mod, "set_forkserver_preload", None)
-        if set_preload is not None:
-            set_preload(["__main__", "ferroproc.bench.targets"])
+        prepare_module(mod)
 
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     machine = machine_info(impls)
-    records = run_all(selected, impls, args.repeat, None if args.quiet else progress)
+    machine["isolated"] = not args.shared_process
+    records = run_all(
+        selected,
+        impls,
+        args.repeat,
+        None if args.quiet else progress,
+        isolated=not args.shared_process,
+    )
     if args.json:
         json.dump(to_json(machine, args.repeat, records), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -8,11 +8,13 @@ ping-pong between two Python processes.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from ferroproc.bench.cases import WAIT_TIMEOUT, get_context, reap
 from ferroproc.bench.registry import case
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
-import threading
 import time
-from typing import TYPE_CHECKING
 
 from ferroproc.bench.registry import SkipCase, case
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -70,6 +70,8 @@ def _queued_requests(mod, ident, first, count):
             client.send((ident, "__setitem__", (i, i), {}))
         else:
             client.send((ident, "__getitem__", (i - 1,), {}))
+    import socket
+
     with socket.socket(fileno=os.dup(client.fileno())) as s:
         s.shutdown(socket.SHUT_WR)
     return client, conn
@@ -85,6 +87,8 @@ def manager_server_request(mod: ModuleType, n: int) -> float:
     managers = importlib.import_module(f"{mod.__name__}.managers")
     server = managers.Server(managers.SyncManager._registry, ("127.0.0.1", 0), b"bench", "pickle")
     if not hasattr(server, "stop_event"):
+        import threading  # here: a host importing it would tax every fork (see `host`)
+
         server.stop_event = threading.Event()  # the stdlib's makes it in serve_forever()
     try:
         ident, _ = server.create(None, "dict")

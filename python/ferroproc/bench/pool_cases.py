@@ -9,13 +9,15 @@ Imported by :mod:`ferroproc.bench.cases`. Tasks live in the import-free
 from __future__ import annotations
 
 import os
-import signal
 import time
-from typing import TYPE_CHECKING
+from _signal import SIGTERM as _SIGTERM  # not `signal`, whose enums cost the host's forks
 
 from ferroproc.bench.pool_targets import square
 from ferroproc.bench.registry import SkipCase, case
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -99,7 +101,7 @@ POOL_FLOOR = "floor_os_two_workers"
 
 @case(POOL_FLOOR, n=20, unit="pool", reference=True)
 def floor_two_workers(_mod: None, n: int) -> float:
-    """[reference] Two raw os.fork() children, one pipe round trip with the first, SIGTERM to
+    """Two raw os.fork() children, one pipe round trip with the first, SIGTERM to
     both, os.waitpid() both: the system calls of a two-worker pool's life, no multiprocessing."""
     total = 0.0
     for _ in range(n):
@@ -123,13 +125,13 @@ def floor_two_workers(_mod: None, n: int) -> float:
                 raise RuntimeError("wrong result")
         finally:
             for pid in pids:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, _SIGTERM)
             statuses = [os.waitpid(pid, 0)[1] for pid in pids]
             for fd in (task_r, task_w, done_r, done_w):
                 os.close(fd)
         total += _perf() - t0
         for status in statuses:
-            if os.waitstatus_to_exitcode(status) != -signal.SIGTERM:
+            if os.waitstatus_to_exitcode(status) != -_SIGTERM:
                 raise RuntimeError(f"forked child ended with wait status {status:#x}")
     return total
 

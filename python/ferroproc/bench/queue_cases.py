@@ -10,12 +10,14 @@ stdlib's one-at-a-time figure.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from ferroproc.bench import targets
 from ferroproc.bench.cases import stop
 from ferroproc.bench.registry import SkipCase, case
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 

@@ -13,6 +13,11 @@ For one case the order of work is:
    C-heap memory to the system (``malloc_trim``), so no sample pays for what an earlier one
    left behind.
 
+By default (``isolated``) each implementation runs a case in an interpreter of its own that
+imports only it (:mod:`ferroproc.bench.host`, started afresh for each case), as a user's
+program does; the floors get one too. ``--shared-process`` runs everything in the benchmark's
+own process instead, where both libraries are loaded.
+
 Reference cases run the same way with a single pseudo-implementation, ``reference``. A case
 that names a ``floor`` also times that floor in every round, as a third participant of the
 rotation, so "how many floors" compares numbers taken under the same machine conditions
@@ -27,7 +32,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from ferroproc.bench.registry import FRESH, PEERS, SkipCase
+from ferroproc.bench.registry import FRESH, MISSING_API, PEERS, SkipCase, describe, trim_heap
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -40,32 +45,73 @@ REFERENCE = "reference"
 #: Label of a case's floor when it is timed alongside the case.
 FLOOR = "floor"
 
-#: Exceptions from the warm-up call that mean "this module lacks the API", not "it is broken".
-_MISSING_API = (AttributeError, NotImplementedError, ImportError)
+
+#: The host's command: run with ``-c`` rather than ``-m``, a spawn or forkserver child has no
+#: main module to import again (runpy and the module: about 3 ms per child here), as when the
+#: benchmark runs as ``-m ferroproc.bench``, a package's ``__main__``, which children skip.
+_HOST_MAIN = "import sys; from ferroproc.bench.host import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _trim_heap() -> None:
-    """Returns the C heap's free memory to the system before a sample (glibc only).
+class _Host:
+    """One implementation's interpreter for one case (see :mod:`ferroproc.bench.host`)."""
 
-    Earlier cases leave this process with tens of MB of freed heap (a million-item ``map``
-    result, say), and every fork copies the mappings that hold it: in one measurement a
-    ferroproc pool's life took 11.9 ms after two such maps and 8.0 ms after trimming; the
-    stdlib's forks pay for the same mappings. Trimming makes a case's figures less
-    dependent on the cases before it.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
+    def __init__(self, module: str) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOST_MAIN, module],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+
+    def run(self, name: str, n: int) -> float:
+        """Runs `n` operations of case `name` there; its seconds, or its exception."""
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        assert stdin is not None and stdout is not None
         try:
-            import ctypes
+            stdin.write(f"{name} {n}\n")
+            stdin.flush()
+        except BrokenPipeError:
+            pass  # reported below
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark's host process exited ({self.proc.wait()})")
+        kind, _, text = line.rstrip("\n").partition(" ")
+        if kind == "seconds":
+            return float(text)
+        if kind == "skip":
+            raise SkipCase(text)
+        if kind == "missing":
+            raise AttributeError(text)
+        raise RuntimeError(text)
 
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError, ImportError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
-_malloc_trim: Any = None
+def _sample(bench: Case, mod: Any, n: int) -> float:
+    """Total seconds of `n` operations of `bench` on `mod` (in its host, if it is one)."""
+    if isinstance(mod, _Host):
+        return mod.run(bench.name, n)  # the host collects garbage itself
+    gc.collect()
+    trim_heap()
+    return bench(mod, n)
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -85,23 +131,21 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def run_case(
     case: Case,
     impls: Sequence[tuple[str, Any]],
     repeat: int,
     progress: Callable[[str], None] | None = None,
     floor: Case | None = None,
+    *,
+    isolated: bool = False,
 ) -> dict[str, Any]:
-    """Runs one case (and its ``floor``, if given, in the same rounds); returns its record."""
+    """Runs one case (and its ``floor``, if given, in the same rounds); returns its record.
+
+    `isolated`: each implementation, and the floors, run in an interpreter of their own
+    (:mod:`ferroproc.bench.host`), started for this case; peers always do.
+    """
     targets: list[tuple[str, Any]] = [(REFERENCE, None)] if case.reference else list(impls)
-    skipped: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    live: list[tuple[str, Any]] = []
     peers = {} if case.reference else PEERS.get(case.name, {})
 
     def bench_of(label: str) -> Case:
@@ -111,18 +155,33 @@ def run_case(
 
     if floor is not None:
         targets.append((FLOOR, None))
-    targets += [(label, None) for label in peers]
+    hosts: list[_Host] = []
+    if isolated:
+        hosts = [_Host(getattr(mod, "__name__", "-")) for _, mod in targets]
+        targets = [(label, host) for (label, _), host in zip(targets, hosts, strict=True)]
+    try:
+        return _run_rounds(case, targets, peers, bench_of, repeat=repeat, progress=progress)
+    finally:
+        for host in hosts:
+            host.close()
+
+
+def _run_rounds(case, targets, peers, bench_of, *, repeat, progress):
+    skipped: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    live: list[tuple[str, Any]] = []
+    targets = targets + [(label, None) for label in peers]
     for label, mod in targets:
         bench = bench_of(label)
         try:
             if bench.warmup:
-                bench(mod, bench.warmup)
+                _sample(bench, mod, bench.warmup)
         except SkipCase as exc:
             skipped[label] = str(exc) or "skipped by the case"
-        except _MISSING_API as exc:
-            skipped[label] = f"lacks the API: {_describe(exc)}"
+        except MISSING_API as exc:
+            skipped[label] = f"lacks the API: {describe(exc)}"
         except Exception as exc:
-            errors[label] = f"warm-up failed: {_describe(exc)}"
+            errors[label] = f"warm-up failed: {describe(exc)}"
         else:
             live.append((label, mod))
 
@@ -141,14 +200,12 @@ def run_case(
             bench = bench_of(label)
             if progress is not None:
                 progress(f"{case.name}: {label} repeat {round_no + 1}/{repeat}")
-            gc.collect()
-            _trim_heap()
             try:
-                seconds = bench(mod, bench.n)
+                seconds = _sample(bench, mod, bench.n)
             except SkipCase as exc:
                 skipped[label] = str(exc) or "skipped by the case"
             except Exception as exc:
-                errors[label] = f"repeat {round_no + 1} failed: {_describe(exc)}"
+                errors[label] = f"repeat {round_no + 1} failed: {describe(exc)}"
             else:
                 samples[label].append(seconds / bench.n)
 
@@ -198,6 +255,8 @@ def run_all(
     impls: Sequence[tuple[str, Any]],
     repeat: int,
     progress: Callable[[str], None] | None = None,
+    *,
+    isolated: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs every case in order; a case's floor must be among ``cases`` to be timed with it."""
     by_name = {c.name: c for c in cases}
@@ -205,7 +264,7 @@ def run_all(
     for index, case in enumerate(cases, 1):
         started = time.perf_counter()
         floor = by_name.get(case.floor) if case.floor else None
-        record = run_case(case, impls, repeat, progress, floor)
+        record = run_case(case, impls, repeat, progress, floor, isolated=isolated)
         record["wall_seconds"] = time.perf_counter() - started
         records.append(record)
         if progress is not None:

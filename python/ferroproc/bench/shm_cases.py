@@ -8,12 +8,14 @@ by ``tests/test_sharedctypes.py``, not here.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from ferroproc.bench.cases import stop
 from ferroproc.bench.registry import SkipCase, case
 from ferroproc.bench.targets_shm import locked_increments
 
+# `typing.TYPE_CHECKING`, without importing `typing`: the benchmark's host interpreters import
+# these modules, and what a process imports changes what its forks cost.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 
