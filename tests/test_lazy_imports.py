@@ -7,7 +7,9 @@ pools, queues, pipes and locks import neither; the stdlib classes ferroproc re-e
 (`queue.Full`, `multiprocessing.TimeoutError`, ...) are looked up when first used. These
 tests check both halves: the imports stay out, and every re-exported name is still the
 stdlib's own object. The import checks are ferroproc-only: the stdlib's package imports
-`threading` itself.
+`threading` itself. `traceback` is imported only when a pool task or callback fails: with
+`linecache` and `tokenize` it was a third of the pool's import time, which each spawn worker
+pays.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ _WORKLOAD = textwrap.dedent(
 
 
     def absent():
-        return [m for m in ("threading", "multiprocessing", "queue") if m in sys.modules]
+        return [
+            m for m in ("threading", "multiprocessing", "queue", "traceback") if m in sys.modules
+        ]
 
 
     def report(conn):

@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from itertools import starmap as _starmap
 
 from ._ferroproc import pool_worker_loop
@@ -57,6 +56,10 @@ class ExceptionWithTraceback:
     """Pickles as the wrapped exception with its formatted traceback attached as cause."""
 
     def __init__(self, exc, tb):
+        # Imported here, on a task's first failure: `traceback` (with `linecache`, `tokenize`)
+        # is a third of this module's import, which every spawn or forkserver worker pays.
+        import traceback
+
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         self.exc = exc
         self.tb = f'\n"""\n{text}"""'

@@ -41,7 +41,6 @@ import itertools
 import os
 import sys
 import time
-import traceback
 import types
 import warnings
 from _queue import Empty, SimpleQueue
@@ -198,6 +197,8 @@ def _describe_exit(pid, exitcode, name=None):
 
 
 def _report_callback_error():
+    import traceback  # only on this error path (see `ExceptionWithTraceback`)
+
     sys.stderr.write("Exception in a multiprocessing.pool callback:\n")
     traceback.print_exc()
 
