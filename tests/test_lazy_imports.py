@@ -19,19 +19,17 @@ import multiprocessing.connection
 import os
 import pickle
 import queue
-import subprocess
 import sys
 import textwrap
 import threading
 
+import _workers
 import ferroproc
 import ferroproc.connection
 import ferroproc.pool
 import ferroproc.queues
 import ferroproc.synchronize
 import pytest
-
-SCRIPT_TIMEOUT = 60
 
 _WORKLOAD = textwrap.dedent(
     """
@@ -91,14 +89,8 @@ _WORKLOAD = textwrap.dedent(
 def test_everyday_use_imports_neither_threading_nor_the_stdlib_package(method, tmp_path):
     script = tmp_path / "workload.py"
     script.write_text(_WORKLOAD)
-    res = subprocess.run(
-        [sys.executable, str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=SCRIPT_TIMEOUT,
-        check=False,
-        cwd=tmp_path,
-    )
+    res, leftovers = _workers.run_interpreter([str(script), method], cwd=tmp_path)
+    assert not leftovers, leftovers
     assert res.returncode == 0, res.stderr
     in_parent, in_child = res.stdout.split("\n")[0].split("] [")
     # None in a child. A spawn or forkserver parent imports `subprocess` (for the
@@ -180,17 +172,9 @@ def test_stdlib_imported_after_ferroproc_carries_its_connections(method, tmp_pat
     # The registration with the stdlib's pickler waits for the stdlib to be imported.
     script = tmp_path / "late.py"
     script.write_text(_LATE_STDLIB)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
-    res = subprocess.run(
-        [sys.executable, str(script), method],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SCRIPT_TIMEOUT,
-        check=False,
-        cwd=tmp_path,
-    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_workers.TESTS_DIR, *sys.path]))
+    res, leftovers = _workers.run_interpreter([str(script), method], cwd=tmp_path, env=env)
+    assert not leftovers, leftovers
     assert res.returncode == 0, res.stderr
     assert "crossed" in res.stdout
 

@@ -114,6 +114,15 @@ def _worker_lost_error():
     return cls
 
 
+def _acquire_within(lock, timeout):
+    """``lock.acquire()`` with a wait's timeout: None blocks, 0 or less only tries."""
+    if timeout is None:
+        return lock.acquire()
+    if timeout > 0:
+        return lock.acquire(True, timeout)
+    return lock.acquire(False)
+
+
 class _Condition:
     """The part of `threading.Condition` the pool uses (``with``, `wait`, `wait_for`,
     `notify_all`), over `_thread` locks, so a process pool need not import `threading`."""
@@ -139,12 +148,7 @@ class _Condition:
         self._lock.release()
         got = False
         try:
-            if timeout is None:
-                got = waiter.acquire()
-            elif timeout > 0:
-                got = waiter.acquire(True, timeout)
-            else:
-                got = waiter.acquire(False)
+            got = _acquire_within(waiter, timeout)
             return got
         finally:
             self._lock.acquire()
@@ -1146,12 +1150,7 @@ class ApplyResult:
                 self._waiters.append(waiter)
         got = False
         try:
-            if timeout is None:
-                got = waiter.acquire()
-            elif timeout > 0:
-                got = waiter.acquire(True, timeout)
-            else:
-                got = waiter.acquire(False)
+            got = _acquire_within(waiter, timeout)
         finally:
             if not got:  # timed out or interrupted: no longer waiting
                 with self._waiters_lock:
