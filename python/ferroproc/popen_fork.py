@@ -10,7 +10,7 @@ import _signal
 import os
 
 from . import process, util
-from ._ferroproc import read_exit_report, wait_readable, waitpid, write_exit_report
+from ._ferroproc import ForkChild, read_exit_report, wait_readable, waitpid
 
 __all__ = ["Popen"]
 
@@ -23,10 +23,25 @@ def _before_start():
 
 def _before_forks():
     """Returns the parent sentinel of children forked next (our pidfd, inherited), and has
-    the spare stdin of a forked child made."""
+    the spare stdin of a forked child and its native entry made."""
+    global _child
     parent_sentinel = util._own_pidfd()
     util._prepare_fork_stdin()
+    if _child is None:
+        from . import context
+
+        _child = ForkChild(
+            vars(process),
+            vars(util),
+            context._default_context,
+            context._concrete_contexts,
+            process._LoggingImport,
+        )
     return parent_sentinel
+
+
+#: The native entry of forked children (see `ForkChild`), made at the first fork.
+_child = None
 
 
 def _abandon(pid, report_r):
@@ -74,12 +89,13 @@ class Popen:
         _before_start()
         parent_sentinel = _before_forks()
         prepared = [obj._child_state(parent_sentinel) for obj in process_objs]
+        entry = process._fork_entry()
         popens = [cls.__new__(cls) for _ in process_objs]
         for popen in popens:
             popen._clear()
         try:
             for popen, obj, state in zip(popens, process_objs, prepared, strict=True):
-                popen._fork(obj, parent_sentinel, state, mask)
+                popen._fork(obj, parent_sentinel, state, entry, mask)
                 started.append(popen)
         finally:
             for popen in started:
@@ -158,14 +174,15 @@ class Popen:
 
     def _launch(self, process_obj):
         parent_sentinel = _before_forks()
-        self._fork(process_obj, parent_sentinel, process_obj._child_state(parent_sentinel))
+        prepared = process_obj._child_state(parent_sentinel)
+        self._fork(process_obj, parent_sentinel, prepared, process._fork_entry())
         self._watch()
 
-    def _fork(self, process_obj, parent_sentinel, prepared, mask=None):
+    def _fork(self, process_obj, parent_sentinel, prepared, entry, mask=None):
         # `prepared` was made before the fork so the child only assigns (its pages are
-        # copy-on-write faults): its process counter, children and parent handle. `mask`:
+        # copy-on-write faults): its process counter, children and parent handle. `entry`:
+        # what the child's native entry does beyond that (`process._fork_entry`). `mask`:
         # the signal mask the caller blocked signals from, for the child to restore.
-        code = 1
         report_r, report_w = os.pipe()
         try:
             self.pid = os.fork()
@@ -175,15 +192,11 @@ class Popen:
             raise
         if self.pid == 0:
             try:
-                if mask is not None:
-                    mask.release()
-                os.close(report_r)
-                code = process_obj._bootstrap(parent_sentinel, prepared)
+                _child.run(process_obj, prepared, report_r, report_w, mask, entry)
             finally:
-                try:
-                    write_exit_report(report_w, code & 0xFF)
-                finally:
-                    os._exit(code)
+                # Not reached: `run` ends the process. (A Python exception there, unlikely,
+                # must not return into the parent's code.)
+                os._exit(1)
         # Closed before any other fork: a sibling holding the write end would hide this
         # child's exit from `_collect`.
         os.close(report_w)

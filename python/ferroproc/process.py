@@ -285,41 +285,27 @@ class BaseProcess:
         """Runs in the child: becomes the current process, runs `run()`, returns the exit code.
 
         `prepared` is what `_child_state` made in the parent before a fork: every page a fork
-        child writes is a copy-on-write fault (about 4 µs here), so the child only assigns.
+        child writes is a copy-on-write fault (about 3 µs here), so the child only assigns.
         """
-        # Module references instead of `from . import`: the import machinery is Python code.
-        context, util = _context, _util
-        global _current_process, _parent_process, _process_counter, _children
+        return self._run_child(parent_sentinel, prepared)
+
+    def _run_child(self, parent_sentinel, prepared, entered=False, entry_error=None, ran=None):
+        """`_bootstrap`'s body. From the native entry of a fork child (`ForkChild.run`),
+        `entered` is true: `_enter_child`'s work is done, or failed with `entry_error`; and
+        `ran` is True when `run()` has returned, or the exception it raised."""
+        util = _util
         try:
-            if self._start_method is not None:
-                context._force_start_method(self._start_method)
-            if prepared is None:
-                prepared = self._child_state(parent_sentinel)
-            _process_counter, _children, _parent_process = prepared
-            util._close_stdin()
-            _current_process = self
-            threading = sys.modules.get("threading")
-            if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
-                threading.main_thread()._set_native_id()
-            std_process = _stdlib_module("process")
-            if std_process is not None:
-                # The stdlib's bookkeeping was copied from the parent too: its children are
-                # not ours to join at exit. Its `current_process()` is this process, as in a
-                # child the stdlib started (`logging` names records after it).
-                std_process._process_counter = itertools.count(1)
-                std_process._children = set()
-                std_process._current_process = self
-                std_process._parent_process = _parent_process
-            logging = sys.modules.get("logging")
-            if logging is not None:
-                _name_log_records(logging)
-            elif _LoggingImport not in sys.meta_path:
-                sys.meta_path.insert(0, _LoggingImport)
-            self._after_fork()
-            if util._logger:
+            if entry_error is not None:
+                raise entry_error
+            if not entered:
+                self._enter_child(parent_sentinel, prepared)
+            if util._logger and ran is None:
                 util.info("child process calling self.run()")
             try:
-                self.run()
+                if ran is None:
+                    self.run()
+                elif ran is not True:
+                    raise ran
                 exitcode = 0
             finally:
                 if util._finalizer_registry or _children or util._logger:
@@ -362,6 +348,44 @@ class BaseProcess:
             # their blobs of the queue's memory: give them back for the processes that go on.
             _release_received_buffers()
         return exitcode
+
+    def _enter_child(self, parent_sentinel, prepared):
+        """The child's bookkeeping before `run()`: it becomes the current process of a fresh
+        process tree, with /dev/null as stdin. `ForkChild.run` does the same natively when
+        `_fork_entry` found the common case."""
+        # Module references instead of `from . import`: the import machinery is Python code.
+        context, util = _context, _util
+        global _current_process, _parent_process, _process_counter, _children
+        if self._start_method is not None:
+            context._force_start_method(self._start_method)
+        if prepared is None:
+            prepared = self._child_state(parent_sentinel)
+        _process_counter, _children, _parent_process = prepared
+        util._close_stdin()
+        _current_process = self
+        self._enter_child_hooks()
+
+    def _enter_child_hooks(self):
+        """The part of `_enter_child` for what the parent had loaded or registered (see
+        `_fork_entry`)."""
+        threading = sys.modules.get("threading")
+        if threading is not None and threading._HAVE_THREAD_NATIVE_ID:
+            threading.main_thread()._set_native_id()
+        std_process = _stdlib_module("process")
+        if std_process is not None:
+            # The stdlib's bookkeeping was copied from the parent too: its children are
+            # not ours to join at exit. Its `current_process()` is this process, as in a
+            # child the stdlib started (`logging` names records after it).
+            std_process._process_counter = itertools.count(1)
+            std_process._children = set()
+            std_process._current_process = self
+            std_process._parent_process = _parent_process
+        logging = sys.modules.get("logging")
+        if logging is not None:
+            _name_log_records(logging)
+        elif _LoggingImport not in sys.meta_path:
+            sys.meta_path.insert(0, _LoggingImport)
+        self._after_fork()
 
     def _child_state(self, parent_sentinel):
         """A fresh child's process counter, set of children and parent handle."""
@@ -470,6 +494,44 @@ def after_import(name, callback):
 
 #: For a child that has not loaded `logging`: its records are named once it is imported.
 _LoggingImport = _AfterImport("logging", _name_log_records)
+
+
+# Flags of `_fork_entry`: what the native entry of a fork child (`ForkChild.run`) does
+# besides `_enter_child`'s assignments.
+_ENTRY_HOOKS = 1  # run `_enter_child_hooks`
+_ENTRY_LOG_HOOK = 2  # add `_LoggingImport` to `sys.meta_path` (no hooks to run)
+_ENTRY_SPARE_STDIN = 4  # `sys.stdin` has the spare `util._prepare_fork_stdin` made
+_ENTRY_CLEAR_FINALIZERS = 8  # clear `util._finalizer_registry` (no hooks to run)
+
+
+def _fork_entry():
+    """The entry flags of children forked now (see `ForkChild.run`), decided in the parent:
+    their state is its state, and reading it here costs a child nothing."""
+    util = _util
+    modules = sys.modules
+    entry = 0
+    if (
+        "threading" in modules
+        or "logging" in modules
+        or util._afterfork_registry.data
+        or _stdlib_module("process") is not None
+        or _stdlib_module("util") is not None
+    ):
+        entry |= _ENTRY_HOOKS
+    else:
+        if _LoggingImport not in sys.meta_path:
+            entry |= _ENTRY_LOG_HOOK
+        if util._finalizer_registry:  # the popens of processes started before, say
+            entry |= _ENTRY_CLEAR_FINALIZERS
+    stdin = sys.stdin
+    if (
+        stdin is not None
+        and stdin is util._fd0_stdin
+        and stdin is not util._devnull_stdin
+        and util._spare_stdin is not None
+    ):
+        entry |= _ENTRY_SPARE_STDIN
+    return entry
 
 
 def _stdlib_module(name):

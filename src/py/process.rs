@@ -4,9 +4,9 @@ use std::ffi::CString;
 use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict, PyString, PyType};
 
 use crate::deadline::Deadline;
 use crate::error::Error;
@@ -121,6 +121,341 @@ fn hold_signals() -> PyResult<HeldSignals> {
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))
         .map_err(Error::from)?;
     Ok(HeldSignals { old })
+}
+
+/// A fork child's entry, made once in the parent (`popen_fork`) so that a child has nothing
+/// to look up or allocate: every page a fork child writes is a copy-on-write fault (about 3 µs
+/// here), and running `BaseProcess._run_child` in Python writes the pages of each code object,
+/// function, method descriptor and name it touches, besides the data it changes. In the common
+/// case (decided by `process._fork_entry` in the parent, and after `run()` by `plain_exit`) the
+/// child runs no Python code of ferroproc's; otherwise it goes through `_run_child`.
+#[pyclass(module = "ferroproc._ferroproc", frozen)]
+struct ForkChild {
+    /// `ferroproc.process.__dict__`, `ferroproc.util.__dict__`, `sys.modules`, `sys`.
+    process_globals: Py<PyDict>,
+    util_globals: Py<PyDict>,
+    modules: Py<PyDict>,
+    sys: Py<PyModule>,
+    /// `ferroproc.context._default_context` and `_concrete_contexts`.
+    default_context: Py<PyAny>,
+    concrete_contexts: Py<PyDict>,
+    /// `process._LoggingImport`.
+    log_hook: Py<PyAny>,
+    /// Attribute and global names, interned here so the child finds them made.
+    names: ChildNames,
+}
+
+/// The names a [`ForkChild`] uses.
+struct ChildNames {
+    start_method: Py<PyString>,
+    actual_context: Py<PyString>,
+    process_counter: Py<PyString>,
+    children: Py<PyString>,
+    parent_process: Py<PyString>,
+    current_process: Py<PyString>,
+    stdlib_modules: Py<PyString>,
+    close_stdin: Py<PyString>,
+    spare_stdin: Py<PyString>,
+    fd0_stdin: Py<PyString>,
+    devnull_fd: Py<PyString>,
+    finalizer_registry: Py<PyString>,
+    logger: Py<PyString>,
+    exiting: Py<PyString>,
+    stdin: Py<PyString>,
+    stdout: Py<PyString>,
+    stderr: Py<PyString>,
+    close: Py<PyString>,
+    flush: Py<PyString>,
+    meta_path: Py<PyString>,
+    insert: Py<PyString>,
+    threading: Py<PyString>,
+    stdlib_util: Py<PyString>,
+    run: Py<PyString>,
+    enter_hooks: Py<PyString>,
+    run_child: Py<PyString>,
+}
+
+impl ChildNames {
+    fn new(py: Python<'_>) -> Self {
+        let n = |s: &str| PyString::intern(py, s).unbind();
+        Self {
+            start_method: n("_start_method"),
+            actual_context: n("_actual_context"),
+            process_counter: n("_process_counter"),
+            children: n("_children"),
+            parent_process: n("_parent_process"),
+            current_process: n("_current_process"),
+            stdlib_modules: n("_stdlib_modules"),
+            close_stdin: n("_close_stdin"),
+            spare_stdin: n("_spare_stdin"),
+            fd0_stdin: n("_fd0_stdin"),
+            devnull_fd: n("_devnull_fd"),
+            finalizer_registry: n("_finalizer_registry"),
+            logger: n("_logger"),
+            exiting: n("_exiting"),
+            stdin: n("stdin"),
+            stdout: n("stdout"),
+            stderr: n("stderr"),
+            close: n("close"),
+            flush: n("flush"),
+            meta_path: n("meta_path"),
+            insert: n("insert"),
+            threading: n("threading"),
+            stdlib_util: n("multiprocessing.util"),
+            run: n("run"),
+            enter_hooks: n("_enter_child_hooks"),
+            run_child: n("_run_child"),
+        }
+    }
+}
+
+/// `process._fork_entry` flags: what a child's entry does besides its assignments.
+/// `_enter_child_hooks` runs (threading, logging, the stdlib or registries are loaded).
+const ENTRY_HOOKS: u8 = 1;
+/// `process._LoggingImport` goes into `sys.meta_path` (when there are no hooks to run).
+const ENTRY_LOG_HOOK: u8 = 2;
+/// `sys.stdin` is the one `util._prepare_fork_stdin` made a spare for.
+const ENTRY_SPARE_STDIN: u8 = 4;
+/// `util._finalizer_registry` is cleared (when there are no hooks to run, which would).
+const ENTRY_CLEAR_FINALIZERS: u8 = 8;
+
+/// Whether `err` is one of the exception types `util._close_stdin` and
+/// `util._flush_std_streams` ignore.
+fn ignored(py: Python<'_>, err: &PyErr, types: &[&Bound<'_, PyType>]) -> bool {
+    types
+        .iter()
+        .any(|t| err.get_type(py).is_subclass(t).unwrap_or(false))
+}
+
+impl ForkChild {
+    /// `BaseProcess._enter_child`, natively (keep the two in step): the start method, a fresh
+    /// process tree, /dev/null as stdin, this process as the current one, then the hooks.
+    fn enter(
+        &self,
+        py: Python<'_>,
+        process: &Bound<'_, PyAny>,
+        prepared: &Bound<'_, PyAny>,
+        entry: u8,
+    ) -> PyResult<()> {
+        let n = &self.names;
+        let method = process.getattr(n.start_method.bind(py))?;
+        if !method.is_none() {
+            let context = self
+                .concrete_contexts
+                .bind(py)
+                .get_item(&method)?
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("cannot find context for {method}"))
+                })?;
+            self.default_context
+                .bind(py)
+                .setattr(n.actual_context.bind(py), context)?;
+        }
+        let (counter, children, parent): (Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>) =
+            prepared.extract()?;
+        let globals = self.process_globals.bind(py);
+        globals.set_item(n.process_counter.bind(py), counter)?;
+        globals.set_item(n.children.bind(py), children)?;
+        globals.set_item(n.parent_process.bind(py), parent)?;
+        self.close_stdin(py, entry & ENTRY_SPARE_STDIN != 0)?;
+        let previous = globals.get_item(n.current_process.bind(py))?;
+        globals.set_item(n.current_process.bind(py), process)?;
+        // The parent's process object stays referenced: freeing it would write its pages (and
+        // its name's and authkey's), for an object this process never uses again.
+        std::mem::forget(previous);
+        if entry & ENTRY_HOOKS != 0 {
+            return process.call_method0(n.enter_hooks.bind(py)).map(drop);
+        }
+        if entry & ENTRY_LOG_HOOK != 0 {
+            let meta_path = self.sys.bind(py).getattr(n.meta_path.bind(py))?;
+            meta_path.call_method1(n.insert.bind(py), (0, self.log_hook.bind(py)))?;
+        }
+        if entry & ENTRY_CLEAR_FINALIZERS != 0 {
+            // The parent's finalizers are not this process's (`BaseProcess._after_fork`).
+            let registry = self
+                .util_globals
+                .bind(py)
+                .get_item(n.finalizer_registry.bind(py))?;
+            if let Some(registry) = registry {
+                registry.cast_into::<PyDict>()?.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// `util._close_stdin`; natively for the stdin `util._prepare_fork_stdin` made a spare for
+    /// (keep the two in step): closed, descriptor 0 onto /dev/null, the spare in its place.
+    fn close_stdin(&self, py: Python<'_>, spare: bool) -> PyResult<()> {
+        let n = &self.names;
+        let util = self.util_globals.bind(py);
+        if spare {
+            let sys = self.sys.bind(py);
+            if let Err(e) = sys
+                .getattr(n.stdin.bind(py))?
+                .call_method0(n.close.bind(py))
+            {
+                let types = [&py.get_type::<PyOSError>(), &py.get_type::<PyValueError>()];
+                if !ignored(py, &e, &types) {
+                    return Err(e);
+                }
+            }
+            let spare_stdin = util.get_item(n.spare_stdin.bind(py))?;
+            util.set_item(n.spare_stdin.bind(py), py.None())?;
+            util.set_item(n.fd0_stdin.bind(py), py.None())?;
+            let devnull = util.get_item(n.devnull_fd.bind(py))?;
+            let devnull: Option<i32> = devnull.map(|d| d.extract()).transpose()?;
+            if let (Some(stdin), Some(devnull)) = (spare_stdin, devnull) {
+                if fd::dup_onto(fd::borrow_raw(devnull)?, 0).is_ok() {
+                    return sys.setattr(n.stdin.bind(py), stdin);
+                }
+            }
+            // No spare after all, or no /dev/null on descriptor 0: `_close_stdin` opens one
+            // (the stdin is closed already, and no longer taken for descriptor 0's).
+        }
+        if let Some(close_stdin) = util.get_item(n.close_stdin.bind(py))? {
+            close_stdin.call0()?;
+        }
+        Ok(())
+    }
+
+    /// True when `_run_child` would do nothing after `run()` but mark the process exiting,
+    /// flush stdout and stderr and give back received buffers: no finalizers, children or
+    /// logger, neither `threading` nor the stdlib's `multiprocessing.util` loaded.
+    fn plain_exit(&self, py: Python<'_>) -> PyResult<bool> {
+        let n = &self.names;
+        let util = self.util_globals.bind(py);
+        let process = self.process_globals.bind(py);
+        let modules = self.modules.bind(py);
+        let truthy = |d: &Bound<'_, PyDict>, k: &Py<PyString>| -> PyResult<bool> {
+            Ok(match d.get_item(k.bind(py))? {
+                Some(v) => v.is_truthy()?,
+                None => false,
+            })
+        };
+        Ok(!truthy(util, &n.finalizer_registry)?
+            && !truthy(process, &n.children)?
+            && !truthy(util, &n.logger)?
+            && !truthy(process, &n.stdlib_modules)?
+            && !modules.contains(n.threading.bind(py))?
+            && !modules.contains(n.stdlib_util.bind(py))?)
+    }
+
+    /// `_run_child`'s work after a `run()` that returned, for a [`ForkChild::plain_exit`].
+    fn exit_plainly(&self, py: Python<'_>) -> PyResult<()> {
+        let n = &self.names;
+        self.util_globals
+            .bind(py)
+            .set_item(n.exiting.bind(py), true)?;
+        let sys = self.sys.bind(py);
+        for name in [&n.stdout, &n.stderr] {
+            let flushed = sys
+                .getattr(name.bind(py))
+                .and_then(|s| s.call_method0(n.flush.bind(py)));
+            if let Err(e) = flushed {
+                let types = [
+                    &py.get_type::<PyAttributeError>(),
+                    &py.get_type::<PyValueError>(),
+                ];
+                if !ignored(py, &e, &types) {
+                    return Err(e);
+                }
+            }
+        }
+        crate::py::oob::_release_received_buffers();
+        Ok(())
+    }
+
+    /// The child's exit code, as `_bootstrap` gives it.
+    fn bootstrap(
+        &self,
+        py: Python<'_>,
+        process: &Bound<'_, PyAny>,
+        prepared: &Bound<'_, PyAny>,
+        entry: u8,
+    ) -> PyResult<i32> {
+        let n = &self.names;
+        let none = py.None();
+        let run_child = |entry_error: Option<Py<PyAny>>, ran: Option<Py<PyAny>>| {
+            process.call_method1(n.run_child.bind(py), (&none, &none, true, entry_error, ran))
+        };
+        let code = match self.enter(py, process, prepared, entry) {
+            // A failure is reported by `_run_child`, as one in `_enter_child` would be.
+            Err(e) => run_child(Some(e.into_value(py).into_any()), None)?,
+            // A logger has `_run_child` log the run.
+            Ok(())
+                if self
+                    .util_globals
+                    .bind(py)
+                    .get_item(n.logger.bind(py))?
+                    .is_some_and(|l| l.is_truthy().unwrap_or(true)) =>
+            {
+                run_child(None, None)?
+            }
+            Ok(()) => match process.call_method0(n.run.bind(py)) {
+                Ok(_) if self.plain_exit(py)? => {
+                    self.exit_plainly(py)?;
+                    return Ok(0);
+                }
+                Ok(_) => run_child(
+                    None,
+                    Some(true.into_pyobject(py)?.to_owned().into_any().unbind()),
+                )?,
+                Err(e) => run_child(None, Some(e.into_value(py).into_any()))?,
+            },
+        };
+        code.bitand(0xFF)?.extract()
+    }
+}
+
+#[pymethods]
+impl ForkChild {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        process_globals: Bound<'_, PyDict>,
+        util_globals: Bound<'_, PyDict>,
+        default_context: Bound<'_, PyAny>,
+        concrete_contexts: Bound<'_, PyDict>,
+        log_hook: Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let sys = py.import("sys")?;
+        Ok(Self {
+            process_globals: process_globals.unbind(),
+            util_globals: util_globals.unbind(),
+            modules: sys.getattr("modules")?.cast_into::<PyDict>()?.unbind(),
+            sys: sys.unbind(),
+            default_context: default_context.unbind(),
+            concrete_contexts: concrete_contexts.unbind(),
+            log_hook: log_hook.unbind(),
+            names: ChildNames::new(py),
+        })
+    }
+
+    /// In a child just forked by `popen_fork`: restores the signal `mask` (if the parent held
+    /// signals), closes `report_r`, runs `process` as `_bootstrap` does (`entry`: see
+    /// `process._fork_entry`), writes the exit code to `report_w` and ends the process with
+    /// it. Never returns.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        py: Python<'_>,
+        process: &Bound<'_, PyAny>,
+        prepared: &Bound<'_, PyAny>,
+        report_r: i32,
+        report_w: i32,
+        mask: Option<PyRef<'_, HeldSignals>>,
+        entry: u8,
+    ) {
+        let mut code = 1;
+        if mask.map_or(Ok(()), |m| m.release()).is_ok() {
+            let _ = fd::close_raw(report_r);
+            // An exception out of `_run_child` (one raised in its last clean-up) ends the
+            // child with 1, unreported, as it did through `os._exit` in Python.
+            code = self.bootstrap(py, process, prepared, entry).unwrap_or(1);
+        }
+        write_exit_report(report_w, code);
+        wait::exit_now(code)
+    }
 }
 
 /// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl` (and `hint`,
@@ -267,6 +602,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(crate::py::logging::init_logging, m)?)?;
     m.add_class::<ForkServer>()?;
     m.add_class::<HeldSignals>()?;
+    m.add_class::<ForkChild>()?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add("FORKSERVER_PROTOCOL", forkserver::PROTOCOL)?;
     Ok(())

@@ -80,6 +80,29 @@ pub fn borrow_raw<'a>(fd: RawFd) -> Result<BorrowedFd<'a>> {
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
+/// Closes a raw descriptor handed over from Python (the caller owns it and drops its number).
+///
+/// # Errors
+/// EBADF when `fd` is not open.
+pub fn close_raw(fd: RawFd) -> Result<()> {
+    // SAFETY: `close` takes any integer and touches no memory of ours; the caller owns `fd` and
+    // no Rust `OwnedFd` holds the number (every caller passes a number Python handed over).
+    Errno::result(unsafe { libc::close(fd) })?;
+    Ok(())
+}
+
+/// Makes descriptor number `target` a close-on-exec duplicate of `fd` (`dup3`), closing
+/// what `target` was open on, as `os.dup2(fd, target, inheritable=False)`.
+///
+/// # Errors
+/// EBADF, EINVAL (`fd == target`).
+pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> Result<()> {
+    // SAFETY: `dup3` touches no memory of ours; `fd` is open for the borrow, and the caller
+    // owns `target` (no Rust `OwnedFd` holds that number).
+    Errno::result(unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) })?;
+    Ok(())
+}
+
 /// Duplicates `fd` into a new close-on-exec descriptor.
 ///
 /// # Errors
