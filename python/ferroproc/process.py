@@ -305,7 +305,7 @@ class BaseProcess:
                 if ran is None:
                     self.run()
                 elif ran is not True:
-                    raise ran
+                    raise ran  # the exception `self.run()` raised, in the native entry
                 exitcode = 0
             finally:
                 if util._finalizer_registry or _children or util._logger:
