@@ -169,3 +169,34 @@ def test_fork_child_start_and_end(impl, variant, tmp_path):
     if variant == "logger":
         assert "child process calling self.run()" in done.stderr
         assert "process exiting with exitcode 0" in done.stderr
+
+
+_HUGE_EXIT = textwrap.dedent(
+    """
+    import sys
+    import ferroproc as mp
+
+    def exits_huge():
+        sys.exit(2**40)
+
+    if __name__ == "__main__":
+        p = mp.get_context("fork").Process(target=exits_huge)
+        p.start()
+        p.join(30)
+        print("exitcode", p.exitcode)
+    """
+)
+
+
+def test_fork_child_exit_code_beyond_a_c_int_ends_the_child(tmp_path):
+    # ferroproc only: the stdlib's child (and ferroproc's before the native entry) passed
+    # 2**40 to `os._exit`, whose OverflowError sent the child back into its parent's code
+    # after `start()`: it printed a traceback there and exited through the parent's exit.
+    # The status is the low byte, as `exit(2)` keeps it.
+    script = tmp_path / "huge.py"
+    script.write_text(_HUGE_EXIT)
+    done, leftovers = _workers.run_interpreter([str(script)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert leftovers == []
+    assert done.stdout.splitlines() == ["exitcode 0"]
+    assert "Traceback" not in done.stderr
