@@ -1,12 +1,13 @@
 """A fork child's start and end, in each state of the parent that changes its path.
 
-ferroproc's fork children enter and leave natively (`ForkChild` in the native module) when
-the parent has loaded neither `threading`, `logging` nor the stdlib's package, and has no
-logger or after-fork hooks (the parent's finalizers are cleared natively, and a stdin the
-parent prepared a spare for is swapped natively). Otherwise, or after a `run()` that leaves
-work (a finalizer, a child, an exception), they go through `BaseProcess._run_child` in
-Python. Each variant runs in a throwaway interpreter, since the test session has `threading`
-loaded, and the same script runs on the stdlib.
+ferroproc's fork children, and a forkserver's, enter and leave natively (`ForkChild` in the
+native module) when the process they are forked from has loaded neither `threading`,
+`logging` nor the stdlib's package, and has no logger or after-fork hooks (the parent's
+finalizers are cleared natively, and a stdin the parent prepared a spare for is swapped
+natively). Otherwise, or after a `run()` that leaves work (a finalizer, a child, an
+exception), they go through `BaseProcess._run_child` in Python. Each variant runs in a
+throwaway interpreter, since the test session has `threading` loaded, and the same script
+runs on the stdlib.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _SCRIPT = textwrap.dedent(
 
     VARIANT = sys.argv[1]
     TMP = sys.argv[2]
+    METHOD = sys.argv[3]
     if VARIANT == "hooks":
         import logging, threading
     if VARIANT == "stdin":
@@ -60,7 +62,7 @@ _SCRIPT = textwrap.dedent(
 
 
     def leaves_child(path):
-        mp.get_context("fork").Process(target=_write, args=(path, "grandchild")).start()
+        mp.get_context(METHOD).Process(target=_write, args=(path, "grandchild")).start()
 
 
     def _write(path, text):
@@ -81,7 +83,7 @@ _SCRIPT = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context(METHOD)
         results = {{}}
         # Kept: each start after the first has the earlier ones' finalizers registered.
         processes = []
@@ -121,13 +123,15 @@ VARIANTS = ["plain", "hooks", "stdin", "logger"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
 @pytest.mark.parametrize("impl", ["multiprocessing", "ferroproc"])
-def test_fork_child_start_and_end(impl, variant, tmp_path):
+def test_fork_child_start_and_end(impl, method, variant, tmp_path):
     script = tmp_path / "script.py"
     script.write_text(_SCRIPT.format(impl=impl))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    done, leftovers = _workers.run_interpreter([str(script), variant, str(out_dir)], cwd=tmp_path)
+    argv = [str(script), variant, str(out_dir), method]
+    done, leftovers = _workers.run_interpreter(argv, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert leftovers == []
     report = json.loads(done.stdout.splitlines()[-1])
@@ -152,10 +156,10 @@ def test_fork_child_start_and_end(impl, variant, tmp_path):
         "parent_pid": report["parent_pid"],
         "stdin_read": "",
         "children": 0,
-        "start_method": "fork",
+        "start_method": method,
         "finalizers": 0,
     }
-    if impl == "ferroproc":
+    if impl == "ferroproc" and method == "fork":
         # The path each variant took: native hooks or not, a spare stdin or not.
         from ferroproc import process
 

@@ -158,11 +158,11 @@ class ForkServer:
         else:
             self._server_prep = {k: list(v) if type(v) is list else v for k, v in prep.items()}
 
-    def request(self, prep, prep_pickled, process_pickled, fds):
+    def request(self, prep, process_pickled, fds):
         """Asks the server to fork a child for a process object; returns its pid.
 
-        `prep` is the child's preparation data (``spawn.get_preparation_data``), pickled in
-        `prep_pickled`; `process_pickled` is the process object."""
+        `prep` is the child's preparation data (``spawn.get_preparation_data``);
+        `process_pickled` is the process object."""
         if len(fds) + 1 > MAXFDS_TO_SEND:
             raise ValueError("too many fds")
         self._arm()
@@ -171,18 +171,18 @@ class ForkServer:
             # The child's parent sentinel: a pidfd of this process, sent along.
             fds = [fds[0], util._own_pidfd(), *fds[1:]]
             try:
-                return self._request(prep, prep_pickled, process_pickled, fds)
+                return self._request(prep, process_pickled, fds)
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 # The server died (killed from outside): start a fresh one and retry once.
                 self._ctl.close()
                 self._ctl = self._forkserver_pid = self._server_prep = None
                 self._ensure_running_unlocked()
-                return self._request(prep, prep_pickled, process_pickled, fds)
+                return self._request(prep, process_pickled, fds)
 
-    def _request(self, prep, prep_pickled, process_pickled, fds):
+    def _request(self, prep, process_pickled, fds):
         hint, names = self._imports_hint()
         pid = forkserver_request(
-            self._ctl.fileno(), self._payload(prep, prep_pickled, process_pickled), fds, hint
+            self._ctl.fileno(), self._payload(prep, process_pickled), fds, hint
         )
         if names:
             # Taken by a spare, which tells the server (a request that failed may not have).
@@ -203,7 +203,7 @@ class ForkServer:
                 names.append(name)
         return hint, names
 
-    def _payload(self, prep, prep_pickled, process_pickled):
+    def _payload(self, prep, process_pickled):
         # A child's preparation is its parent's import environment, which rarely changes
         # between starts: the server applied it to itself when it started, so its children
         # have it already, and the request carries only the child's name. Unpickling and
@@ -212,7 +212,7 @@ class ForkServer:
         if server is not None and {**prep, "name": None} == server:
             # In a tuple: a dict is the full preparation, and a name may be a `str` subclass.
             return _pickle.dumps((prep["name"],), protocol=4) + process_pickled
-        return prep_pickled + process_pickled
+        return _dumps_for_child(prep) + process_pickled
 
 
 class _DupFd:
@@ -316,6 +316,7 @@ def main(ctl_fd, preload, setup, protocol=None):
     os.close(ctl_fd)
     global _rehearsal
     _rehearsal = _make_rehearsal()
+    process._native_entry()
     # Start-up garbage goes now, and the young generations are empty when children are forked:
     # a child's first collections then visit only its own objects, not (copying) the server's.
     gc.collect()
@@ -409,11 +410,15 @@ def _rehearse():
     Every page a child writes is a copy-on-write fault (about 3 µs here); unpickling and the
     start of `_bootstrap` write the same pages in every child (allocator pools, type caches,
     the unpickler's own). A spare takes those faults while it waits for its request, instead
-    of its child between the request and the target, while the client waits."""
+    of its child between the request and the target, while the client waits. So do the
+    checks the child makes before its native entry (`_serve_child`): the stdin it keeps and
+    the entry's flags."""
     try:
         stream = io.BytesIO(_rehearsal)
         _pickle.load(stream)
         _pickle.load(stream)._child_state(None)
+        util._close_stdin()  # the server's /dev/null: kept, as the child will keep it
+        process._fork_entry()
     except Exception:
         pass
 
@@ -433,7 +438,7 @@ def _run_spare(server, server_pid, old_sigint, old_sigpipe):
             _signal.signal(_signal.SIGINT, old_sigint)
             if old_sigpipe is not _signal.SIG_IGN:
                 _signal.signal(_signal.SIGPIPE, old_sigpipe)
-            code = _serve_child(payload, fds)
+            _serve_child(payload, fds)
     except Exception:
         # Before the process object runs (its own errors are reported by its bootstrap):
         # the main script or the process object failed to load. Shown as the stdlib shows it.
@@ -465,4 +470,7 @@ def _serve_child(payload, fds):
         self = _pickle.load(stream)
     finally:
         del current._inheriting
-    return self._bootstrap(parent_sentinel=parent_sentinel)
+    # As `_bootstrap`, natively when the server has loaded nothing that needs Python (see
+    # `process._fork_entry`, decided now: preparing the main module may have imported some).
+    prepared = self._child_state(parent_sentinel)
+    process._native_entry().run(self, prepared, None, _status_w, None, process._fork_entry())

@@ -10,7 +10,7 @@ import _signal
 import os
 
 from . import process, util
-from ._ferroproc import ForkChild, read_exit_report, wait_readable, waitpid
+from ._ferroproc import read_exit_report, wait_readable, waitpid
 
 __all__ = ["Popen"]
 
@@ -28,19 +28,11 @@ def _before_forks():
     parent_sentinel = util._own_pidfd()
     util._prepare_fork_stdin()
     if _child is None:
-        from . import context
-
-        _child = ForkChild(
-            vars(process),
-            vars(util),
-            context._default_context,
-            context._concrete_contexts,
-            process._LoggingImport,
-        )
+        _child = process._native_entry()
     return parent_sentinel
 
 
-#: The native entry of forked children (see `ForkChild`), made at the first fork.
+#: The native entry of forked children (`process._native_entry`), made at the first fork.
 _child = None
 
 

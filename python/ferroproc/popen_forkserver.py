@@ -27,10 +27,10 @@ class Popen(popen_fork.Popen):
         return len(self._fds) - 1
 
     def _launch(self, process_obj):
-        parts = pickle_for_child(self, process_obj)
+        prep, _, process_pickled = pickle_for_child(self, process_obj, prep_pickled=False)
         status_r, status_w = os.pipe()
         try:
-            self.pid = forkserver.request(*parts, [status_w, *self._fds])
+            self.pid = forkserver.request(prep, process_pickled, [status_w, *self._fds])
         except BaseException:
             os.close(status_r)
             raise

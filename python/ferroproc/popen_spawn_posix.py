@@ -18,15 +18,17 @@ def set_spawning(popen):
         std.set_spawning_popen(popen)
 
 
-def pickle_for_child(popen, process_obj):
+def pickle_for_child(popen, process_obj, prep_pickled=True):
     """``(prep_data, pickled prep_data, pickled process_obj)``, pickled while `popen` counts as
-    spawning (so descriptors and spawning-only objects can be handed to the child). A child
-    reads the two pickles one after the other; the forkserver may send the second alone (the
-    first is for its `_payload`)."""
+    spawning (so descriptors and spawning-only objects, the authkey among them, can be handed
+    to the child). A child reads the two pickles one after the other. The forkserver, which
+    may send the process alone (see its `_payload`), passes `prep_pickled=False` and gets
+    None in its place."""
     prep_data = spawn.get_preparation_data(process_obj._name)
     set_spawning(popen)
     try:
-        return prep_data, _dumps(prep_data), _dumps(process_obj)
+        prep = _dumps(prep_data) if prep_pickled else None
+        return prep_data, prep, _dumps(process_obj)
     finally:
         set_spawning(None)
 

@@ -534,6 +534,27 @@ def _fork_entry():
     return entry
 
 
+def _native_entry():
+    """The native entry of fork children (`ForkChild`), made once by a process that forks
+    them (a forkserver, or a parent at its first fork)."""
+    global _native_child
+    if _native_child is None:
+        from . import context, util
+        from ._ferroproc import ForkChild
+
+        _native_child = ForkChild(
+            globals(),
+            vars(util),
+            context._default_context,
+            context._concrete_contexts,
+            _LoggingImport,
+        )
+    return _native_child
+
+
+_native_child = None
+
+
 def _stdlib_module(name):
     """The stdlib's `multiprocessing.<name>` if it is loaded (never ferroproc's own)."""
     mod = _stdlib_modules.get(name)

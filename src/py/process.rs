@@ -431,24 +431,26 @@ impl ForkChild {
         })
     }
 
-    /// In a child just forked by `popen_fork`: restores the signal `mask` (if the parent held
-    /// signals), closes `report_r`, runs `process` as `_bootstrap` does (`entry`: see
-    /// `process._fork_entry`), writes the exit code to `report_w` and ends the process with
-    /// it. Never returns.
+    /// In a child just forked by `popen_fork` (or a forkserver's spare given its request):
+    /// restores the signal `mask` (if the parent held signals), closes `report_r` (if any),
+    /// runs `process` as `_bootstrap` does (`entry`: see `process._fork_entry`), writes the
+    /// exit code to `report_w` and ends the process with it. Never returns.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         py: Python<'_>,
         process: &Bound<'_, PyAny>,
         prepared: &Bound<'_, PyAny>,
-        report_r: i32,
+        report_r: Option<i32>,
         report_w: i32,
         mask: Option<PyRef<'_, HeldSignals>>,
         entry: u8,
     ) {
         let mut code = 1;
         if mask.map_or(Ok(()), |m| m.release()).is_ok() {
-            let _ = fd::close_raw(report_r);
+            if let Some(report_r) = report_r {
+                let _ = fd::close_raw(report_r);
+            }
             // An exception out of `_run_child` (one raised in its last clean-up) ends the
             // child with 1, unreported, as it did through `os._exit` in Python.
             code = self.bootstrap(py, process, prepared, entry).unwrap_or(1);
