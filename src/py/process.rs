@@ -4,9 +4,9 @@ use std::ffi::CString;
 use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PySystemExit, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString, PyType};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyType};
 
 use crate::deadline::Deadline;
 use crate::error::Error;
@@ -171,6 +171,7 @@ struct ChildNames {
     threading: Py<PyString>,
     stdlib_util: Py<PyString>,
     run: Py<PyString>,
+    code: Py<PyString>,
     enter_hooks: Py<PyString>,
     run_child: Py<PyString>,
 }
@@ -203,6 +204,7 @@ impl ChildNames {
             threading: n("threading"),
             stdlib_util: n("multiprocessing.util"),
             run: n("run"),
+            code: n("code"),
             enter_hooks: n("_enter_child_hooks"),
             run_child: n("_run_child"),
         }
@@ -318,9 +320,10 @@ impl ForkChild {
         Ok(())
     }
 
-    /// True when `_run_child` would do nothing after `run()` but mark the process exiting,
-    /// flush stdout and stderr and give back received buffers: no finalizers, children or
-    /// logger, neither `threading` nor the stdlib's `multiprocessing.util` loaded.
+    /// True when `_run_child` would do nothing after `run()` (which returned, or called
+    /// `sys.exit()` with None or an int) but mark the process exiting, flush stdout and
+    /// stderr and give back received buffers: no finalizers, children or logger, neither
+    /// `threading` nor the stdlib's `multiprocessing.util` loaded.
     fn plain_exit(&self, py: Python<'_>) -> PyResult<bool> {
         let n = &self.names;
         let util = self.util_globals.bind(py);
@@ -340,7 +343,7 @@ impl ForkChild {
             && !modules.contains(n.stdlib_util.bind(py))?)
     }
 
-    /// `_run_child`'s work after a `run()` that returned, for a [`ForkChild::plain_exit`].
+    /// `_run_child`'s work after `run()`, for a [`ForkChild::plain_exit`].
     fn exit_plainly(&self, py: Python<'_>) -> PyResult<()> {
         let n = &self.names;
         self.util_globals
@@ -391,17 +394,35 @@ impl ForkChild {
             {
                 run_child(None, None)?
             }
-            Ok(()) => match process.call_method0(n.run.bind(py)) {
-                Ok(_) if self.plain_exit(py)? => {
-                    self.exit_plainly(py)?;
-                    return Ok(0);
+            Ok(()) => {
+                let ran = process.call_method0(n.run.bind(py));
+                // The exit code of a `run()` that returned or called `sys.exit()` with None
+                // or an int; anything else is `_run_child`'s to report.
+                let plain_code = match &ran {
+                    Ok(_) => Some(py.None().into_bound(py).into_any()),
+                    Err(e) if e.is_instance_of::<PySystemExit>(py) => {
+                        let code = e.value(py).getattr(n.code.bind(py))?;
+                        (code.is_none() || code.is_instance_of::<PyInt>()).then_some(code)
+                    }
+                    Err(_) => None,
+                };
+                match plain_code {
+                    Some(code) if self.plain_exit(py)? => {
+                        self.exit_plainly(py)?;
+                        if code.is_none() {
+                            return Ok(0);
+                        }
+                        code
+                    }
+                    _ => match ran {
+                        Ok(_) => run_child(
+                            None,
+                            Some(true.into_pyobject(py)?.to_owned().into_any().unbind()),
+                        )?,
+                        Err(e) => run_child(None, Some(e.into_value(py).into_any()))?,
+                    },
                 }
-                Ok(_) => run_child(
-                    None,
-                    Some(true.into_pyobject(py)?.to_owned().into_any().unbind()),
-                )?,
-                Err(e) => run_child(None, Some(e.into_value(py).into_any()))?,
-            },
+            }
         };
         code.bitand(0xFF)?.extract()
     }
