@@ -23,17 +23,10 @@ def _before_start():
 
 def _before_forks():
     """Returns the parent sentinel of children forked next (our pidfd, inherited), and has
-    the spare stdin of a forked child and its native entry made."""
-    global _child
+    the spare stdin of a forked child made."""
     parent_sentinel = util._own_pidfd()
     util._prepare_fork_stdin()
-    if _child is None:
-        _child = process._native_entry()
     return parent_sentinel
-
-
-#: The native entry of forked children (`process._native_entry`), made at the first fork.
-_child = None
 
 
 def _abandon(pid, report_r):
@@ -175,6 +168,7 @@ class Popen:
         # copy-on-write faults): its process counter, children and parent handle. `entry`:
         # what the child's native entry does beyond that (`process._fork_entry`). `mask`:
         # the signal mask the caller blocked signals from, for the child to restore.
+        child = process._native_entry()  # a local: the child looks nothing up
         report_r, report_w = os.pipe()
         try:
             self.pid = os.fork()
@@ -184,7 +178,7 @@ class Popen:
             raise
         if self.pid == 0:
             try:
-                _child.run(process_obj, prepared, report_r, report_w, mask, entry)
+                child.run(process_obj, prepared, report_r, report_w, mask, entry)
             finally:
                 # Not reached: `run` ends the process. (A Python exception there, unlikely,
                 # must not return into the parent's code.)

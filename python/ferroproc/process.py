@@ -10,6 +10,10 @@ import os
 import sys
 from _weakrefset import WeakSet
 
+from ._ferroproc import ENTRY_CLEAR_FINALIZERS as _ENTRY_CLEAR_FINALIZERS
+from ._ferroproc import ENTRY_HOOKS as _ENTRY_HOOKS
+from ._ferroproc import ENTRY_LOG_HOOK as _ENTRY_LOG_HOOK
+from ._ferroproc import ENTRY_SPARE_STDIN as _ENTRY_SPARE_STDIN
 from ._ferroproc import _release_received_buffers, hold_signals
 
 __all__ = ["BaseProcess", "active_children", "current_process", "parent_process"]
@@ -496,17 +500,11 @@ def after_import(name, callback):
 _LoggingImport = _AfterImport("logging", _name_log_records)
 
 
-# Flags of `_fork_entry`: what the native entry of a fork child (`ForkChild.run`) does
-# besides `_enter_child`'s assignments.
-_ENTRY_HOOKS = 1  # run `_enter_child_hooks`
-_ENTRY_LOG_HOOK = 2  # add `_LoggingImport` to `sys.meta_path` (no hooks to run)
-_ENTRY_SPARE_STDIN = 4  # `sys.stdin` has the spare `util._prepare_fork_stdin` made
-_ENTRY_CLEAR_FINALIZERS = 8  # clear `util._finalizer_registry` (no hooks to run)
-
-
 def _fork_entry():
-    """The entry flags of children forked now (see `ForkChild.run`), decided in the parent:
-    their state is its state, and reading it here costs a child nothing."""
+    """The entry flags of children forked now (see `ForkChild.run`, which defines them),
+    decided in the parent: their state is its state, and reading it here costs a child
+    nothing. Run `_enter_child_hooks`; else add `_LoggingImport` to `sys.meta_path` and clear
+    `util._finalizer_registry`; and swap in the spare stdin `util._prepare_fork_stdin` made."""
     util = _util
     modules = sys.modules
     entry = 0

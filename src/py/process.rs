@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PySystemExit, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
 
 use crate::deadline::Deadline;
 use crate::error::Error;
@@ -211,7 +211,8 @@ impl ChildNames {
     }
 }
 
-/// `process._fork_entry` flags: what a child's entry does besides its assignments.
+/// `process._fork_entry` flags (exported as `ENTRY_*`): what a child's entry does besides
+/// its assignments.
 /// `_enter_child_hooks` runs (threading, logging, the stdlib or registries are loaded).
 const ENTRY_HOOKS: u8 = 1;
 /// `process._LoggingImport` goes into `sys.meta_path` (when there are no hooks to run).
@@ -220,14 +221,6 @@ const ENTRY_LOG_HOOK: u8 = 2;
 const ENTRY_SPARE_STDIN: u8 = 4;
 /// `util._finalizer_registry` is cleared (when there are no hooks to run, which would).
 const ENTRY_CLEAR_FINALIZERS: u8 = 8;
-
-/// Whether `err` is one of the exception types `util._close_stdin` and
-/// `util._flush_std_streams` ignore.
-fn ignored(py: Python<'_>, err: &PyErr, types: &[&Bound<'_, PyType>]) -> bool {
-    types
-        .iter()
-        .any(|t| err.get_type(py).is_subclass(t).unwrap_or(false))
-}
 
 impl ForkChild {
     /// `BaseProcess._enter_child`, natively (keep the two in step): the start method, a fresh
@@ -296,8 +289,8 @@ impl ForkChild {
                 .getattr(n.stdin.bind(py))?
                 .call_method0(n.close.bind(py))
             {
-                let types = [&py.get_type::<PyOSError>(), &py.get_type::<PyValueError>()];
-                if !ignored(py, &e, &types) {
+                // What `util._close_stdin` ignores.
+                if !(e.is_instance_of::<PyOSError>(py) || e.is_instance_of::<PyValueError>(py)) {
                     return Err(e);
                 }
             }
@@ -355,11 +348,10 @@ impl ForkChild {
                 .getattr(name.bind(py))
                 .and_then(|s| s.call_method0(n.flush.bind(py)));
             if let Err(e) = flushed {
-                let types = [
-                    &py.get_type::<PyAttributeError>(),
-                    &py.get_type::<PyValueError>(),
-                ];
-                if !ignored(py, &e, &types) {
+                // What `util._flush_std_streams` ignores.
+                if !(e.is_instance_of::<PyAttributeError>(py)
+                    || e.is_instance_of::<PyValueError>(py))
+                {
                     return Err(e);
                 }
             }
@@ -417,7 +409,7 @@ impl ForkChild {
                     _ => match ran {
                         Ok(_) => run_child(
                             None,
-                            Some(true.into_pyobject(py)?.to_owned().into_any().unbind()),
+                            Some(PyBool::new(py, true).to_owned().into_any().unbind()),
                         )?,
                         Err(e) => run_child(None, Some(e.into_value(py).into_any()))?,
                     },
@@ -626,6 +618,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ForkServer>()?;
     m.add_class::<HeldSignals>()?;
     m.add_class::<ForkChild>()?;
+    m.add("ENTRY_HOOKS", ENTRY_HOOKS)?;
+    m.add("ENTRY_LOG_HOOK", ENTRY_LOG_HOOK)?;
+    m.add("ENTRY_SPARE_STDIN", ENTRY_SPARE_STDIN)?;
+    m.add("ENTRY_CLEAR_FINALIZERS", ENTRY_CLEAR_FINALIZERS)?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add("FORKSERVER_PROTOCOL", forkserver::PROTOCOL)?;
     Ok(())
