@@ -161,13 +161,13 @@ def test_fork_child_start_and_end(impl, method, variant, tmp_path):
     }
     if impl == "ferroproc" and method == "fork":
         # The path each variant took: native hooks or not, a spare stdin or not.
-        from ferroproc import process
+        from ferroproc import _ferroproc
 
         if variant in ("hooks", "logger"):
-            hooks = process._ENTRY_HOOKS
+            hooks = _ferroproc.ENTRY_HOOKS
         else:
-            hooks = process._ENTRY_LOG_HOOK | process._ENTRY_CLEAR_FINALIZERS
-        spare = process._ENTRY_SPARE_STDIN if report["stdin_fd0"] else 0
+            hooks = _ferroproc.ENTRY_LOG_HOOK | _ferroproc.ENTRY_CLEAR_FINALIZERS
+        spare = _ferroproc.ENTRY_SPARE_STDIN if report["stdin_fd0"] else 0
         assert report["entry"] == hooks | spare
         assert report["stdin_fd0"] == (variant != "stdin")
     if variant == "logger":

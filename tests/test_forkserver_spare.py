@@ -186,3 +186,37 @@ def test_a_server_refuses_a_parent_of_another_build(protocol):
     assert not leftovers, leftovers
     assert result.returncode == 1
     assert "protocol" in result.stderr, result.stderr
+
+
+def test_a_rehearsal_refuses_a_malformed_payload_and_changes_nothing():
+    # `ForkChild.serve` is what a spare runs on its request; rehearsing, it must put back
+    # what it set (the name, the inherited descriptors) whether the payload loads or not.
+    out = run(
+        """
+        from ferroproc import process, spawn, forkserver
+
+        if __name__ == "__main__":
+            child = process._native_entry()
+            fs = forkserver._forkserver
+            me = mp.current_process()
+            before = (me.name, fs._inherited_fds)
+            good = forkserver._make_rehearsal()
+            cases = [
+                (b"", [-1, -1]),
+                ((1000).to_bytes(4, "little") + b"short", [-1, -1]),
+                ((12).to_bytes(4, "little") + b"not a pickle" + good[4:], [-1, -1]),
+                (good, [-1]),
+                (good, [-1, -1, 7]),
+            ]
+            results = []
+            for payload, fds in cases:
+                try:
+                    child.serve(payload, fds, fs, spawn.prepare, None, True)
+                    results.append("ok")
+                except Exception as e:
+                    results.append(type(e).__name__)
+                assert (me.name, fs._inherited_fds) == before, (me.name, fs._inherited_fds)
+            print(*results)
+        """
+    )
+    assert out == ["ValueError", "ValueError", "UnpicklingError", "ValueError", "ok"]

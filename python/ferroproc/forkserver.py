@@ -14,12 +14,11 @@ import _pickle
 import _signal
 import _thread
 import gc
-import io
 import os
 import sys
 
 from . import process, spawn, util
-from ._ferroproc import FORKSERVER_PROTOCOL, forkserver_request, waitpid, write_exit_report
+from ._ferroproc import FORKSERVER_PROTOCOL, forkserver_request, waitpid
 from ._ferroproc import ForkServer as NativeServer
 
 __all__ = [
@@ -211,8 +210,8 @@ class ForkServer:
         server = self._server_prep
         if server is not None and {**prep, "name": None} == server:
             # In a tuple: a dict is the full preparation, and a name may be a `str` subclass.
-            return _pickle.dumps((prep["name"],), protocol=4) + process_pickled
-        return _dumps_for_child(prep) + process_pickled
+            return _frame(_pickle.dumps((prep["name"],), protocol=4), process_pickled)
+        return _frame(_dumps_for_child(prep), process_pickled)
 
 
 class _DupFd:
@@ -226,6 +225,12 @@ class _DupFd:
 
     def detach(self):
         return _forkserver.get_inherited_fds()[self.ind]
+
+
+def _frame(prep_pickled, process_pickled):
+    """A request's payload: the preparation's length (4 bytes, little-endian), then the two
+    pickles (`ForkChild.serve` splits them)."""
+    return len(prep_pickled).to_bytes(4, "little") + prep_pickled + process_pickled
 
 
 def _dumps_for_child(obj):
@@ -314,9 +319,19 @@ def main(ctl_fd, preload, setup, protocol=None):
     old_sigpipe = _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     server = NativeServer(ctl_fd)
     os.close(ctl_fd)
-    global _rehearsal
-    _rehearsal = _make_rehearsal()
-    process._native_entry()
+    # A spare's life is native (`ForkServer.run_spare`): Python functions that only spares
+    # ran would be cold in each of them, writing their code objects as they warm up.
+    server.configure(
+        process._native_entry(),
+        _make_rehearsal(),
+        _forkserver,
+        spawn.prepare,
+        _unapplied_prep,
+        old_sigint,
+        old_sigpipe,
+    )
+    for _ in range(_WARM_UP):
+        server.rehearse()
     # Start-up garbage goes now, and the young generations are empty when children are forked:
     # a child's first collections then visit only its own objects, not (copying) the server's.
     gc.collect()
@@ -332,7 +347,7 @@ def main(ctl_fd, preload, setup, protocol=None):
                 break
             continue
         if pid == 0:
-            _run_spare(server, me, old_sigint, old_sigpipe)
+            server.run_spare(me)
         if server.spare_forked(pid):
             continue
         if not server.wait():
@@ -340,6 +355,9 @@ def main(ctl_fd, preload, setup, protocol=None):
         hint = server.take_imports()
         if hint:
             _import_hinted(hint)
+            # Importing evicted much of the type cache: warm it again.
+            for _ in range(_WARM_UP // 4):
+                server.rehearse()
     sys.exit(0)
 
 
@@ -390,87 +408,17 @@ def _preload_main(main_path):
     return True
 
 
-#: In the server: a payload like the requests' (see `_rehearse`).
-_rehearsal = None
+#: Rehearsals the server runs itself before its first fork (see `ForkServer.rehearse`): the
+#: specializing interpreter settles a function's code after a few runs.
+_WARM_UP = 16
 
 
 def _make_rehearsal():
+    """A request's payload, for spares to rehearse with (None if one cannot be made)."""
     from .context import ForkServerProcess
 
     proc = ForkServerProcess(name="ForkServerProcess-0")
     try:
-        return _pickle.dumps((proc.name,), protocol=4) + _dumps_for_child(proc)
+        return _frame(_pickle.dumps((proc.name,), protocol=4), _dumps_for_child(proc))
     except Exception:
         return None
-
-
-def _rehearse():
-    """Unpickles `_rehearsal` as a child unpickles its request, and throws it away.
-
-    Every page a child writes is a copy-on-write fault (about 3 µs here); unpickling and the
-    start of `_bootstrap` write the same pages in every child (allocator pools, type caches,
-    the unpickler's own). A spare takes those faults while it waits for its request, instead
-    of its child between the request and the target, while the client waits. So do the
-    checks the child makes before its native entry (`_serve_child`): the stdin it keeps and
-    the entry's flags."""
-    try:
-        stream = io.BytesIO(_rehearsal)
-        _pickle.load(stream)
-        _pickle.load(stream)._child_state(None)
-        util._close_stdin()  # the server's /dev/null: kept, as the child will keep it
-        process._fork_entry()
-    except Exception:
-        pass
-
-
-def _run_spare(server, server_pid, old_sigint, old_sigpipe):
-    """The pre-forked child: waits for its request, then runs it. Never returns."""
-    code = 1
-    fds = None
-    try:
-        if _rehearsal is not None:
-            _rehearse()
-        taken = server.take(server_pid)
-        if taken is None:
-            code = 0
-        else:
-            payload, fds = taken
-            _signal.signal(_signal.SIGINT, old_sigint)
-            if old_sigpipe is not _signal.SIG_IGN:
-                _signal.signal(_signal.SIGPIPE, old_sigpipe)
-            _serve_child(payload, fds)
-    except Exception:
-        # Before the process object runs (its own errors are reported by its bootstrap):
-        # the main script or the process object failed to load. Shown as the stdlib shows it.
-        sys.excepthook(*sys.exc_info())
-        util._flush_std_streams()
-    finally:
-        try:
-            if fds:
-                write_exit_report(fds[0], code & 0xFF)
-        finally:
-            os._exit(code)
-
-
-def _serve_child(payload, fds):
-    _status_w, parent_sentinel, *inherited = fds
-    _forkserver._inherited_fds = inherited
-    stream = io.BytesIO(payload)
-    current = process.current_process()
-    current._inheriting = True
-    try:
-        prep = _pickle.load(stream)
-        if type(prep) is tuple:
-            # Only the name: the server applied the rest to itself (`ForkServer._payload`).
-            current._name = prep[0]
-            if _unapplied_prep is not None:
-                spawn.prepare(_unapplied_prep)
-        else:
-            spawn.prepare(prep)
-        self = _pickle.load(stream)
-    finally:
-        del current._inheriting
-    # As `_bootstrap`, natively when the server has loaded nothing that needs Python (see
-    # `process._fork_entry`, decided now: preparing the main module may have imported some).
-    prepared = self._child_state(parent_sentinel)
-    process._native_entry().run(self, prepared, None, _status_w, None, process._fork_entry())

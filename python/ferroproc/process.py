@@ -10,10 +10,6 @@ import os
 import sys
 from _weakrefset import WeakSet
 
-from ._ferroproc import ENTRY_CLEAR_FINALIZERS as _ENTRY_CLEAR_FINALIZERS
-from ._ferroproc import ENTRY_HOOKS as _ENTRY_HOOKS
-from ._ferroproc import ENTRY_LOG_HOOK as _ENTRY_LOG_HOOK
-from ._ferroproc import ENTRY_SPARE_STDIN as _ENTRY_SPARE_STDIN
 from ._ferroproc import _release_received_buffers, hold_signals
 
 __all__ = ["BaseProcess", "active_children", "current_process", "parent_process"]
@@ -503,33 +499,12 @@ _LoggingImport = _AfterImport("logging", _name_log_records)
 def _fork_entry():
     """The entry flags of children forked now (see `ForkChild.run`, which defines them),
     decided in the parent: their state is its state, and reading it here costs a child
-    nothing. Run `_enter_child_hooks`; else add `_LoggingImport` to `sys.meta_path` and clear
-    `util._finalizer_registry`; and swap in the spare stdin `util._prepare_fork_stdin` made."""
-    util = _util
-    modules = sys.modules
-    entry = 0
-    if (
-        "threading" in modules
-        or "logging" in modules
-        or util._afterfork_registry.data
-        or _stdlib_module("process") is not None
-        or _stdlib_module("util") is not None
-    ):
-        entry |= _ENTRY_HOOKS
-    else:
-        if _LoggingImport not in sys.meta_path:
-            entry |= _ENTRY_LOG_HOOK
-        if util._finalizer_registry:  # the popens of processes started before, say
-            entry |= _ENTRY_CLEAR_FINALIZERS
-    stdin = sys.stdin
-    if (
-        stdin is not None
-        and stdin is util._fd0_stdin
-        and stdin is not util._devnull_stdin
-        and util._spare_stdin is not None
-    ):
-        entry |= _ENTRY_SPARE_STDIN
-    return entry
+    nothing. Run `_enter_child_hooks` when `threading`, `logging` or the stdlib's package is
+    loaded or after-fork callbacks are registered; else add `_LoggingImport` to
+    `sys.meta_path` and clear `util._finalizer_registry`; and swap in the spare stdin
+    `util._prepare_fork_stdin` made. Worked out natively (`ForkChild.entry_flags`): a
+    forkserver's child does it too, after unpickling its process."""
+    return _native_entry().entry_flags()
 
 
 def _native_entry():

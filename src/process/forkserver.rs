@@ -2,9 +2,11 @@
 //!
 //! Protocol on a unix stream socketpair between the user process (client) and the server:
 //! - request: a 12-byte header `[payload_len: u32 LE][nfds: u32 LE][hint: u32 LE]` carrying
-//!   `nfds` descriptors (`SCM_RIGHTS`), then `payload_len` bytes of opaque payload (the pickled
-//!   process). The first descriptor is the write end of the child's status pipe. `hint` is
-//!   opaque here too: the spare relays it to the server (see [`Server::take_imports`]).
+//!   `nfds` descriptors (`SCM_RIGHTS`), then `payload_len` bytes of payload (the pickled
+//!   preparation data and process object; opaque here, framed by the Python side and split
+//!   by `ForkChild.serve`), sent with the header in one `sendmsg`. The first descriptor is the
+//!   write end of the child's status pipe. `hint` is opaque here too: the spare relays it to
+//!   the server (see [`Server::take_imports`]).
 //! - reply: the child's pid as `i32 LE`, or `-errno` when the fork failed.
 //!
 //! The server keeps *spares* forked ahead of time: forks of the server that wait for a request,
@@ -46,8 +48,9 @@ const NOTICE_LEN: usize = 9;
 /// Bytes of a request header.
 pub const HEADER_LEN: usize = 12;
 /// Version of this wire format, checked by a server against its parent's (both sides must come
-/// from the same build). Bump it with any change to the messages above.
-pub const PROTOCOL: u32 = 2;
+/// from the same build). Bump it with any change to the messages above, or to the payload's
+/// framing.
+pub const PROTOCOL: u32 = 3;
 
 #[derive(Debug)]
 struct Child {
@@ -355,7 +358,8 @@ impl Spare {
         }
         let req = match read_request(self.ctl.as_fd()) {
             Ok(req) => req,
-            Err(Error::Eof) => {
+            // ECONNRESET: the client closed the socket with an answer unread.
+            Err(Error::Eof | Error::Os(Errno::ECONNRESET)) => {
                 self.notify(CLIENT_GONE, my_pid, 0, &[])?;
                 return Ok(None);
             }
@@ -439,8 +443,8 @@ pub fn request(
     if payload.len() > MAX_PAYLOAD {
         return Err(Errno::E2BIG.into());
     }
-    sock::send_with_fds(ctl, &encode_header(payload.len(), fds.len(), hint), fds)?;
-    fd::write_all(ctl, payload)?;
+    let header = encode_header(payload.len(), fds.len(), hint);
+    sock::send_parts_with_fds(ctl, &header, payload, fds)?;
     let mut reply = [0u8; 4];
     if fd::read_full(ctl, &mut reply)? != 4 {
         return Err(Error::Eof);

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PySystemExit, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PySet, PyString, PyTuple};
 
 use crate::deadline::Deadline;
 use crate::error::Error;
@@ -141,6 +141,9 @@ struct ForkChild {
     concrete_contexts: Py<PyDict>,
     /// `process._LoggingImport`.
     log_hook: Py<PyAny>,
+    /// `_pickle.loads` and `itertools.count`, for a forkserver's child (`ForkChild.serve`).
+    loads: Py<PyAny>,
+    count: Py<PyAny>,
     /// Attribute and global names, interned here so the child finds them made.
     names: ChildNames,
 }
@@ -174,6 +177,20 @@ struct ChildNames {
     code: Py<PyString>,
     enter_hooks: Py<PyString>,
     run_child: Py<PyString>,
+    inheriting: Py<PyString>,
+    name: Py<PyString>,
+    parent_name: Py<PyString>,
+    parent_pid: Py<PyString>,
+    parent_class: Py<PyString>,
+    inherited_fds: Py<PyString>,
+    afterfork_registry: Py<PyString>,
+    data: Py<PyString>,
+    logging: Py<PyString>,
+    devnull_stdin: Py<PyString>,
+    stdlib_process: Py<PyString>,
+    stdlib_module: Py<PyString>,
+    process: Py<PyString>,
+    util: Py<PyString>,
 }
 
 impl ChildNames {
@@ -207,6 +224,20 @@ impl ChildNames {
             code: n("code"),
             enter_hooks: n("_enter_child_hooks"),
             run_child: n("_run_child"),
+            inheriting: n("_inheriting"),
+            name: n("_name"),
+            parent_name: n("_parent_name"),
+            parent_pid: n("_parent_pid"),
+            parent_class: n("_ParentProcess"),
+            inherited_fds: n("_inherited_fds"),
+            afterfork_registry: n("_afterfork_registry"),
+            data: n("data"),
+            logging: n("logging"),
+            devnull_stdin: n("_devnull_stdin"),
+            stdlib_process: n("multiprocessing.process"),
+            stdlib_module: n("_stdlib_module"),
+            process: n("process"),
+            util: n("util"),
         }
     }
 }
@@ -221,6 +252,8 @@ const ENTRY_LOG_HOOK: u8 = 2;
 const ENTRY_SPARE_STDIN: u8 = 4;
 /// `util._finalizer_registry` is cleared (when there are no hooks to run, which would).
 const ENTRY_CLEAR_FINALIZERS: u8 = 8;
+/// `sys.stdin` is the /dev/null a forkserver opened for itself: kept as it is, unchecked.
+const ENTRY_STDIN_KEPT: u8 = 16;
 
 impl ForkChild {
     /// `BaseProcess._enter_child`, natively (keep the two in step): the start method, a fresh
@@ -252,7 +285,9 @@ impl ForkChild {
         globals.set_item(n.process_counter.bind(py), counter)?;
         globals.set_item(n.children.bind(py), children)?;
         globals.set_item(n.parent_process.bind(py), parent)?;
-        self.close_stdin(py, entry & ENTRY_SPARE_STDIN != 0)?;
+        if entry & ENTRY_STDIN_KEPT == 0 {
+            self.close_stdin(py, entry & ENTRY_SPARE_STDIN != 0)?;
+        }
         let previous = globals.get_item(n.current_process.bind(py))?;
         globals.set_item(n.current_process.bind(py), process)?;
         // The parent's process object stays referenced: freeing it would write its pages (and
@@ -311,6 +346,61 @@ impl ForkChild {
             close_stdin.call0()?;
         }
         Ok(())
+    }
+
+    /// Whether the stdlib's `multiprocessing.process` or `.util` is loaded, as
+    /// `process._stdlib_module` finds them; that function runs only when `sys.modules` has
+    /// one of the names (it tells the stdlib's from ferroproc's under the stdlib's name).
+    fn stdlib_loaded(&self, py: Python<'_>) -> PyResult<bool> {
+        let n = &self.names;
+        let process = self.process_globals.bind(py);
+        if let Some(seen) = process.get_item(n.stdlib_modules.bind(py))? {
+            let seen = seen.cast_into::<PyDict>()?;
+            if seen.contains(n.process.bind(py))? || seen.contains(n.util.bind(py))? {
+                return Ok(true);
+            }
+        }
+        let modules = self.modules.bind(py);
+        if !modules.contains(n.stdlib_process.bind(py))?
+            && !modules.contains(n.stdlib_util.bind(py))?
+        {
+            return Ok(false);
+        }
+        let Some(find) = process.get_item(n.stdlib_module.bind(py))? else {
+            return Ok(false);
+        };
+        Ok(!find.call1((n.process.bind(py),))?.is_none()
+            || !find.call1((n.util.bind(py),))?.is_none())
+    }
+
+    /// A forkserver child's process object, unpickled from `prep` (the preparation data, or
+    /// a 1-tuple of the child's name) and `pickled`, as `spawn._main` would: the preparation
+    /// is applied first (`prepare`, with `unapplied` when only the name came), with the
+    /// current process marked inheriting meanwhile. A rehearsal applies nothing it would have
+    /// to undo but the name.
+    #[allow(clippy::too_many_arguments)]
+    fn load_child<'py>(
+        &self,
+        py: Python<'py>,
+        current: &Bound<'py, PyAny>,
+        prep: &[u8],
+        pickled: &[u8],
+        prepare: &Bound<'py, PyAny>,
+        unapplied: &Bound<'py, PyAny>,
+        rehearse: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let n = &self.names;
+        let loads = self.loads.bind(py);
+        let prep = loads.call1((PyBytes::new(py, prep),))?;
+        if let Ok(only_name) = prep.cast::<PyTuple>() {
+            current.setattr(n.name.bind(py), only_name.get_item(0)?)?;
+            if !unapplied.is_none() && !rehearse {
+                prepare.call1((unapplied,))?;
+            }
+        } else if !rehearse {
+            prepare.call1((prep,))?;
+        }
+        loads.call1((PyBytes::new(py, pickled),))
     }
 
     /// True when `_run_child` would do nothing after `run()` (which returned, or called
@@ -440,8 +530,144 @@ impl ForkChild {
             default_context: default_context.unbind(),
             concrete_contexts: concrete_contexts.unbind(),
             log_hook: log_hook.unbind(),
+            loads: py.import("_pickle")?.getattr("loads")?.unbind(),
+            count: py.import("itertools")?.getattr("count")?.unbind(),
             names: ChildNames::new(py),
         })
+    }
+
+    /// The entry flags of children forked now (`process._fork_entry`, which defines them in
+    /// words), decided in the parent: their state is its state.
+    fn entry_flags(&self, py: Python<'_>) -> PyResult<u8> {
+        let n = &self.names;
+        let util = self.util_globals.bind(py);
+        let modules = self.modules.bind(py);
+        let sys = self.sys.bind(py);
+        let mut entry = 0;
+        let registered = match util.get_item(n.afterfork_registry.bind(py))? {
+            Some(registry) => registry.getattr(n.data.bind(py))?.is_truthy()?,
+            None => false,
+        };
+        if modules.contains(n.threading.bind(py))?
+            || modules.contains(n.logging.bind(py))?
+            || registered
+            || self.stdlib_loaded(py)?
+        {
+            entry |= ENTRY_HOOKS;
+        } else {
+            let meta_path = sys.getattr(n.meta_path.bind(py))?;
+            if !meta_path.contains(self.log_hook.bind(py))? {
+                entry |= ENTRY_LOG_HOOK;
+            }
+            if let Some(registry) = util.get_item(n.finalizer_registry.bind(py))? {
+                if registry.is_truthy()? {
+                    entry |= ENTRY_CLEAR_FINALIZERS;
+                }
+            }
+        }
+        let stdin = sys.getattr(n.stdin.bind(py))?;
+        let util_is = |name: &Py<PyString>| -> PyResult<bool> {
+            Ok(util.get_item(name.bind(py))?.is_some_and(|v| v.is(&stdin)))
+        };
+        if !stdin.is_none()
+            && util_is(&n.fd0_stdin)?
+            && !util_is(&n.devnull_stdin)?
+            && util
+                .get_item(n.spare_stdin.bind(py))?
+                .is_some_and(|s| !s.is_none())
+        {
+            entry |= ENTRY_SPARE_STDIN;
+        }
+        Ok(entry)
+    }
+
+    /// In a forkserver's spare given its request (`forkserver._serve_child`): unpickles the
+    /// process object from `payload` (see `ForkServer._payload`), hands the request's
+    /// inherited descriptors to `forkserver` (the `ForkServer`), and runs the child as
+    /// [`ForkChild::run`] does; never returns. `fds` are the status pipe's write end, the
+    /// parent sentinel, then the inherited ones. `prepare` is `spawn.prepare`, `unapplied`
+    /// what the server did not apply to itself (or None).
+    ///
+    /// With `rehearse`, it stops short of running, and puts back the name and descriptors:
+    /// a spare does this while it waits, so that the pages a child writes on its way in are
+    /// written before the request (see `forkserver._rehearse`).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (payload, fds, forkserver, prepare, unapplied, rehearse=false))]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        payload: &Bound<'_, PyBytes>,
+        fds: Vec<i32>,
+        forkserver: &Bound<'_, PyAny>,
+        prepare: &Bound<'_, PyAny>,
+        unapplied: &Bound<'_, PyAny>,
+        rehearse: bool,
+    ) -> PyResult<()> {
+        let n = &self.names;
+        let [status_w, sentinel, inherited @ ..] = fds.as_slice() else {
+            return Err(PyValueError::new_err(
+                "a forkserver child needs its status pipe",
+            ));
+        };
+        let globals = self.process_globals.bind(py);
+        let current = globals
+            .get_item(n.current_process.bind(py))?
+            .ok_or_else(|| PyRuntimeError::new_err("no current process"))?;
+        let old_fds = forkserver.getattr(n.inherited_fds.bind(py))?;
+        let old_name = current.getattr(n.name.bind(py))?;
+        let entered = (|| {
+            let (prep, pickled) = split_payload(payload.as_bytes())?;
+            forkserver.setattr(n.inherited_fds.bind(py), PyList::new(py, inherited)?)?;
+            current.setattr(n.inheriting.bind(py), true)?;
+            let loaded = self.load_child(py, &current, prep, pickled, prepare, unapplied, rehearse);
+            current.delattr(n.inheriting.bind(py))?;
+            let process = loaded?;
+            // `BaseProcess._child_state` (keep the two in step).
+            let parent_class = globals
+                .get_item(n.parent_class.bind(py))?
+                .ok_or_else(|| PyRuntimeError::new_err("no _ParentProcess"))?;
+            let parent = parent_class.call1((
+                process.getattr(n.parent_name.bind(py))?,
+                process.getattr(n.parent_pid.bind(py))?,
+                *sentinel,
+            ))?;
+            let prepared = PyTuple::new(
+                py,
+                [
+                    self.count.bind(py).call1((1,))?,
+                    PySet::empty(py)?.into_any(),
+                    parent,
+                ],
+            )?;
+            let mut entry = self.entry_flags(py)?;
+            let stdin = self.sys.bind(py).getattr(n.stdin.bind(py))?;
+            if self
+                .util_globals
+                .bind(py)
+                .get_item(n.devnull_stdin.bind(py))?
+                .is_some_and(|d| d.is(&stdin))
+            {
+                // The server's own, opened before it forked any child: no need to check it.
+                entry |= ENTRY_STDIN_KEPT;
+            }
+            Ok::<_, PyErr>((process, prepared, entry))
+        })();
+        if rehearse {
+            current.setattr(n.name.bind(py), old_name)?;
+            forkserver.setattr(n.inherited_fds.bind(py), old_fds)?;
+            return entered.map(drop);
+        }
+        let (process, prepared, entry) = entered?;
+        self.run(
+            py,
+            &process,
+            prepared.as_any(),
+            None,
+            *status_w,
+            None,
+            entry,
+        );
+        Ok(())
     }
 
     /// In a child just forked by `popen_fork` (or a forkserver's spare given its request):
@@ -473,6 +699,18 @@ impl ForkChild {
     }
 }
 
+/// A forkserver request's payload: `[prep_len: u32 LE]`, the pickled preparation data
+/// (`prep_len` bytes), the pickled process object.
+fn split_payload(payload: &[u8]) -> PyResult<(&[u8], &[u8])> {
+    let bad = || PyValueError::new_err("malformed forkserver payload");
+    let (len, rest) = payload.split_first_chunk::<4>().ok_or_else(bad)?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| bad())?;
+    if len > rest.len() {
+        return Err(bad());
+    }
+    Ok(rest.split_at(len))
+}
+
 /// Client side of the forkserver protocol: sends `payload` and `fds` over `ctl` (and `hint`,
 /// which the server gets from `ForkServer.take_imports`), returns the pid.
 #[pyfunction]
@@ -495,6 +733,22 @@ fn forkserver_request(
 #[pyclass(module = "ferroproc._ferroproc", frozen)]
 struct ForkServer {
     inner: Mutex<Option<forkserver::Server>>,
+    /// What its spares run with (`configure`).
+    spares: std::sync::OnceLock<SpareSetup>,
+}
+
+/// A spare's part (see `ForkServer.configure`).
+struct SpareSetup {
+    child: Py<ForkChild>,
+    /// A request's payload for `ForkChild.serve(..., rehearse=True)`, if one could be made.
+    rehearsal: Option<Py<PyBytes>>,
+    forkserver: Py<PyAny>,
+    prepare: Py<PyAny>,
+    unapplied: Py<PyAny>,
+    /// `_signal.signal`, and the SIGINT and SIGPIPE handlers a child gets back.
+    signal: Py<PyAny>,
+    sigint: Py<PyAny>,
+    sigpipe: Py<PyAny>,
 }
 
 /// Name of a spare while it waits (`/proc/<pid>/comm`, at most 15 bytes): tells it apart from
@@ -502,6 +756,12 @@ struct ForkServer {
 const SPARE_NAME: &std::ffi::CStr = c"ferroproc-spare";
 
 impl ForkServer {
+    fn setup(&self) -> PyResult<&SpareSetup> {
+        self.spares
+            .get()
+            .ok_or_else(|| PyRuntimeError::new_err("forkserver spares not configured"))
+    }
+
     fn with<T>(
         &self,
         py: Python<'_>,
@@ -524,6 +784,18 @@ impl ForkServer {
     }
 }
 
+/// `sys.excepthook(type, value, traceback)` for `e`, then stdout and stderr flushed
+/// (`util._flush_std_streams`, whose errors it ignores too).
+fn report_exception(py: Python<'_>, e: &PyErr) -> PyResult<()> {
+    let sys = py.import("sys")?;
+    sys.getattr("excepthook")?
+        .call1((e.get_type(py), e.value(py), e.traceback(py)))?;
+    py.import("ferroproc.util")?
+        .getattr("_flush_std_streams")?
+        .call0()?;
+    Ok(())
+}
+
 fn closed() -> PyErr {
     PyRuntimeError::new_err("forkserver is closed")
 }
@@ -536,7 +808,110 @@ impl ForkServer {
         let owned = fd::dup_cloexec(fd::borrow_raw(ctl)?)?;
         Ok(Self {
             inner: Mutex::new(Some(forkserver::Server::new(owned)?)),
+            spares: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets, once, what the spares run: `child` (`process._native_entry()`) serves the
+    /// requests, with `forkserver`, `prepare` and `unapplied` (see `ForkChild.serve`);
+    /// `rehearsal` (or None) is the payload of `rehearse`; `sigint` and `sigpipe` are the
+    /// handlers a child gets back (the server ignores both).
+    #[allow(clippy::too_many_arguments)]
+    fn configure(
+        &self,
+        py: Python<'_>,
+        child: Py<ForkChild>,
+        rehearsal: Option<Py<PyBytes>>,
+        forkserver: Py<PyAny>,
+        prepare: Py<PyAny>,
+        unapplied: Py<PyAny>,
+        sigint: Py<PyAny>,
+        sigpipe: Py<PyAny>,
+    ) -> PyResult<()> {
+        let signal = py.import("_signal")?.getattr("signal")?.unbind();
+        self.spares
+            .set(SpareSetup {
+                child,
+                rehearsal,
+                forkserver,
+                prepare,
+                unapplied,
+                signal,
+                sigint,
+                sigpipe,
+            })
+            .map_err(|_| PyRuntimeError::new_err("forkserver spares configured twice"))
+    }
+
+    /// Takes the steps a child takes with its request up to running it, on the rehearsal
+    /// payload, and throws the result away (`ForkChild.serve` with `rehearse`).
+    ///
+    /// Every page a child writes is a copy-on-write fault (about 3 µs here); unpickling and
+    /// entering write the same pages in every child (allocator pools, type caches, the
+    /// unpickler's own). A spare rehearses while it waits for its request, so that its child
+    /// does not take those faults between the request and the target, while the client
+    /// waits; the server rehearses at start-up, so that the code on that path is specialized
+    /// (a cold function writes its code object on its first runs) before any spare forks.
+    fn rehearse(&self, py: Python<'_>) -> PyResult<()> {
+        let setup = self.setup()?;
+        if let Some(payload) = &setup.rehearsal {
+            // A failure here is the child's to report, when it meets it with its request.
+            let _ = setup.child.get().serve(
+                py,
+                payload.bind(py),
+                vec![-1, -1],
+                setup.forkserver.bind(py),
+                setup.prepare.bind(py),
+                setup.unapplied.bind(py),
+                true,
+            );
+        }
+        Ok(())
+    }
+
+    /// The life of a spare, in the process just forked (`server_pid` is the server): it
+    /// rehearses, waits for its request (`take`), gets the child's signal handlers back and
+    /// serves the request (`ForkChild.serve`). Never returns: it ends with 0 when the client
+    /// went away first, with the child's exit code otherwise, or with 1 if the request could
+    /// not be served (the main script or the process object failed to load: reported as the
+    /// stdlib reports it).
+    fn run_spare(&self, py: Python<'_>, server_pid: i32) {
+        let mut code = 1;
+        let mut status_w = None;
+        let served = self.setup().and_then(|setup| {
+            self.rehearse(py)?;
+            let Some((payload, fds)) = self.take(py, server_pid)? else {
+                code = 0;
+                return Ok(());
+            };
+            status_w = fds.first().copied();
+            let signal = setup.signal.bind(py);
+            signal.call1((nix::libc::SIGINT, setup.sigint.bind(py)))?;
+            let sig_ign = py.import("_signal")?.getattr("SIG_IGN")?;
+            if !setup.sigpipe.bind(py).is(&sig_ign) {
+                signal.call1((nix::libc::SIGPIPE, setup.sigpipe.bind(py)))?;
+            }
+            setup.child.get().serve(
+                py,
+                &payload,
+                fds,
+                setup.forkserver.bind(py),
+                setup.prepare.bind(py),
+                setup.unapplied.bind(py),
+                false,
+            )
+        });
+        if let Err(e) = served {
+            // Before the process object runs (its own errors are reported by its bootstrap).
+            // Only an `Exception`, as `except Exception` would: a `SystemExit` ends quietly.
+            if e.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                let _ = report_exception(py, &e);
+            }
+        }
+        if let Some(w) = status_w {
+            write_exit_report(w, code & 0xFF);
+        }
+        wait::exit_now(code)
     }
 
     /// In the server right before forking a spare.
@@ -622,6 +997,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ENTRY_LOG_HOOK", ENTRY_LOG_HOOK)?;
     m.add("ENTRY_SPARE_STDIN", ENTRY_SPARE_STDIN)?;
     m.add("ENTRY_CLEAR_FINALIZERS", ENTRY_CLEAR_FINALIZERS)?;
+    m.add("ENTRY_STDIN_KEPT", ENTRY_STDIN_KEPT)?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add("FORKSERVER_PROTOCOL", forkserver::PROTOCOL)?;
     Ok(())

@@ -34,7 +34,22 @@ pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
 /// # Errors
 /// EINVAL for more than [`MAX_FDS`] descriptors or empty `data`; the `sendmsg` errno.
 pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result<()> {
-    if fds.len() > MAX_FDS || data.is_empty() {
+    send_parts_with_fds(sock, data, &[], fds)
+}
+
+/// [`send_with_fds`] for `head` followed by `tail`, in one `sendmsg` when the socket has room:
+/// the reader is woken once, with the whole message there (a second write would wake it
+/// again after it had blocked for the rest).
+///
+/// # Errors
+/// As [`send_with_fds`] (`head` must not be empty).
+pub fn send_parts_with_fds(
+    sock: BorrowedFd<'_>,
+    head: &[u8],
+    tail: &[u8],
+    fds: &[RawFd],
+) -> Result<()> {
+    if fds.len() > MAX_FDS || head.is_empty() {
         return Err(Errno::EINVAL.into());
     }
     let cmsg = [ControlMessage::ScmRights(fds)];
@@ -42,7 +57,7 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result
     let sent = loop {
         match sendmsg::<()>(
             sock.as_raw_fd(),
-            &[IoSlice::new(data)],
+            &[IoSlice::new(head), IoSlice::new(tail)],
             cmsgs,
             MsgFlags::MSG_NOSIGNAL,
             None,
@@ -52,9 +67,11 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result
             Err(e) => return Err(e.into()),
         }
     };
-    let rest = &data[sent..];
-    if !rest.is_empty() {
-        super::fd::write_all(sock, rest)?;
+    if sent < head.len() {
+        super::fd::write_all(sock, &head[sent..])?;
+        super::fd::write_all(sock, tail)?;
+    } else if sent < head.len() + tail.len() {
+        super::fd::write_all(sock, &tail[sent - head.len()..])?;
     }
     Ok(())
 }
