@@ -173,6 +173,38 @@ def test_children_see_the_parents_environment_as_it_is_at_each_start(tmp_path, i
     assert fifth[:4] == changed and fifth[4:] == [True, "fifth", "fifth"]
 
 
+@pytest.mark.parametrize("preset", [None, "yes"])
+def test_children_get_the_parents_environment_and_nothing_else(tmp_path, impl_name, preset):
+    """ferroproc starts its server with ``LD_BIND_NOW`` set (see `ForkServer`), and the server
+    drops it: children see the parent's variables only, in `os.environ` and in the C
+    environment both, and a value the parent set stays."""
+    body = """
+        import ctypes, json, os
+
+        def report(q):
+            libc = ctypes.CDLL(None)
+            libc.getenv.restype = ctypes.c_char_p
+            c_value = libc.getenv(b"LD_BIND_NOW")
+            q.put(json.dumps([os.environ.get("LD_BIND_NOW"), c_value and c_value.decode()]))
+
+        if __name__ == "__main__":
+            if len(sys.argv) > 1:
+                os.environ["LD_BIND_NOW"] = sys.argv[1]
+            else:
+                os.environ.pop("LD_BIND_NOW", None)
+            ctx = mp.get_context("forkserver")
+            q = ctx.SimpleQueue()
+            p = ctx.Process(target=report, args=(q,))
+            p.start()
+            print(q.get())
+            p.join(30)
+            assert p.exitcode == 0, p.exitcode
+    """
+    r = _run_script(tmp_path, impl_name, body, *([preset] if preset else []))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [preset, preset]
+
+
 def test_a_name_of_a_str_subclass_and_preload_side_effects(tmp_path, impl_name):
     """A child's name may be a `str` subclass, and what the preloaded modules do to the
     import path, directory and arguments does not reach the children: they start with the

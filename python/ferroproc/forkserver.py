@@ -134,15 +134,22 @@ class ForkServer:
             preload = [*self._preload_modules]
             preload += [m for m in _IPC_MODULES if m in sys.modules and m not in preload]
             self._server_modules = {m for m in preload if m in _IPC_MODULES}
+            # The dynamic linker binds every symbol as the server starts, once: a child would
+            # otherwise bind those the server never called (the after-fork ones above all),
+            # writing the linker's tables in each child. The server drops the variable again.
+            bind_now = "LD_BIND_NOW" not in os.environ
             prog = (
                 "from ferroproc.forkserver import main; "
-                f"main({theirs.fileno()}, {preload!r}, {len(setup)}, {FORKSERVER_PROTOCOL})"
+                f"main({theirs.fileno()}, {preload!r}, {len(setup)}, {FORKSERVER_PROTOCOL}, "
+                f"{bind_now})"
             )
             from subprocess import _args_from_interpreter_flags
 
             exe = spawn.get_executable()
             args = [exe, *_args_from_interpreter_flags(), "-c", prog]
-            self._forkserver_pid = util.spawnv_passfds(exe, args, [theirs.fileno()])
+            self._forkserver_pid = util.spawnv_passfds(
+                exe, args, [theirs.fileno()], {"LD_BIND_NOW": "1"} if bind_now else None
+            )
             ours.sendall(setup)
         except BaseException:
             ours.close()
@@ -269,7 +276,7 @@ request = _forkserver.request
 _unapplied_prep = None
 
 
-def main(ctl_fd, preload, setup, protocol=None):
+def main(ctl_fd, preload, setup, protocol=None, bind_now=False):
     """The server process: preload, then serve fork requests until the parent is gone.
 
     The first `setup` bytes on `ctl_fd` are the parent's pickled preparation data
@@ -277,8 +284,11 @@ def main(ctl_fd, preload, setup, protocol=None):
     does, except for logging and the main module (preloaded when ``"__main__"`` is in
     `preload`; each child imports it otherwise). `protocol` is the parent's
     ``FORKSERVER_PROTOCOL``: a parent running another ferroproc build than the one this
-    server imported (upgraded in place) would otherwise misread every request."""
+    server imported (upgraded in place) would otherwise misread every request. `bind_now`:
+    the parent set ``LD_BIND_NOW`` for this process only."""
     global _unapplied_prep
+    if bind_now:
+        os.environ.pop("LD_BIND_NOW", None)
     if protocol != FORKSERVER_PROTOCOL:
         sys.stderr.write(
             f"ferroproc forkserver: the parent speaks protocol {protocol}, this server "

@@ -454,11 +454,15 @@ def _flush_std_streams():
             pass
 
 
-def spawnv_passfds(path, args, passfds):
-    """Starts `path` with `args`, keeping exactly `passfds` open in the child; returns the pid."""
+def spawnv_passfds(path, args, passfds, extra_env=None):
+    """Starts `path` with `args`, keeping exactly `passfds` open in the child; returns the pid.
+    `extra_env` (str to str) is added to (or overrides) this process's environment."""
     from ._ferroproc import spawn
 
-    env = [k + b"=" + v for k, v in os.environb.items()]
+    environ = dict(os.environb)
+    if extra_env:
+        environ.update((os.fsencode(k), os.fsencode(v)) for k, v in extra_env.items())
+    env = [k + b"=" + v for k, v in environ.items()]
     return spawn(os.fsencode(path), [os.fsencode(a) for a in args], env, sorted(set(passfds)))
 
 
