@@ -346,28 +346,13 @@ def main(ctl_fd, preload, setup, protocol=None, bind_now=False):
     # a child's first collections then visit only its own objects, not (copying) the server's.
     gc.collect()
     me = os.getpid()
-    while True:
-        # Children are forked before their requests arrive, two ahead (see the native
-        # module): the fork and the interpreter's after-fork work are off the client's path.
-        try:
-            server.before_fork()
-            pid = os.fork()
-        except OSError as e:
-            if not server.refuse_next(e.errno or 1):
-                break
-            continue
-        if pid == 0:
-            server.run_spare(me)
-        if server.spare_forked(pid):
-            continue
-        if not server.wait():
-            break
-        hint = server.take_imports()
-        if hint:
-            _import_hinted(hint)
-            # Importing evicted much of the type cache: warm it again.
-            for _ in range(_WARM_UP // 4):
-                server.rehearse()
+    # Children are forked before their requests arrive, two ahead (see the native module):
+    # the fork and the interpreter's after-fork work are off the client's path.
+    while hint := server.serve(me):
+        _import_hinted(hint)
+        # Importing evicted much of the type cache: warm it again.
+        for _ in range(_WARM_UP // 4):
+            server.rehearse()
     sys.exit(0)
 
 

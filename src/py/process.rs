@@ -11,7 +11,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PySet, PyString, PyTup
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::process::forkserver;
-use crate::sys::{comm, fd, spawn as sys_spawn, wait};
+use crate::sys::{comm, fd, fork as sys_fork, spawn as sys_spawn, wait};
 
 fn cstring(s: Vec<u8>, what: &str) -> PyResult<CString> {
     CString::new(s).map_err(|_| PyValueError::new_err(format!("embedded null byte in {what}")))
@@ -756,6 +756,112 @@ struct SpareSetup {
 const SPARE_NAME: &std::ffi::CStr = c"ferroproc-spare";
 
 impl ForkServer {
+    /// In the server after forking `pid` as a spare: True when another spare should be
+    /// forked before waiting.
+    fn spare_forked(&self, pid: i32) -> PyResult<bool> {
+        Ok(self
+            .lock()?
+            .as_mut()
+            .ok_or_else(closed)?
+            .spare_forked(pid)?)
+    }
+
+    /// Blocks until the spare is used (True: fork the next) or the client has gone (False).
+    fn wait(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.with(py, forkserver::Server::wait)? == forkserver::Wake::SpareUsed)
+    }
+
+    /// The union of the hints of the requests taken since the last call (and clears it).
+    fn take_imports(&self) -> PyResult<u32> {
+        Ok(self.lock()?.as_mut().ok_or_else(closed)?.take_imports())
+    }
+
+    /// After a failed fork: answers the next request with `-errno`. False if the client went.
+    fn refuse_next(&self, py: Python<'_>, errno: i32) -> PyResult<bool> {
+        self.with(py, |s| s.refuse_next(errno))
+    }
+
+    /// In the spare (a fork of the server whose pid is `server_pid`): waits for the next
+    /// request, answers the client with this process's pid and returns `(payload, fds)`,
+    /// the fds now owned by the caller; `None` when the client has gone or the server died.
+    /// Closes every server descriptor first. The spare dies with the server while it waits.
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        server_pid: i32,
+    ) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
+        use nix::sys::{prctl, signal::Signal};
+        let spare = {
+            let mut server = self.lock()?.take().ok_or_else(closed)?;
+            server.spare()?
+        };
+        prctl::set_pdeathsig(Signal::SIGKILL).map_err(Error::from)?;
+        if nix::unistd::getppid().as_raw() != server_pid {
+            return Ok(None);
+        }
+        let own_name = comm::get().ok();
+        let _ = comm::set(SPARE_NAME);
+        let me = nix::unistd::getpid().as_raw();
+        // The parent-death signal goes before the client gets the pid (see `take_with`).
+        let req =
+            py.detach(|| spare.take_with(me, || prctl::set_pdeathsig(None).map_err(Error::from)));
+        if let Some(name) = own_name {
+            let _ = comm::set(&name);
+        }
+        Ok(match req? {
+            None => None,
+            Some(req) => {
+                let raw = req.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+                Some((PyBytes::new(py, &req.payload), raw))
+            }
+        })
+    }
+
+    /// The life of a spare, in the process just forked (`server_pid` is the server): it
+    /// rehearses, waits for its request (`take`), gets the child's signal handlers back and
+    /// serves the request (`ForkChild.serve`). Never returns: it ends with 0 when the client
+    /// went away first, with the child's exit code otherwise, or with 1 if the request could
+    /// not be served (the main script or the process object failed to load: reported as the
+    /// stdlib reports it).
+    fn run_spare(&self, py: Python<'_>, server_pid: i32) -> ! {
+        let mut code = 1;
+        let mut status_w = None;
+        let served = self.setup().and_then(|setup| {
+            self.rehearse(py)?;
+            let Some((payload, fds)) = self.take(py, server_pid)? else {
+                code = 0;
+                return Ok(());
+            };
+            status_w = fds.first().copied();
+            let signal = setup.signal.bind(py);
+            signal.call1((nix::libc::SIGINT, setup.sigint.bind(py)))?;
+            let sig_ign = py.import("_signal")?.getattr("SIG_IGN")?;
+            if !setup.sigpipe.bind(py).is(&sig_ign) {
+                signal.call1((nix::libc::SIGPIPE, setup.sigpipe.bind(py)))?;
+            }
+            setup.child.get().serve(
+                py,
+                &payload,
+                fds,
+                setup.forkserver.bind(py),
+                setup.prepare.bind(py),
+                setup.unapplied.bind(py),
+                false,
+            )
+        });
+        if let Err(e) = served {
+            // Before the process object runs (its own errors are reported by its bootstrap).
+            // Only an `Exception`, as `except Exception` would: a `SystemExit` ends quietly.
+            if e.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                let _ = report_exception(py, &e);
+            }
+        }
+        if let Some(w) = status_w {
+            write_exit_report(w, code & 0xFF);
+        }
+        wait::exit_now(code)
+    }
+
     fn setup(&self) -> PyResult<&SpareSetup> {
         self.spares
             .get()
@@ -869,115 +975,43 @@ impl ForkServer {
         Ok(())
     }
 
-    /// The life of a spare, in the process just forked (`server_pid` is the server): it
-    /// rehearses, waits for its request (`take`), gets the child's signal handlers back and
-    /// serves the request (`ForkChild.serve`). Never returns: it ends with 0 when the client
-    /// went away first, with the child's exit code otherwise, or with 1 if the request could
-    /// not be served (the main script or the process object failed to load: reported as the
-    /// stdlib reports it).
-    fn run_spare(&self, py: Python<'_>, server_pid: i32) {
-        let mut code = 1;
-        let mut status_w = None;
-        let served = self.setup().and_then(|setup| {
-            self.rehearse(py)?;
-            let Some((payload, fds)) = self.take(py, server_pid)? else {
-                code = 0;
-                return Ok(());
-            };
-            status_w = fds.first().copied();
-            let signal = setup.signal.bind(py);
-            signal.call1((nix::libc::SIGINT, setup.sigint.bind(py)))?;
-            let sig_ign = py.import("_signal")?.getattr("SIG_IGN")?;
-            if !setup.sigpipe.bind(py).is(&sig_ign) {
-                signal.call1((nix::libc::SIGPIPE, setup.sigpipe.bind(py)))?;
-            }
-            setup.child.get().serve(
-                py,
-                &payload,
-                fds,
-                setup.forkserver.bind(py),
-                setup.prepare.bind(py),
-                setup.unapplied.bind(py),
-                false,
-            )
-        });
-        if let Err(e) = served {
-            // Before the process object runs (its own errors are reported by its bootstrap).
-            // Only an `Exception`, as `except Exception` would: a `SystemExit` ends quietly.
-            if e.is_instance_of::<pyo3::exceptions::PyException>(py) {
-                let _ = report_exception(py, &e);
+    /// The server's loop (`forkserver.main`): forks spares ahead of the requests (attached,
+    /// as `os.fork()` does, audit event included) and waits for each to be taken, until the
+    /// client has gone (returns 0) or a taken request's hint names modules the server should
+    /// import (returns the bits; call again after importing them). In a spare the fork does
+    /// not return: the spare's life follows (`run_spare`). Natively, because every page the
+    /// server writes after a fork is a copy-on-write fault, and the Python loop wrote pages
+    /// of frames, bound methods and results after each.
+    fn serve(&self, py: Python<'_>, server_pid: i32) -> PyResult<u32> {
+        let audit = py.import("sys")?.getattr("audit")?;
+        loop {
+            audit.call1(("os.fork",))?;
+            let prepared = self.lock()?.as_mut().ok_or_else(closed)?.before_fork();
+            match prepared.and_then(|()| sys_fork::fork_attached(py)) {
+                Ok(sys_fork::Forked::Child) => self.run_spare(py, server_pid),
+                Ok(sys_fork::Forked::Parent(pid)) => {
+                    if self.spare_forked(pid)? {
+                        continue;
+                    }
+                    if !self.wait(py)? {
+                        return Ok(0);
+                    }
+                    let hint = self.take_imports()?;
+                    if hint != 0 {
+                        return Ok(hint);
+                    }
+                }
+                Err(e) => {
+                    let errno = match e {
+                        Error::Os(errno) => errno as i32,
+                        _ => nix::libc::EAGAIN,
+                    };
+                    if !self.refuse_next(py, errno)? {
+                        return Ok(0);
+                    }
+                }
             }
         }
-        if let Some(w) = status_w {
-            write_exit_report(w, code & 0xFF);
-        }
-        wait::exit_now(code)
-    }
-
-    /// In the server right before forking a spare.
-    fn before_fork(&self) -> PyResult<()> {
-        Ok(self.lock()?.as_mut().ok_or_else(closed)?.before_fork()?)
-    }
-
-    /// In the server after forking `pid` as a spare: True when another spare should be
-    /// forked before waiting.
-    fn spare_forked(&self, pid: i32) -> PyResult<bool> {
-        Ok(self
-            .lock()?
-            .as_mut()
-            .ok_or_else(closed)?
-            .spare_forked(pid)?)
-    }
-
-    /// Blocks until the spare is used (True: fork the next) or the client has gone (False).
-    fn wait(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.with(py, forkserver::Server::wait)? == forkserver::Wake::SpareUsed)
-    }
-
-    /// The union of the hints of the requests taken since the last call (and clears it).
-    fn take_imports(&self) -> PyResult<u32> {
-        Ok(self.lock()?.as_mut().ok_or_else(closed)?.take_imports())
-    }
-
-    /// After a failed fork: answers the next request with `-errno`. False if the client went.
-    fn refuse_next(&self, py: Python<'_>, errno: i32) -> PyResult<bool> {
-        self.with(py, |s| s.refuse_next(errno))
-    }
-
-    /// In the spare (a fork of the server whose pid is `server_pid`): waits for the next
-    /// request, answers the client with this process's pid and returns `(payload, fds)`,
-    /// the fds now owned by the caller; `None` when the client has gone or the server died.
-    /// Closes every server descriptor first. The spare dies with the server while it waits.
-    fn take<'py>(
-        &self,
-        py: Python<'py>,
-        server_pid: i32,
-    ) -> PyResult<Option<(Bound<'py, PyBytes>, Vec<i32>)>> {
-        use nix::sys::{prctl, signal::Signal};
-        let spare = {
-            let mut server = self.lock()?.take().ok_or_else(closed)?;
-            server.spare()?
-        };
-        prctl::set_pdeathsig(Signal::SIGKILL).map_err(Error::from)?;
-        if nix::unistd::getppid().as_raw() != server_pid {
-            return Ok(None);
-        }
-        let own_name = comm::get().ok();
-        let _ = comm::set(SPARE_NAME);
-        let me = nix::unistd::getpid().as_raw();
-        // The parent-death signal goes before the client gets the pid (see `take_with`).
-        let req =
-            py.detach(|| spare.take_with(me, || prctl::set_pdeathsig(None).map_err(Error::from)));
-        if let Some(name) = own_name {
-            let _ = comm::set(&name);
-        }
-        Ok(match req? {
-            None => None,
-            Some(req) => {
-                let raw = req.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
-                Some((PyBytes::new(py, &req.payload), raw))
-            }
-        })
     }
 }
 

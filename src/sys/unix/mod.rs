@@ -4,6 +4,7 @@ pub mod clock;
 pub mod comm;
 pub mod eventfd;
 pub mod fd;
+pub mod fork;
 pub mod futex;
 pub mod memfile;
 pub mod shm;
