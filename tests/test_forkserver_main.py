@@ -185,7 +185,11 @@ def test_children_get_the_parents_environment_and_nothing_else(tmp_path, impl_na
             libc = ctypes.CDLL(None)
             libc.getenv.restype = ctypes.c_char_p
             c_value = libc.getenv(b"LD_BIND_NOW")
-            q.put(json.dumps([os.environ.get("LD_BIND_NOW"), c_value and c_value.decode()]))
+            q.put(json.dumps([
+                os.environ.get("LD_BIND_NOW"),
+                c_value and c_value.decode(),
+                sorted(k for k in os.environ if "FERROPROC" in k.upper()),
+            ]))
 
         if __name__ == "__main__":
             if len(sys.argv) > 1:
@@ -202,7 +206,79 @@ def test_children_get_the_parents_environment_and_nothing_else(tmp_path, impl_na
     """
     r = _run_script(tmp_path, impl_name, body, *([preset] if preset else []))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == [preset, preset]
+    assert json.loads(r.stdout) == [preset, preset, []]
+
+
+def test_a_signal_handler_of_a_preloaded_module_runs_in_the_server(tmp_path, impl_name):
+    """A handler a preloaded module installs is the server's: it runs (soon after the signal,
+    at the latest by the next start) in the server process."""
+    (tmp_path / "sigmod.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal
+
+            def _mark(signum, frame):
+                with open(os.path.join(os.path.dirname(__file__), "mark"), "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+
+            signal.signal(signal.SIGUSR1, _mark)
+            """
+        )
+    )
+    body = """
+        import os, signal, time
+        from _workers import noop
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["sigmod"])
+            def run_one():
+                p = ctx.Process(target=noop)
+                p.start()
+                p.join(30)
+                assert p.exitcode == 0, p.exitcode
+            run_one()
+            fs = sys.modules[mp.__name__ + ".forkserver"]._forkserver
+            server = fs._forkserver_pid
+            os.kill(server, signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists("mark") and time.monotonic() < deadline:
+                run_one()
+                time.sleep(0.01)
+            with open("mark") as f:
+                print(f.read().split() == [str(server)])
+    """
+    r = _run_script(tmp_path, impl_name, body)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True"], (r.stdout, r.stderr)
+
+
+def test_a_child_whose_main_script_closed_stdin_gets_a_fresh_one(tmp_path, impl_name):
+    """Without preloading, each child runs the main script itself; if its module level closes
+    `sys.stdin`, the child's entry still gives it /dev/null, as a spawned child's does."""
+    body = """
+        if __name__ != "__main__":
+            sys.stdin.close()  # module level, in the child only (run as __mp_main__)
+
+        def work(q):
+            try:
+                q.put(repr(sys.stdin.read()))
+            except Exception as e:
+                q.put(f"{type(e).__name__}: {e}")
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload([])
+            q = ctx.SimpleQueue()
+            p = ctx.Process(target=work, args=(q,))
+            p.start()
+            print(q.get())
+            p.join(30)
+            assert p.exitcode == 0, p.exitcode
+    """
+    r = _run_script(tmp_path, impl_name, body)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["''"], (r.stdout, r.stderr)
 
 
 def test_a_name_of_a_str_subclass_and_preload_side_effects(tmp_path, impl_name):

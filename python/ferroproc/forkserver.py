@@ -31,6 +31,9 @@ __all__ = [
 
 MAXFDS_TO_SEND = 256
 
+#: Set, with ``LD_BIND_NOW``, in the server's environment when the parent added that one.
+_BIND_NOW_ADDED = "_FERROPROC_FORKSERVER_BIND_NOW"
+
 #: ferroproc modules whose objects (connections, queues, locks, shared values, proxies) reach
 #: children as arguments. The server imports, after the preload list, those its parent had
 #: imported when it started, and later those the parent imports afterwards (a request's hint
@@ -136,20 +139,21 @@ class ForkServer:
             self._server_modules = {m for m in preload if m in _IPC_MODULES}
             # The dynamic linker binds every symbol as the server starts, once: a child would
             # otherwise bind those the server never called (the after-fork ones above all),
-            # writing the linker's tables in each child. The server drops the variable again.
-            bind_now = "LD_BIND_NOW" not in os.environ
+            # writing the linker's tables in each child. The server drops the variable again
+            # (told so by `_BIND_NOW_ADDED`: a server of another build ignores it, and stops
+            # at the protocol check).
+            extra_env = None
+            if "LD_BIND_NOW" not in os.environ:
+                extra_env = {"LD_BIND_NOW": "1", _BIND_NOW_ADDED: "1"}
             prog = (
                 "from ferroproc.forkserver import main; "
-                f"main({theirs.fileno()}, {preload!r}, {len(setup)}, {FORKSERVER_PROTOCOL}, "
-                f"{bind_now})"
+                f"main({theirs.fileno()}, {preload!r}, {len(setup)}, {FORKSERVER_PROTOCOL})"
             )
             from subprocess import _args_from_interpreter_flags
 
             exe = spawn.get_executable()
             args = [exe, *_args_from_interpreter_flags(), "-c", prog]
-            self._forkserver_pid = util.spawnv_passfds(
-                exe, args, [theirs.fileno()], {"LD_BIND_NOW": "1"} if bind_now else None
-            )
+            self._forkserver_pid = util.spawnv_passfds(exe, args, [theirs.fileno()], extra_env)
             ours.sendall(setup)
         except BaseException:
             ours.close()
@@ -276,7 +280,7 @@ request = _forkserver.request
 _unapplied_prep = None
 
 
-def main(ctl_fd, preload, setup, protocol=None, bind_now=False):
+def main(ctl_fd, preload, setup, protocol=None):
     """The server process: preload, then serve fork requests until the parent is gone.
 
     The first `setup` bytes on `ctl_fd` are the parent's pickled preparation data
@@ -284,10 +288,10 @@ def main(ctl_fd, preload, setup, protocol=None, bind_now=False):
     does, except for logging and the main module (preloaded when ``"__main__"`` is in
     `preload`; each child imports it otherwise). `protocol` is the parent's
     ``FORKSERVER_PROTOCOL``: a parent running another ferroproc build than the one this
-    server imported (upgraded in place) would otherwise misread every request. `bind_now`:
-    the parent set ``LD_BIND_NOW`` for this process only."""
+    server imported (upgraded in place) would otherwise misread every request."""
     global _unapplied_prep
-    if bind_now:
+    if os.environ.pop(_BIND_NOW_ADDED, None):
+        # The parent set LD_BIND_NOW for this process only (see `_ensure_running_unlocked`).
         os.environ.pop("LD_BIND_NOW", None)
     if protocol != FORKSERVER_PROTOCOL:
         sys.stderr.write(

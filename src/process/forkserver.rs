@@ -241,7 +241,8 @@ impl Server {
                         fd::write_all(self.ctl.as_fd(), &(-errno.abs().max(1)).to_le_bytes())?;
                         Ok(true)
                     }
-                    Err(Error::Eof) => Ok(false),
+                    // ECONNRESET: the client closed the socket with an answer unread.
+                    Err(Error::Eof | Error::Os(Errno::ECONNRESET)) => Ok(false),
                     Err(e) => Err(e),
                 };
             }

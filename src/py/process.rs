@@ -191,6 +191,7 @@ struct ChildNames {
     stdlib_module: Py<PyString>,
     process: Py<PyString>,
     util: Py<PyString>,
+    closed: Py<PyString>,
 }
 
 impl ChildNames {
@@ -238,6 +239,7 @@ impl ChildNames {
             stdlib_module: n("_stdlib_module"),
             process: n("process"),
             util: n("util"),
+            closed: n("closed"),
         }
     }
 }
@@ -377,7 +379,8 @@ impl ForkChild {
     /// a 1-tuple of the child's name) and `pickled`, as `spawn._main` would: the preparation
     /// is applied first (`prepare`, with `unapplied` when only the name came), with the
     /// current process marked inheriting meanwhile. A rehearsal applies nothing it would have
-    /// to undo but the name.
+    /// to undo but the name. The flag says whether a preparation was applied (which may have
+    /// run the main script).
     #[allow(clippy::too_many_arguments)]
     fn load_child<'py>(
         &self,
@@ -388,19 +391,22 @@ impl ForkChild {
         prepare: &Bound<'py, PyAny>,
         unapplied: &Bound<'py, PyAny>,
         rehearse: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<(Bound<'py, PyAny>, bool)> {
         let n = &self.names;
         let loads = self.loads.bind(py);
         let prep = loads.call1((PyBytes::new(py, prep),))?;
-        if let Ok(only_name) = prep.cast::<PyTuple>() {
+        let mut prepared = false;
+        if let Ok(only_name) = prep.cast_exact::<PyTuple>() {
             current.setattr(n.name.bind(py), only_name.get_item(0)?)?;
             if !unapplied.is_none() && !rehearse {
                 prepare.call1((unapplied,))?;
+                prepared = true;
             }
         } else if !rehearse {
             prepare.call1((prep,))?;
+            prepared = true;
         }
-        loads.call1((PyBytes::new(py, pickled),))
+        Ok((loads.call1((PyBytes::new(py, pickled),))?, prepared))
     }
 
     /// True when `_run_child` would do nothing after `run()` (which returned, or called
@@ -581,7 +587,7 @@ impl ForkChild {
         Ok(entry)
     }
 
-    /// In a forkserver's spare given its request (`forkserver._serve_child`): unpickles the
+    /// In a forkserver's spare given its request (`ForkServer.run_spare`): unpickles the
     /// process object from `payload` (see `ForkServer._payload`), hands the request's
     /// inherited descriptors to `forkserver` (the `ForkServer`), and runs the child as
     /// [`ForkChild::run`] does; never returns. `fds` are the status pipe's write end, the
@@ -590,7 +596,7 @@ impl ForkChild {
     ///
     /// With `rehearse`, it stops short of running, and puts back the name and descriptors:
     /// a spare does this while it waits, so that the pages a child writes on its way in are
-    /// written before the request (see `forkserver._rehearse`).
+    /// written before the request (see `ForkServer.rehearse`).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (payload, fds, forkserver, prepare, unapplied, rehearse=false))]
     fn serve(
@@ -620,8 +626,9 @@ impl ForkChild {
             forkserver.setattr(n.inherited_fds.bind(py), PyList::new(py, inherited)?)?;
             current.setattr(n.inheriting.bind(py), true)?;
             let loaded = self.load_child(py, &current, prep, pickled, prepare, unapplied, rehearse);
-            current.delattr(n.inheriting.bind(py))?;
-            let process = loaded?;
+            let cleared = current.delattr(n.inheriting.bind(py));
+            let (process, prepared_here) = loaded?;
+            cleared?;
             // `BaseProcess._child_state` (keep the two in step).
             let parent_class = globals
                 .get_item(n.parent_class.bind(py))?
@@ -641,13 +648,18 @@ impl ForkChild {
             )?;
             let mut entry = self.entry_flags(py)?;
             let stdin = self.sys.bind(py).getattr(n.stdin.bind(py))?;
-            if self
-                .util_globals
-                .bind(py)
-                .get_item(n.devnull_stdin.bind(py))?
-                .is_some_and(|d| d.is(&stdin))
+            // The server's own /dev/null, opened before it forked any child, needs no check
+            // (`util._close_stdin` makes one) unless code of the user's (the main script,
+            // applied here) may have touched it.
+            if !prepared_here
+                && !stdin.is_none()
+                && self
+                    .util_globals
+                    .bind(py)
+                    .get_item(n.devnull_stdin.bind(py))?
+                    .is_some_and(|d| d.is(&stdin))
+                && !stdin.getattr(n.closed.bind(py))?.is_truthy()?
             {
-                // The server's own, opened before it forked any child: no need to check it.
                 entry |= ENTRY_STDIN_KEPT;
             }
             Ok::<_, PyErr>((process, prepared, entry))
@@ -727,9 +739,9 @@ fn forkserver_request(
     Ok(py.detach(|| forkserver::request(ctl, &data, &fds, hint))?)
 }
 
-/// Server side of the forkserver. Python forks (so the at-fork protocol runs) a spare ahead of
-/// each request and reports it with `spare_forked`; the spare calls `take` and becomes the
-/// child; the server `wait`s for the spare to be used and forks the next.
+/// Server side of the forkserver (`forkserver.main`): `serve` forks spares ahead of the
+/// requests (through CPython's fork protocol, so the at-fork callbacks run) and waits for each
+/// to be used; a spare rehearses, takes a request and becomes the child (`run_spare`).
 #[pyclass(module = "ferroproc._ferroproc", frozen)]
 struct ForkServer {
     inner: Mutex<Option<forkserver::Server>>,
@@ -961,8 +973,7 @@ impl ForkServer {
     fn rehearse(&self, py: Python<'_>) -> PyResult<()> {
         let setup = self.setup()?;
         if let Some(payload) = &setup.rehearsal {
-            // A failure here is the child's to report, when it meets it with its request.
-            let _ = setup.child.get().serve(
+            let rehearsed = setup.child.get().serve(
                 py,
                 payload.bind(py),
                 vec![-1, -1],
@@ -971,6 +982,11 @@ impl ForkServer {
                 setup.unapplied.bind(py),
                 true,
             );
+            match rehearsed {
+                // An `Exception` is the child's to report, when it meets it with its request.
+                Err(e) if !e.is_instance_of::<pyo3::exceptions::PyException>(py) => return Err(e),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -985,8 +1001,12 @@ impl ForkServer {
     fn serve(&self, py: Python<'_>, server_pid: i32) -> PyResult<u32> {
         let audit = py.import("sys")?.getattr("audit")?;
         loop {
+            // Python signal handlers (a preloaded module's) run here, once per request, as
+            // they did between the calls of the Python loop; an exception ends the server.
+            py.check_signals()?;
             audit.call1(("os.fork",))?;
             let prepared = self.lock()?.as_mut().ok_or_else(closed)?.before_fork();
+            // The server runs no thread besides this one (see `fork_attached` on threads).
             match prepared.and_then(|()| sys_fork::fork_attached(py)) {
                 Ok(sys_fork::Forked::Child) => self.run_spare(py, server_pid),
                 Ok(sys_fork::Forked::Parent(pid)) => {
@@ -1002,11 +1022,12 @@ impl ForkServer {
                     }
                 }
                 Err(e) => {
-                    let errno = match e {
-                        Error::Os(errno) => errno as i32,
-                        _ => nix::libc::EAGAIN,
+                    // A failed pipe or fork (EMFILE, EAGAIN) refuses the next request; anything
+                    // else is raised.
+                    let Error::Os(errno) = e else {
+                        return Err(e.into());
                     };
-                    if !self.refuse_next(py, errno)? {
+                    if !self.refuse_next(py, errno as i32)? {
                         return Ok(0);
                     }
                 }

@@ -68,10 +68,22 @@ pub fn send_parts_with_fds(
         }
     };
     if sent < head.len() {
-        super::fd::write_all(sock, &head[sent..])?;
-        super::fd::write_all(sock, tail)?;
+        send_all(sock, &head[sent..])?;
+        send_all(sock, tail)?;
     } else if sent < head.len() + tail.len() {
-        super::fd::write_all(sock, &tail[sent - head.len()..])?;
+        send_all(sock, &tail[sent - head.len()..])?;
+    }
+    Ok(())
+}
+
+/// Sends all of `data` on a stream socket, without SIGPIPE if the peer has gone (EPIPE then).
+fn send_all(sock: BorrowedFd<'_>, mut data: &[u8]) -> Result<()> {
+    while !data.is_empty() {
+        match nix::sys::socket::send(sock.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
