@@ -153,7 +153,7 @@ class ForkServer:
 
             exe = spawn.get_executable()
             args = [exe, *_args_from_interpreter_flags(), "-c", prog]
-            self._forkserver_pid = util.spawnv_passfds(exe, args, [theirs.fileno()], extra_env)
+            self._forkserver_pid = util._spawnv_passfds(exe, args, [theirs.fileno()], extra_env)
             ours.sendall(setup)
         except BaseException:
             ours.close()

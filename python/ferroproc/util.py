@@ -454,9 +454,14 @@ def _flush_std_streams():
             pass
 
 
-def spawnv_passfds(path, args, passfds, extra_env=None):
-    """Starts `path` with `args`, keeping exactly `passfds` open in the child; returns the pid.
-    `extra_env` (str to str) is added to (or overrides) this process's environment."""
+def spawnv_passfds(path, args, passfds):
+    """Starts `path` with `args`, keeping exactly `passfds` open in the child; returns the pid."""
+    return _spawnv_passfds(path, args, passfds)
+
+
+def _spawnv_passfds(path, args, passfds, extra_env=None):
+    """`spawnv_passfds`, with `extra_env` (str to str) added to (or overriding) this
+    process's environment in the child's."""
     from ._ferroproc import spawn
 
     environ = dict(os.environb)
