@@ -23,6 +23,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -454,11 +455,35 @@ def known_reason(entries, impl, method, cname, tname) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def print_method(run: MethodRun, known, show_not_run: bool, out=sys.stdout) -> None:
+def unexpected_outcomes(run: MethodRun, known) -> list[str]:
+    """The tests of `run` that failed, errored or hung and are not in known_failures.toml."""
+    return [
+        f"{cname}.{t}"
+        for cname, c in run.classes.items()
+        for t, r in c.tests.items()
+        if r["outcome"] in BAD and not known_reason(known, run.impl, run.method, cname, t)
+    ]
+
+
+def is_clean(run: MethodRun, known) -> bool:
+    """No unexpected outcome, substitution verified, nothing fatal, the run finished."""
+    return (
+        not unexpected_outcomes(run, known)
+        and run.probe_ok()[0]
+        and not run.fatal
+        and not run.module_errors
+        and run.finished
+    )
+
+
+def print_method(
+    run: MethodRun, known, show_not_run: bool, keep_logs: bool = True, out=sys.stdout
+) -> None:
     ok, msg = run.probe_ok()
     head = f"{run.impl} / {run.method}"
+    logs = run.workdir if keep_logs or not is_clean(run, known) else "removed (a clean run)"
     print(
-        f"\n=== {head}  ({run.seconds:.0f}s, {run.attempts} attempt(s), logs: {run.workdir})",
+        f"\n=== {head}  ({run.seconds:.0f}s, {run.attempts} attempt(s), logs: {logs})",
         file=out,
     )
     print(f"    substitution: {'OK' if ok else 'FAILED'} - {msg}", file=out)
@@ -680,6 +705,12 @@ def main(argv=None) -> int:
         " stdlib instead of raising; such tests stay needs-api, and their raw outcomes are"
         " listed to show whether ferroproc's own part copes",
     )
+    ap.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep each start method's work directory (events, worker log) even when its run"
+        " was clean; a run with unexpected outcomes always keeps it",
+    )
     ap.add_argument("--list-classes", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     opts = ap.parse_args(argv)
@@ -719,7 +750,7 @@ def main(argv=None) -> int:
 
     show_not_run = opts.show_not_run or not (opts.ci or opts.compare)
     for impl, m in jobs:
-        print_method(results[(impl, m)], known, show_not_run)
+        print_method(results[(impl, m)], known, show_not_run, opts.keep_logs)
         if impl == "ferroproc":
             print_needs_api(results[(impl, m)])
             if opts.diagnose_fallback:
@@ -785,6 +816,10 @@ def main(argv=None) -> int:
                 indent=1,
             )
         print(f"  JSON report: {opts.json}")
+    if not opts.keep_logs:
+        for run in results.values():
+            if is_clean(run, known):
+                shutil.rmtree(run.workdir, ignore_errors=True)
     if opts.ci and opts.diagnose_fallback:
         print("  CI: not judged (--diagnose-fallback results are not ferroproc results)")
     elif opts.ci:
