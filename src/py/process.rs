@@ -757,10 +757,11 @@ struct SpareSetup {
     forkserver: Py<PyAny>,
     prepare: Py<PyAny>,
     unapplied: Py<PyAny>,
-    /// `_signal.signal`, and the SIGINT and SIGPIPE handlers a child gets back.
+    /// `_signal.signal`, and the SIGINT handler a child gets back, and its SIGPIPE handler
+    /// when that is not SIG_IGN (the server's own).
     signal: Py<PyAny>,
     sigint: Py<PyAny>,
-    sigpipe: Py<PyAny>,
+    sigpipe: Option<Py<PyAny>>,
 }
 
 /// Name of a spare while it waits (`/proc/<pid>/comm`, at most 15 bytes): tells it apart from
@@ -847,9 +848,8 @@ impl ForkServer {
             status_w = fds.first().copied();
             let signal = setup.signal.bind(py);
             signal.call1((nix::libc::SIGINT, setup.sigint.bind(py)))?;
-            let sig_ign = py.import("_signal")?.getattr("SIG_IGN")?;
-            if !setup.sigpipe.bind(py).is(&sig_ign) {
-                signal.call1((nix::libc::SIGPIPE, setup.sigpipe.bind(py)))?;
+            if let Some(sigpipe) = &setup.sigpipe {
+                signal.call1((nix::libc::SIGPIPE, sigpipe.bind(py)))?;
             }
             setup.child.get().serve(
                 py,
@@ -946,7 +946,9 @@ impl ForkServer {
         sigint: Py<PyAny>,
         sigpipe: Py<PyAny>,
     ) -> PyResult<()> {
-        let signal = py.import("_signal")?.getattr("signal")?.unbind();
+        let signals = py.import("_signal")?;
+        let signal = signals.getattr("signal")?.unbind();
+        let sigpipe = (!sigpipe.bind(py).is(&signals.getattr("SIG_IGN")?)).then_some(sigpipe);
         self.spares
             .set(SpareSetup {
                 child,
